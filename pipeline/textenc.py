@@ -1,0 +1,69 @@
+"""Text encoding over a causal prefix, read out at any position.
+
+Stock ``CLIP.encode_text`` runs all 77 positions with the mask stored in each block.
+With a causal mask the feature at position ``p`` depends only on positions ``0..p``,
+so these functions run only the prefix up to the read-out, with a local mask; they
+read the model's parameters and never change its modules or buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive causal mask ``[n, n]``: ``-inf`` above the diagonal."""
+    return torch.full((n, n), float("-inf"), device=device, dtype=dtype).triu_(1)
+
+
+def run_text_transformer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The text transformer plus ``ln_final`` over a prefix of embeddings.
+
+    Args:
+        model: a stock openai-clip ``CLIP``.
+        x: token embeddings plus positional embeddings, ``[B, n, width]``.
+
+    Shape:
+        - Input: :math:`(B, n, W)`; Output: :math:`(B, n, W)`.
+    """
+    mask = causal_mask(x.shape[1], x.device, x.dtype)
+    x = x.permute(1, 0, 2)  # [n, B, width]
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    return model.ln_final(x.permute(1, 0, 2))  # [B, n, width]
+
+
+def encode_text_embeddings(model: nn.Module, emb: torch.Tensor, readout: torch.Tensor | int) -> torch.Tensor:
+    """Text features from token embeddings, read at ``readout``.
+
+    Args:
+        model: a stock openai-clip ``CLIP``.
+        emb: token embeddings (before the positional embedding) of a prefix, ``[B, n, width]``.
+        readout: the position to read, one per row or one for all.
+
+    Returns:
+        Unnormalised text features ``[B, D]``.
+
+    Shape:
+        - emb: :math:`(B, n, W)`; readout: :math:`(B,)` or int; Output: :math:`(B, D)`.
+    """
+    n = emb.shape[1]
+    x = emb.to(model.dtype) + model.positional_embedding[:n].to(model.dtype)
+    x = run_text_transformer(model, x)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, readout] @ model.text_projection
+
+
+def encode_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Equal to stock ``encode_text(ids)``, over the shortest prefix that holds every EOT.
+
+    Shape:
+        - ids: :math:`(B, L)` with EOT the largest id of each row; Output: :math:`(B, D)`.
+    """
+    eot_at = ids.argmax(dim=-1)  # [B], as stock encode_text pools
+    n = int(eot_at.max()) + 1
+    emb = model.token_embedding(ids[:, :n])
+    return encode_text_embeddings(model, emb, eot_at)
