@@ -1,11 +1,178 @@
-"""Image inputs: CLIP normalisation."""
+"""Image inputs: finding them, naming them with stable ids, decoding any mode to RGB.
+
+Ids come from the path relative to the input root, slugged for file names and
+suffixed with a hash of the exact relative path, so ``a.jpg`` and ``a.png``, or
+``x/a.jpg`` and ``y/a.jpg``, never collide.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import os
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class InputError(ValueError):
+    """The ``--input`` itself cannot be used (missing, empty, unreadable list)."""
+
+
+class ImageError(ValueError):
+    """One image cannot be decoded; the message is a reason a person can act on."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image: its stable id, the path to read, and the path relative to the input root."""
+
+    id: str
+    path: str
+    rel: str
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A file-name-safe ASCII slug: no separators, no dots at the ends, never empty."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return text[:max_len].rstrip("._-") or "x"
+
+
+def image_id(rel: str) -> str:
+    """Stable id of an image from its path relative to the input root."""
+    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{slugify(rel)}-{digest}"
+
+
+def discover_images(source: Path, patterns: tuple[str, ...] = ()) -> list[ImageRef]:
+    """The images named by ``--input``.
+
+    Args:
+        source: a folder (searched recursively), one image file, or a text file listing
+            paths one per line (``#`` starts a comment; relative paths are relative to it).
+        patterns: optional globs matched against the path relative to the root,
+            e.g. ``("*.jpg", "cats/**")``; empty means every image extension.
+
+    Raises:
+        InputError: when ``source`` does not exist or a list file cannot be read.
+    """
+    if not os.path.lexists(source):
+        raise InputError(f"input not found: {source}")
+    if source.is_dir():
+        root = source
+        rels = []
+        for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = Path(dirpath) / name
+                rels.append(full.relative_to(root).as_posix())
+        rels = [r for r in rels if r.lower().endswith(IMAGE_EXTENSIONS)]
+    elif source.suffix.lower() in IMAGE_EXTENSIONS:
+        root = source.parent
+        rels = [source.name]
+    else:
+        root = source.parent
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{source}: not an image and not a readable list of paths ({err})") from None
+        rels = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if patterns:
+        rels = [r for r in rels if any(fnmatch.fnmatch(r, p) or fnmatch.fnmatch(Path(r).name, p) for p in patterns)]
+    refs = []
+    seen: dict[str, str] = {}
+    for rel in rels:
+        path = Path(rel) if os.path.isabs(rel) else root / rel
+        ref = ImageRef(id=image_id(rel), path=str(path), rel=rel)
+        if ref.id in seen and seen[ref.id] != rel:  # a 48-bit hash collision: refuse rather than mix results
+            raise InputError(f"image id collision between {seen[ref.id]!r} and {rel!r}; rename one of them")
+        if ref.id not in seen:
+            seen[ref.id] = rel
+            refs.append(ref)
+    return refs
+
+
+def load_image(path: str, max_pixels: int = 150_000_000, max_side: int = 4096) -> Image.Image:
+    """Decode any supported image to an 8-bit RGB PIL image.
+
+    EXIF orientation is applied; animated images give their first frame; 16-bit,
+    CMYK, palette, grayscale and alpha images are converted (alpha over white).
+    Images larger than ``max_side`` are downscaled.
+
+    Raises:
+        ImageError: with a reason a person can act on.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as err:
+        raise ImageError(f"cannot read file: {err.strerror or err}") from None
+    if size == 0:
+        raise ImageError("file is empty (0 bytes)")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.seek(0)
+                if im.width * im.height > max_pixels:
+                    raise ImageError(f"image is {im.width}x{im.height}, over the limit of {max_pixels} pixels")
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale when huge
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im), max_side)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image, or a format that cannot be decoded") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"image too large to decode safely ({err})") from None
+    except PermissionError:
+        raise ImageError("permission denied: the file is not readable") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"truncated or corrupt image data ({err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _to_rgb(im: Image.Image, max_side: int) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    rgb = im.convert("RGB")
+    if max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.LANCZOS)
+    return rgb
+
+
+def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> ``[3, R, R]`` float in [0, 1], resized (not cropped) to the model input.
+
+    Shape:
+        - Output: :math:`(3, R, R)`.
+    """
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    x = F.interpolate(x[None], size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
+    return x[0].clamp_(0, 1)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -51,3 +51,38 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
         ids = [v.sot] + v.encode(text)[: context_length - 2] + [v.eot]
         out[i, : len(ids)] = torch.tensor(ids)
     return out
+
+
+# The characters the original strips from decoded opinions before splitting into words.
+STRIP_CHARS = ".,*$)({}&#%^\\/-_?!><\"':;@=|+"
+_STRIP_TABLE = str.maketrans("", "", STRIP_CHARS)
+
+
+def clean_words(text: str) -> list[str]:
+    """The original's cleaning: strip its punctuation set, keep printable characters, split on spaces."""
+    text = text.translate(_STRIP_TABLE)
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text.split()
+
+
+def allowed_token_ids(block_words: tuple[str, ...] = (), whole_words_only: bool = False) -> list[int]:
+    """Token ids ascent may choose: never SOT/EOT, never a token containing a blocked word.
+
+    Args:
+        block_words: case-insensitive substrings; any token whose text contains one is excluded.
+        whole_words_only: keep only tokens that end a word and are all letters (e.g. ``"circle</w>"``).
+    """
+    v = vocab()
+    blocked = [w.lower() for w in block_words if w.strip()]
+    ids = []
+    for i in range(v.size):
+        if i in (v.sot, v.eot):
+            continue
+        piece = v.piece(i)
+        text = piece.removesuffix("</w>").lower()
+        if whole_words_only and not (piece.endswith("</w>") and text.isalpha()):
+            continue
+        if any(b in text for b in blocked):
+            continue
+        ids.append(i)
+    return ids

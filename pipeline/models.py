@@ -1,0 +1,199 @@
+"""Load CLIP models: OpenAI names, local checkpoints, the shipped toy model, random architectures.
+
+* An openai-clip name (``RN50`` ... ``ViT-L/14@336px``) goes through openai-clip's own
+  download and cache. Offline and not cached, loading fails with one message that
+  names the expected file and where to put it.
+* A local path may hold an OpenAI JIT archive, a plain state dict in OpenAI's key
+  layout, or a whole model saved with ``torch.save``. The architecture and input
+  resolution are read from the weights by ``clip.model.build_model``.
+* ``toy`` is the checkpoint shipped in ``pipeline/assets``.
+* ``random:<arch>`` is a seeded random initialisation of a real architecture.
+
+Loaded models are in eval mode with frozen parameters: fp32 on CPU, the chosen
+precision on CUDA. Stages read them and never change them.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import clip
+import torch
+from clip.model import CLIP, build_model
+
+ASSETS = Path(__file__).parent / "assets"
+TOY_CHECKPOINT = ASSETS / "toy-clip.pt"
+CACHE_ENV = "CLIPSIGHT_CACHE"
+OPENAI_CONTEXT_LENGTH = 77  # every OpenAI CLIP; loaded models report their own
+
+# Hyper-parameters for ``random:<arch>`` only: a random model has no weights to read them from.
+# (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, text_width, text_heads, text_layers)
+RANDOM_ARCHS: dict[str, tuple] = {
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 512, 8, 12),
+    "RN101": (512, 224, (3, 4, 23, 3), 64, None, 512, 8, 12),
+    "RN50x4": (640, 288, (4, 6, 10, 6), 80, None, 640, 10, 12),
+    "RN50x16": (768, 384, (6, 8, 18, 8), 96, None, 768, 12, 12),
+    "RN50x64": (1024, 448, (3, 15, 36, 10), 128, None, 1024, 16, 12),
+    "ViT-B/32": (512, 224, 12, 768, 32, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12, 12),
+    "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12, 12),
+    "tiny": (32, 32, 2, 64, 8, 64, 1, 2),
+    "tiny-rn": (32, 64, (1, 1, 1, 1), 8, None, 64, 1, 2),
+}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A frozen CLIP model and how it was loaded."""
+
+    model: CLIP
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def input_resolution(self) -> int:
+        return int(self.model.visual.input_resolution)
+
+    @property
+    def is_vit(self) -> bool:
+        return hasattr(self.model.visual, "conv1") and hasattr(self.model.visual, "proj")
+
+
+def default_cache_dir() -> Path:
+    """``$CLIPSIGHT_CACHE`` if set, else openai-clip's own default ``~/.cache/clip``."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/clip"))
+
+
+def known_models() -> list[str]:
+    """Every name ``load_model`` accepts besides local paths."""
+    return ["toy", *clip.available_models(), *(f"random:{a}" for a in RANDOM_ARCHS)]
+
+
+def cached_file(name: str, cache_dir: Path) -> Path:
+    """Where openai-clip keeps (or will download) the checkpoint for an OpenAI model name."""
+    url = clip.clip._MODELS[name]
+    return cache_dir / os.path.basename(url)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when it is available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def load_model(
+    name: str,
+    device: torch.device,
+    precision: str = "fp16",
+    cache_dir: Path | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a CLIP model, frozen and in eval mode.
+
+    Args:
+        name: an openai-clip name, ``toy``, ``random:<arch>``, or a path to a checkpoint.
+        device: where to put it.
+        precision: ``fp16``, ``bf16`` or ``fp32`` on CUDA; the CPU always uses fp32.
+        cache_dir: openai-clip's download cache (default: ``default_cache_dir()``).
+        seed: seeds the initialisation of ``random:<arch>``.
+
+    Raises:
+        ModelError: with a message that says which file was expected and what to do.
+    """
+    if name in clip.available_models():
+        model = _load_openai(name, cache_dir or default_cache_dir())
+    elif name == "toy":
+        model = build_model(_read_checkpoint(TOY_CHECKPOINT))
+    elif name.startswith("random:"):
+        model = _random_model(name.split(":", 1)[1], seed)
+    elif Path(name).expanduser().exists():
+        model = build_model(_read_checkpoint(Path(name).expanduser()))
+    else:
+        raise ModelError(
+            f"unknown model {name!r}: not a known name and no such file. "
+            f"Known names: {', '.join(known_models())}; or give a path to a checkpoint."
+        )
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, name=name, device=device, dtype=dtype)
+
+
+def _load_openai(name: str, cache_dir: Path) -> CLIP:
+    target = cached_file(name, cache_dir)
+    url = clip.clip._MODELS[name]
+    try:
+        model, _ = clip.load(name, device="cpu", jit=False, download_root=str(cache_dir))
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise ModelError(
+            f"could not load CLIP model {name!r}: the checkpoint is not in the cache and could not be "
+            f"downloaded ({err}).\n"
+            f"  expected file: {target}\n"
+            f"  to place it by hand, download {url}\n"
+            f"  on a machine with internet and copy it to that path (or set {CACHE_ENV} or "
+            f"model_cache to the folder that holds it)."
+        ) from None
+    return model.float()
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict in OpenAI's layout from a JIT archive, a state dict or a whole pickled model."""
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    if _is_jit_archive(path):
+        try:
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except (RuntimeError, ValueError) as err:
+            raise ModelError(f"{path}: a TorchScript archive that cannot be loaded ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:  # a whole model pickled with torch.save: only load files you trust
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ModelError(f"{path}: not a CLIP checkpoint that torch can read ({err})") from None
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a state dict or a model, found {type(obj).__name__}")
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if "token_embedding.weight" not in state or ("visual.proj" not in state and "visual.attnpool.c_proj.weight" not in state):
+        raise ModelError(f"{path}: not a CLIP state dict in OpenAI's key layout (keys such as 'visual.proj' are missing)")
+    return state
+
+
+def _is_jit_archive(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``constants.pkl`` or ``code/`` entry; state dicts have neither."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _random_model(arch: str, seed: int) -> CLIP:
+    if arch not in RANDOM_ARCHS:
+        raise ModelError(f"unknown random architecture {arch!r}; valid: {', '.join(RANDOM_ARCHS)}")
+    embed, res, vlayers, vwidth, patch, twidth, theads, tlayers = RANDOM_ARCHS[arch]
+    from pipeline.tokens import vocab
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(embed, res, vlayers, vwidth, patch, OPENAI_CONTEXT_LENGTH, vocab().size, twidth, theads, tlayers)

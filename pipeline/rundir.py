@@ -1,0 +1,127 @@
+"""The run directory: resolved config, image list, manifest, log, atomic writes.
+
+Every output is written to a temporary name in the same folder and renamed into
+place, so a killed run never leaves a half-written file under its final name. A
+manifest record is appended only after its outputs exist, and a torn last line is
+ignored on reading, so "done" always means the files are there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from pipeline.images import ImageRef
+
+MANIFEST = "manifest.jsonl"
+CONFIG = "run.yaml"
+IMAGES = "images.jsonl"
+LOG = "run.log"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+class RunDir:
+    """One run's folder under ``outputs/``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def file(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # config and image list
+    def has_config(self) -> bool:
+        return self.file(CONFIG).is_file()
+
+    def save_config(self, data: dict) -> None:
+        atomic_write_text(self.file(CONFIG), yaml.safe_dump(data, sort_keys=False))
+
+    def load_config(self) -> dict:
+        return yaml.safe_load(self.file(CONFIG).read_text(encoding="utf-8")) or {}
+
+    def save_images(self, refs: list[ImageRef]) -> None:
+        lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel}, ensure_ascii=False) for r in refs]
+        atomic_write_text(self.file(IMAGES), "".join(line + "\n" for line in lines))
+
+    def load_images(self) -> list[ImageRef]:
+        refs = []
+        for line in self.file(IMAGES).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                d = json.loads(line)
+                refs.append(ImageRef(id=d["id"], path=d["path"], rel=d["rel"]))
+        return refs
+
+    # manifest
+    def append_manifest(self, records: list[dict]) -> None:
+        """Append records, one JSON line each, flushed to disk."""
+        if not records:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.file(MANIFEST), "a", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def manifest_records(self) -> list[dict]:
+        """Every whole record; a line torn by a kill is skipped."""
+        path = self.file(MANIFEST)
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "stage" in rec and "status" in rec:
+                out.append(rec)
+        return out
+
+    def latest(self) -> dict[tuple[str | None, str], dict]:
+        """The last record for each (image, stage)."""
+        return {(r.get("image"), r["stage"]): r for r in self.manifest_records()}
+
+    def is_done(self, record: dict | None) -> bool:
+        """A record counts as done only if it says so and every output it names exists."""
+        return bool(record) and record["status"] == "done" and all(
+            self.file(p).is_file() for p in record.get("outputs", [])
+        )

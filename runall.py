@@ -1,0 +1,288 @@
+"""clipsight: what CLIP "sees" in a folder of images.
+
+    python runall.py --input imgs [--config configs/demo.yaml]    run every stage
+    python runall.py decode --run outputs/imgs                   run one stage on a run
+    python runall.py models                                       list model names
+    python runall.py toy scenes --out imgs --count 12             write toy scenes
+    python runall.py toy train --out toy-clip.pt                  train the toy CLIP
+
+Exit codes: 0 all succeeded, 1 some image failed, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import pipeline  # noqa: F401  (quiets openai-clip's import warning)
+from pipeline.config import ConfigError, build_config, load_yaml, merge, parse_overrides, to_dict
+from pipeline.images import InputError, discover_images, slugify
+from pipeline.models import ModelError, cached_file, default_cache_dir, known_models, load_model, resolve_device
+from pipeline.rundir import LOG, RunDir
+from pipeline.runner import RunContext, StageSummary, run_per_image, run_whole
+from stages import PER_IMAGE, STAGE_ORDER, WHOLE_RUN, RunConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
+                  help="Show what CLIP sees in a folder of images: opinions, labels, word records and a report.")
+toy_app = typer.Typer(add_completion=False, help="The toy world: synthetic scenes and the shipped toy CLIP.")
+app.add_typer(toy_app, name="toy")
+console = Console(stderr=True)
+
+# Keys whose change does not change results; a resumed run may differ in these.
+NON_RESULT_KEYS = {"device", "encode_batch_size", "model_cache", "report"}
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set ascend.iterations=50. Repeatable.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model: an openai-clip name, 'toy', 'random:<arch>' or a checkpoint path.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo finished work instead of resuming.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for logs).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def resolve_config(config_file: Path | None, base: dict, cli: dict, overrides: list[str] | None) -> RunConfig:
+    """Defaults, then the YAML file, then the saved run config (``base``), then CLI options and --set."""
+    data = dict(base)
+    source = "defaults"
+    if config_file is not None:
+        data = merge(data, load_yaml(config_file))
+        source = str(config_file)
+    data = merge(data, {k: v for k, v in cli.items() if v is not None})
+    data = merge(data, parse_overrides(overrides or []))
+    return build_config(RunConfig, data, source)
+
+
+def _parse_stages(stages: str | None) -> list[str]:
+    if not stages:
+        return list(STAGE_ORDER)
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+    for s in names:
+        if s not in STAGE_ORDER:
+            _fail(f"unknown stage {s!r}; valid stages: {', '.join(STAGE_ORDER)}")
+    return [s for s in STAGE_ORDER if s in names]
+
+
+def _logger(run: RunDir) -> logging.Logger:
+    log = logging.getLogger(f"clipsight.{run.root}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        run.root.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run.file(LOG), encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _context(cfg: RunConfig, run: RunDir, quiet: bool) -> RunContext:
+    def load():
+        device = resolve_device(cfg.device)
+        cache = Path(cfg.model_cache).expanduser() if cfg.model_cache else None
+        return load_model(cfg.model, device, cfg.precision, cache, cfg.seed)
+
+    return RunContext(cfg, run, _logger(run), load, console, quiet)
+
+
+def execute(cfg: RunConfig, run: RunDir, stage_names: list[str], force: bool, quiet: bool) -> int:
+    """Run the named stages over the run's images; print the summary; return the exit code."""
+    ctx = _context(cfg, run, quiet)
+    refs = run.load_images()
+    ctx.log.info("run %s: %d images, stages %s", run.root, len(refs), ",".join(stage_names))
+    summaries: list[StageSummary] = []
+    try:
+        for name in stage_names:
+            if name in PER_IMAGE:
+                summaries.append(run_per_image(PER_IMAGE[name], ctx, refs, force))
+            else:
+                summaries.append(run_whole(WHOLE_RUN[name], ctx))
+    except ModelError as err:
+        ctx.log.error("%s", err)
+        _fail(str(err))
+    _print_summary(summaries, run)
+    return 1 if any(s.failed for s in summaries) else 0
+
+
+def _print_summary(summaries: list[StageSummary], run: RunDir) -> None:
+    table = Table(title=f"run {run.root}")
+    for col in ("stage", "done", "failed", "skipped", "blocked", "seconds"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in summaries:
+        table.add_row(s.stage, str(s.done), f"[red]{s.failed}[/]" if s.failed else "0", str(s.skipped), str(s.blocked),
+                      f"{s.seconds:.1f}")
+    console.print(table)
+    failed = [r for r in run.latest().values() if r["status"] == "failed"]
+    for r in failed[:20]:
+        console.print(f"[red]failed[/] {r['stage']}: {r['error']}", highlight=False)
+    if len(failed) > 20:
+        console.print(f"... and {len(failed) - 20} more; see {run.file('manifest.jsonl')}")
+    if run.file("report.html").is_file():
+        console.print(f"report: {run.file('report.html')}")
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Folder (recursive), one image, or a text file listing paths.")] = None,
+    config: ConfigOpt = None,
+    output: Annotated[Path, typer.Option(help="Folder that holds run directories.")] = Path("outputs"),
+    run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: the input's name).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    stages: Annotated[Optional[str], typer.Option(help=f"Comma-separated subset of: {','.join(STAGE_ORDER)}.")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run every stage over --input and write a run directory under --output."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if input is None:
+        console.print(ctx.get_help())
+        _fail("--input is required (a folder, an image, or a list file)")
+    stage_names = _parse_stages(stages)
+    try:
+        cfg = resolve_config(config, {}, {"model": model, "device": device}, set_)
+        refs = discover_images(input, cfg.input.patterns)
+    except (ConfigError, InputError) as err:
+        _fail(str(err))
+    if not refs:
+        _fail(f"no images found in {input} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff .gif)")
+    run = RunDir(output / (run_name or slugify(input.stem if input.is_file() else input.resolve().name)))
+    if run.has_config() and not force:
+        old = {k: v for k, v in run.load_config().items() if k not in NON_RESULT_KEYS}
+        new = {k: v for k, v in to_dict(cfg).items() if k not in NON_RESULT_KEYS}
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            _fail(f"{run.root} was made with a different config (differs in: {', '.join(diff)}). "
+                  f"Use --force to redo it, or --run-name for a new run.")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.save_config(to_dict(cfg))
+    run.save_images(refs)
+    raise typer.Exit(execute(cfg, run, stage_names, force, quiet))
+
+
+def _stage_command(name: str):
+    def command(
+        run: Annotated[Path, typer.Option("--run", help="An existing run directory.")],
+        config: ConfigOpt = None,
+        model: ModelOpt = None,
+        device: DeviceOpt = None,
+        set_: SetOpt = None,
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        rd = RunDir(run)
+        if not rd.has_config():
+            _fail(f"{run} is not a run directory (no run.yaml)")
+        try:
+            cfg = resolve_config(config, rd.load_config(), {"model": model, "device": device}, set_)
+        except ConfigError as err:
+            _fail(str(err))
+        rd.save_config(to_dict(cfg))
+        raise typer.Exit(execute(cfg, rd, [name], force, quiet))
+
+    command.__doc__ = f"Run only the {name} stage on an existing run, with its saved config (options override it)."
+    return command
+
+
+for _name in STAGE_ORDER:
+    app.command(_name)(_stage_command(_name))
+
+
+@app.command("models")
+def models_command(
+    cache: Annotated[Optional[Path], typer.Option(help="openai-clip cache folder (default: $CLIPSIGHT_CACHE or ~/.cache/clip).")] = None,
+) -> None:
+    """List the known model names and which OpenAI checkpoints are already in the cache."""
+    cache = cache or default_cache_dir()
+    table = Table(title=f"models (cache: {cache})")
+    table.add_column("name")
+    table.add_column("status")
+    for name in known_models():
+        if name == "toy":
+            status = "shipped with clipsight"
+        elif name.startswith("random:"):
+            status = "random weights, for tests and timing"
+        else:
+            path = cached_file(name, cache)
+            status = f"cached: {path}" if path.is_file() else f"not cached (expected at {path})"
+        table.add_row(name, status)
+    Console().print(table)
+
+
+@toy_app.command("scenes")
+def toy_scenes(
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and truth.json.")],
+    count: Annotated[int, typer.Option(help="How many scenes.")] = 12,
+    seed: Annotated[int, typer.Option(help="Scene stream seed.")] = 7,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    min_objects: Annotated[int, typer.Option(help="Fewest objects per scene.")] = 1,
+    max_objects: Annotated[int, typer.Option(help="Most objects per scene (up to 3).")] = 3,
+    style: Annotated[str, typer.Option(help="train (hard-edged) or alt (anti-aliased, other backgrounds).")] = "train",
+) -> None:
+    """Write toy scenes as PNGs plus truth.json (objects, words, boxes, captions)."""
+    from pipeline.toyworld import SceneSpec, write_scenes
+
+    try:
+        spec = SceneSpec(size=size, min_objects=min_objects, max_objects=max_objects, style=style)  # type: ignore[arg-type]
+    except ValueError as err:
+        _fail(str(err))
+    truth = write_scenes(out, seed, count, spec)
+    console.print(f"wrote {count} scenes and {truth}")
+
+
+@toy_app.command("train")
+def toy_train(
+    out: Annotated[Path, typer.Option(help="Where to write the fp16 state dict; a .json card goes beside it.")],
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 6000,
+    batch_size: Annotated[int, typer.Option(help="Scenes per step.")] = 256,
+    workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train the toy CLIP on toy scenes (GPU when present), writing a checkpoint stock openai-clip loads."""
+    import json
+
+    import torch
+    from rich.progress import Progress
+
+    from pipeline.rundir import atomic_path, atomic_write_json
+    from pipeline.toytrain import ToyTrainConfig, train_toy_clip
+
+    cfg = ToyTrainConfig(steps=steps, batch_size=batch_size, workers=workers, seed=seed)
+    dev = resolve_device(device or "auto")
+    with Progress(console=console) as progress:
+        task = progress.add_task("train", total=steps)
+
+        def on_step(step, loss, metrics):
+            progress.update(task, completed=step + 1, description=f"loss {loss:.3f}")
+            if metrics:
+                progress.console.print(f"step {step + 1}: held-out zero-shot {json.dumps(metrics)}")
+
+        state, card = train_toy_clip(cfg, dev, on_step)
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(out.with_suffix(".json"), card)
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def run() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted; finished work is kept, rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

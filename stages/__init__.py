@@ -1,0 +1,48 @@
+"""The pipeline's stages, in run order, and the run config that holds each stage's section.
+
+Per-image stages: ascend -> decode. Whole-run stages: rank -> report.
+The surgery stage (heatmaps) is not part of this version yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import require
+from stages.ascend import AscendStage, AscentConfig
+from stages.decode import DecodeConfig, DecodeStage
+from stages.rank import RankConfig, RankStage
+from stages.report import ReportConfig, ReportStage
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    patterns: tuple[str, ...] = ()  # globs on the relative path or file name; empty = every image type
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole resolved config of a run, saved as ``run.yaml``."""
+
+    model: str = "ViT-B/16"  # openai-clip name, "toy", "random:<arch>", or a checkpoint path
+    model_cache: str | None = None  # openai-clip download cache; default $CLIPSIGHT_CACHE or ~/.cache/clip
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # on CUDA; the CPU always runs fp32
+    seed: int = 0
+    encode_batch_size: int = 32  # images per forward when encoding (decode)
+    max_side: int = 4096  # larger inputs are downscaled on load
+    input: InputConfig = field(default_factory=InputConfig)
+    ascend: AscentConfig = field(default_factory=AscentConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        require(self.encode_batch_size >= 1, f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        require(self.max_side >= 32, f"max_side must be >= 32, got {self.max_side}")
+
+
+PER_IMAGE = {"ascend": AscendStage(), "decode": DecodeStage()}
+WHOLE_RUN = {"rank": RankStage(), "report": ReportStage()}
+STAGE_ORDER: tuple[str, ...] = (*PER_IMAGE, *WHOLE_RUN)

@@ -1,0 +1,324 @@
+"""ascend: CLIP's "opinion" of an image, by gradient ascent on text-token choices.
+
+The objective is the original's: Gumbel-softmax (tau 1000, hard one-hot, straight-
+through gradient) over the vocabulary for a few learned token slots, Adam at lr 5,
+loss = -100 x the mean cosine between the text feature and augmented views of the
+image. What differs, and why:
+
+* the text feature is read at the first EOT, where stock ``encode_text`` pools (the
+  original read the second EOT; ``readout: seed`` reproduces that);
+* the augmented views are encoded once into a bank and sampled each step: the loss
+  is linear in the mean of the unit view features, so this is the same objective;
+* only the learned slots meet the vocabulary, and only the causal prefix up to the
+  read-out runs through the text transformer;
+* many images are optimised in one batch, each with its own random streams, so an
+  image's result never depends on what it was batched with;
+* SOT and EOT can never be chosen, so the optimised tokens are exactly what stock
+  ``encode_text`` would score.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import require
+from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
+from pipeline.models import LoadedModel
+from pipeline.rundir import atomic_write_json, atomic_write_text
+from pipeline.runner import ItemResult, RunContext
+from pipeline.textenc import encode_text_embeddings
+from pipeline.tokens import allowed_token_ids, clean_words, tokenize, vocab
+
+
+@dataclass(frozen=True)
+class AscentConfig:
+    """Settings of the ascend stage (defaults are the original's)."""
+
+    method: Literal["gumbel"] = "gumbel"
+    prefix: str = ""  # prompt text placed before the learned tokens
+    tokens: int = 5  # learned token slots
+    candidates: int = 16  # independent candidate prompts per image
+    iterations: int = 400
+    lr: float = 5.0
+    gumbel_tau: float = 1000.0
+    views: int = 64  # augmented views averaged per step
+    bank_size: int = 256  # augmented views encoded once per image
+    degrees: float = 10.0  # RandomAffine rotation range
+    translate: float = 0.1  # RandomAffine translation, fraction of the side
+    augment_p: float = 0.8  # probability a view is transformed
+    readout: Literal["eot", "seed"] = "eot"  # first EOT (stock CLIP) or the original's second EOT
+    checkin_every: int = 10
+    block_words: tuple[str, ...] = ()  # any token containing one of these is never chosen
+    whole_words_only: bool = False  # allow only tokens that are whole words
+    batch_size: int = 0  # images optimised together; 0 picks by device
+
+    def __post_init__(self) -> None:
+        require(self.tokens >= 1, f"ascend.tokens must be >= 1, got {self.tokens}")
+        require(self.candidates >= 1, f"ascend.candidates must be >= 1, got {self.candidates}")
+        require(self.iterations >= 1, f"ascend.iterations must be >= 1, got {self.iterations}")
+        require(self.lr > 0, f"ascend.lr must be > 0, got {self.lr}")
+        require(self.gumbel_tau > 0, f"ascend.gumbel_tau must be > 0, got {self.gumbel_tau}")
+        require(1 <= self.views <= self.bank_size, f"ascend.views must be in 1..bank_size ({self.bank_size}), got {self.views}")
+        require(0 <= self.augment_p <= 1, f"ascend.augment_p must be in [0, 1], got {self.augment_p}")
+        require(self.checkin_every >= 1, f"ascend.checkin_every must be >= 1, got {self.checkin_every}")
+        require(self.batch_size >= 0, f"ascend.batch_size must be >= 0 (0 = auto), got {self.batch_size}")
+
+
+@dataclass
+class Opinion:
+    """One image's result: final candidates, per-word statistics, and every check-in's counts."""
+
+    candidates: list[dict]  # {"text", "ids", "loss"} (+ "rescored" once scored with stock encode_text)
+    words: dict[str, dict]  # word -> {"frequency", "candidates", "appearances", "first_iteration"}
+    checkins: list[dict] = field(default_factory=list)  # {"iteration", "counts": {word: n}}
+
+
+class _GumbelStraightThrough(torch.autograd.Function):
+    """Hard Gumbel-softmax sample, embedded, with the straight-through gradient, in few passes.
+
+    Forward: ``z = logits + gumbel``; the chosen ids are ``argmax z`` and the output is
+    their embedding rows, which equals ``one_hot(argmax z) @ table`` exactly.
+    Backward: the gradient of ``softmax(z / tau) @ table`` with respect to ``logits``,
+    as ``torch.nn.functional.gumbel_softmax(hard=True)`` gives it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor, table: torch.Tensor, tau: float):
+        z = gumbel.add_(logits)  # reuses the noise buffer: [..., K, V']
+        idx = z.argmax(-1)  # [..., K]
+        y = z.div_(tau).softmax(-1)
+        ctx.save_for_backward(y, table)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(idx)
+        return table[idx], idx
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_idx):
+        y, table = ctx.saved_tensors
+        g = (grad.to(table.dtype) @ table.T).to(y.dtype)  # [..., K, V']: d loss / d y
+        dot = (g.unsqueeze(-2) @ y.unsqueeze(-1)).squeeze(-1)  # [..., K, 1]: sum_v y_v g_v
+        return g.sub_(dot).mul_(y).div_(ctx.tau), None, None, None
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A per-image seed: the same image gets the same streams whatever it is batched with."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:7], "little")
+
+
+def _encode_views(lm: LoadedModel, image: torch.Tensor, cfg: AscentConfig, seed: int, chunk: int = 64) -> torch.Tensor:
+    """The bank: ``bank_size`` RandomAffine views of one image, encoded once, unit-normalised. ``[bank, D]``."""
+    aug = K.RandomAffine(degrees=cfg.degrees, translate=(cfg.translate, cfg.translate), p=cfg.augment_p)
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    feats = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, cfg.bank_size, chunk):
+            n = min(chunk, cfg.bank_size - start)
+            views = aug(image[None].expand(n, -1, -1, -1))
+            with torch.no_grad():
+                f = lm.model.encode_image(normalize(views).to(lm.dtype)).float()
+            feats.append(F.normalize(f, dim=-1))
+    return torch.cat(feats)
+
+
+def _words_of(texts: list[str]) -> tuple[Counter, Counter]:
+    """(occurrences across the texts, number of texts containing each word)."""
+    occ, cand = Counter(), Counter()
+    for t in texts:
+        ws = clean_words(t)
+        occ.update(ws)
+        cand.update(set(ws))
+    return occ, cand
+
+
+def extract_opinions(
+    lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig
+) -> list[Opinion]:
+    """Gradient ascent for every image of a batch.
+
+    Args:
+        lm: the frozen model.
+        images: ``[B, 3, R, R]`` in [0, 1] at the model's input resolution.
+        seeds: one seed per image (see ``image_seed``); all randomness of image b comes from seeds[b].
+        cfg: the settings.
+
+    Returns:
+        One ``Opinion`` per image, in order.
+
+    Shape:
+        - images: :math:`(B, 3, R, R)`.
+    """
+    model, dev = lm.model, lm.device
+    v = vocab()
+    B, C, Kt = images.shape[0], cfg.candidates, cfg.tokens
+    allowed = torch.tensor(allowed_token_ids(cfg.block_words, cfg.whole_words_only), device=dev)
+    table = model.token_embedding.weight[allowed]  # [V', W]: only the learned slots meet the vocabulary
+    V = table.shape[0]
+
+    gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+    banks = torch.stack([_encode_views(lm, images[b].to(dev), cfg, seeds[b]) for b in range(B)])  # [B, bank, D]
+    view_idx = torch.stack([
+        torch.stack([torch.randperm(cfg.bank_size, generator=g, device=dev)[: cfg.views] for _ in range(cfg.iterations)])
+        for g in gens
+    ])  # [B, iters, views]
+    logits = torch.stack([torch.randn(C, Kt, V, generator=g, device=dev) for g in gens]).requires_grad_(True)
+    opt = torch.optim.Adam([logits], lr=cfg.lr, fused=True)
+
+    prefix_ids = v.encode(cfg.prefix) if cfg.prefix else []
+    P = len(prefix_ids)
+    eots = 2 if cfg.readout == "seed" else 1
+    readout = 1 + P + Kt + (eots - 1)  # first EOT, or the original's second
+    emb = model.token_embedding.weight
+    head = emb[torch.tensor([v.sot, *prefix_ids], device=dev)]  # [1+P, W]
+    tail = emb[torch.full((eots,), v.eot, device=dev)]  # [eots, W]
+
+    def features(tok_emb: torch.Tensor) -> torch.Tensor:  # [B, C, K, W] -> unit [B, C, D]
+        seq = torch.cat([head.expand(B * C, -1, -1), tok_emb.reshape(B * C, Kt, -1).to(head.dtype),
+                         tail.expand(B * C, -1, -1)], dim=1)  # [B*C, n, W]
+        with torch.autocast(dev.type, enabled=dev.type == "cuda" and lm.dtype == torch.float32, dtype=torch.bfloat16):
+            f = encode_text_embeddings(model, seq, readout)
+        return F.normalize(f.float(), dim=-1).view(B, C, -1)
+
+    to_ids = lambda idx: allowed[idx]  # noqa: E731  [.., K] positions in the allowed set -> token ids
+    checkins: list[list[dict]] = [[] for _ in range(B)]
+    first_seen: list[dict[str, int]] = [{} for _ in range(B)]
+    totals: list[Counter] = [Counter() for _ in range(B)]
+    noise = torch.empty_like(logits)
+    for it in range(cfg.iterations):
+        with torch.no_grad():
+            for b, g in enumerate(gens):  # per-image Gumbel noise: -log(-log(u))
+                noise[b].uniform_(generator=g).clamp_(min=torch.finfo(noise.dtype).tiny)
+            noise.log_().neg_().log_().neg_()
+        tok_emb, _ = _GumbelStraightThrough.apply(logits, noise, table, cfg.gumbel_tau)
+        feats = features(tok_emb)
+        target = banks.gather(1, view_idx[:, it, :, None].expand(-1, -1, banks.shape[-1])).mean(1)  # [B, D]
+        loss = (-100 * (feats * target[:, None]).sum(-1)).mean(1).sum()  # per image: mean over candidates
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % cfg.checkin_every == 0 or it == cfg.iterations - 1:
+            ids = to_ids(logits.detach().argmax(-1)).cpu()
+            for b in range(B):
+                occ, _ = _words_of([v.decode(c.tolist()) for c in ids[b]])
+                checkins[b].append({"iteration": it, "counts": dict(occ)})
+                totals[b].update(occ)
+                for w in occ:
+                    first_seen[b].setdefault(w, it)
+
+    with torch.no_grad():
+        final = logits.argmax(-1)  # [B, C, K]
+        feats = features(table[final])
+        target = banks.mean(1)
+        final_loss = (-100 * (feats * target[:, None]).sum(-1)).cpu()  # [B, C]
+    ids = to_ids(final).cpu()
+    out = []
+    for b in range(B):
+        texts = [v.decode(c.tolist()) for c in ids[b]]
+        occ, cand = _words_of(texts)
+        words = {
+            w: {"frequency": occ[w], "candidates": cand[w], "appearances": totals[b][w], "first_iteration": first_seen[b][w]}
+            for w in sorted(occ, key=lambda w: (-occ[w], w))
+        }
+        cands = [{"text": t, "ids": c.tolist(), "loss": round(float(final_loss[b, i]), 4)} for i, (t, c) in enumerate(zip(texts, ids[b]))]
+        out.append(Opinion(candidates=cands, words=words, checkins=checkins[b]))
+    return out
+
+
+@torch.no_grad()
+def encode_images(lm: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+    """Unit image features of un-augmented images ``[B, D]``."""
+    f = lm.model.encode_image(normalize(images.to(lm.device)).to(lm.dtype)).float()
+    return F.normalize(f, dim=-1)
+
+
+@torch.no_grad()
+def rescore_texts(lm: LoadedModel, texts: list[str], image_features: torch.Tensor) -> torch.Tensor:
+    """Cosine of stock ``encode_text(tokenize(text))`` with each text's image feature. ``[N]``."""
+    ctx_len = lm.model.positional_embedding.shape[0]
+    ids = tokenize(texts, ctx_len).to(lm.device)
+    f = F.normalize(lm.model.encode_text(ids).float(), dim=-1)
+    return (f * image_features).sum(-1).cpu()
+
+
+def opinion_csv(op: Opinion, tau: float) -> str:
+    """The original's CSV columns, one row per word per check-in (the original kept only the last)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["Token", "Frequency", "Temperature", "Iteration"])
+    for ck in op.checkins:
+        for word, n in sorted(ck["counts"].items(), key=lambda kv: (-kv[1], kv[0])):
+            w.writerow([word, n, tau, ck["iteration"]])
+    return buf.getvalue()
+
+
+def load_batch(lm: LoadedModel, refs: list[ImageRef], max_side: int) -> tuple[list[ImageRef], torch.Tensor | None, dict[str, str]]:
+    """Decode a batch; returns the refs that decoded, their tensors, and {id: reason} for the rest."""
+    ok, tensors, failed = [], [], {}
+    for ref in refs:
+        try:
+            tensors.append(to_tensor(load_image(ref.path, max_side=max_side), lm.input_resolution))
+            ok.append(ref)
+        except ImageError as err:
+            failed[ref.id] = f"{ref.rel}: {err}"
+    return ok, (torch.stack(tensors) if tensors else None), failed
+
+
+class AscendStage:
+    """Thin I/O around ``extract_opinions``: writes ``ascend/<id>.json`` and ``ascend/<id>.csv``."""
+
+    name = "ascend"
+    needs: tuple[str, ...] = ()
+
+    def batch_size(self, ctx: RunContext) -> int:
+        cfg: AscentConfig = ctx.config.ascend
+        if cfg.batch_size:
+            return cfg.batch_size
+        return ctx.cache.get("ascend_batch") or (64 if ctx.model.device.type == "cuda" else 4)
+
+    def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
+        cfg: AscentConfig = ctx.config.ascend
+        lm = ctx.model
+        ok, images, failed = load_batch(lm, refs, ctx.config.max_side)
+        results: dict[str, ItemResult] = {i: ItemResult(error=e) for i, e in failed.items()}
+        if ok:
+            t = time.time()
+            seeds = [image_seed(ctx.config.seed, r.id) for r in ok]
+            opinions = self._extract(ctx, lm, images, seeds, cfg)
+            feats = encode_images(lm, images)
+            per_image = (time.time() - t) / len(ok)
+            for b, (ref, op) in enumerate(zip(ok, opinions)):
+                scores = rescore_texts(lm, [c["text"] for c in op.candidates], feats[b : b + 1].expand(len(op.candidates), -1))
+                for c, s in zip(op.candidates, scores):
+                    c["rescored"] = round(float(s), 4)
+                doc = {"image": ref.id, "path": ref.path, "model": lm.name, "seed": seeds[b],
+                       "seconds": round(per_image, 3), "settings": asdict(cfg), "candidates": op.candidates,
+                       "words": op.words, "checkins": op.checkins}
+                jpath, cpath = ctx.run.file("ascend", f"{ref.id}.json"), ctx.run.file("ascend", f"{ref.id}.csv")
+                atomic_write_json(jpath, doc)
+                atomic_write_text(cpath, opinion_csv(op, cfg.gumbel_tau))
+                results[ref.id] = ItemResult(outputs=[ctx.run.rel(jpath), ctx.run.rel(cpath)])
+        return [results[r.id] for r in refs]
+
+    def _extract(self, ctx, lm, images, seeds, cfg) -> list[Opinion]:
+        """Run the core; on CUDA out-of-memory halve the batch and retry (results do not depend on batching)."""
+        try:
+            return extract_opinions(lm, images, seeds, cfg)
+        except torch.OutOfMemoryError:
+            if images.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = images.shape[0] // 2
+            ctx.cache["ascend_batch"] = half
+            ctx.log.warning("ascend: CUDA out of memory with %d images; retrying as %d", images.shape[0], half)
+            return self._extract(ctx, lm, images[:half], seeds[:half], cfg) + self._extract(ctx, lm, images[half:], seeds[half:], cfg)

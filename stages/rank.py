@@ -1,0 +1,106 @@
+"""rank: a leaderboard of CLIP's most unusual words across a run.
+
+For every word of every opinion: its length, how many BPE pieces the tokenizer splits
+it into, whether it is a single vocabulary token (a word CLIP "knows"), how many
+images produced it, and its best label score with the image where that happened.
+
+    unusualness = (pieces + length / 10 + (0 if known else 1)) / (1 + log2(images))
+
+Long words glued from many pieces and unknown to the vocabulary score high; words
+that many images produce score low. ``rank.sort_by`` picks the ranking column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.config import require
+from pipeline.rundir import atomic_write_text
+from pipeline.runner import RunContext
+from pipeline.tokens import vocab
+
+COLUMNS = ("word", "length", "pieces", "known", "images", "score", "best_image", "unusualness")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    min_length: int = 1
+    sort_by: Literal["unusualness", "length", "pieces", "images", "score"] = "unusualness"
+    top: int = 50  # rows in records.md
+    longest_over: int = 15  # the original's "longest words" file keeps words longer than this
+
+    def __post_init__(self) -> None:
+        require(self.min_length >= 1, f"rank.min_length must be >= 1, got {self.min_length}")
+        require(self.top >= 1, f"rank.top must be >= 1, got {self.top}")
+
+
+def unusualness(length: int, pieces: int, known: bool, images: int) -> float:
+    return (pieces + length / 10 + (0 if known else 1)) / (1 + math.log2(max(images, 1)))
+
+
+def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: RankConfig) -> list[dict]:
+    """Records for every word of a run, best first.
+
+    Args:
+        opinions: ``{image_id: ascend json}``.
+        labels: ``{image_id: labels json}`` (may miss images).
+        cfg: ranking settings.
+    """
+    v = vocab()
+    seen: dict[str, set[str]] = {}
+    for image, op in opinions.items():
+        for word in op["words"]:
+            seen.setdefault(word, set()).add(image)
+    best: dict[str, tuple[float, str]] = {}
+    for image, lab in labels.items():
+        for d in lab["labels"]:
+            if "score" in d and (d["word"] not in best or d["score"] > best[d["word"]][0]):
+                best[d["word"]] = (d["score"], image)
+    records = []
+    for word, images in seen.items():
+        if len(word) < cfg.min_length:
+            continue
+        pieces = len(v.encode(word))
+        known = pieces == 1
+        score, where = best.get(word, (None, None))
+        records.append({
+            "word": word, "length": len(word), "pieces": pieces, "known": known, "images": len(images),
+            "score": score, "best_image": where or sorted(images)[0],
+            "unusualness": round(unusualness(len(word), pieces, known, len(images)), 4),
+        })
+    key = cfg.sort_by
+    return sorted(records, key=lambda r: (-(r[key] if r[key] is not None else float("-inf")), r["word"]))
+
+
+class RankStage:
+    """Writes ``records.csv``, ``records.md`` and ``longest_clip_word_records.txt``."""
+
+    name = "rank"
+
+    def run_all(self, ctx: RunContext) -> list[str]:
+        cfg: RankConfig = ctx.config.rank
+        opinions, labels = {}, {}
+        for path in sorted(ctx.run.file("ascend").glob("*.json")):
+            opinions[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted(ctx.run.file("labels").glob("*.json")):
+            labels[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        records = rank_unusual_words(opinions, labels, cfg)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(records)
+        atomic_write_text(ctx.run.file("records.csv"), buf.getvalue())
+        md = ["| # | word | length | pieces | known | images | score | unusualness |", "|---|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(records[: cfg.top], 1):
+            score = "" if r["score"] is None else f"{r['score']:.3f}"
+            md.append(f"| {i} | `{r['word']}` | {r['length']} | {r['pieces']} | {'yes' if r['known'] else 'no'} "
+                      f"| {r['images']} | {score} | {r['unusualness']:.3f} |")
+        atomic_write_text(ctx.run.file("records.md"), "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
+        longest = sorted({r["word"] for r in records if len(r["word"]) > cfg.longest_over}, key=lambda s: (-len(s), s))
+        atomic_write_text(ctx.run.file("longest_clip_word_records.txt"), "".join(x + "\n" for x in longest))
+        return ["records.csv", "records.md", "longest_clip_word_records.txt"]
