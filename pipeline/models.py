@@ -116,11 +116,11 @@ def load_model(
     if name in clip.available_models():
         model = _load_openai(name, cache_dir or default_cache_dir())
     elif name == "toy":
-        model = build_model(_read_checkpoint(TOY_CHECKPOINT))
+        model = _build(_read_checkpoint(TOY_CHECKPOINT))
     elif name.startswith("random:"):
         model = _random_model(name.split(":", 1)[1], seed)
     elif Path(name).expanduser().exists():
-        model = build_model(_read_checkpoint(Path(name).expanduser()))
+        model = _build(_read_checkpoint(Path(name).expanduser()))
     else:
         raise ModelError(
             f"unknown model {name!r}: not a known name and no such file. "
@@ -177,6 +177,17 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if "token_embedding.weight" not in state or ("visual.proj" not in state and "visual.attnpool.c_proj.weight" not in state):
         raise ModelError(f"{path}: not a CLIP state dict in OpenAI's key layout (keys such as 'visual.proj' are missing)")
     return state
+
+
+def _build(state: dict[str, torch.Tensor]) -> CLIP:
+    """Architecture from the weights (stock ``build_model``), then the exact tensors back.
+
+    ``build_model`` casts to fp16; reloading keeps an fp32 checkpoint exact.
+    """
+    model = build_model(dict(state)).float()
+    skip = {"input_resolution", "context_length", "vocab_size"}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in skip})
+    return model
 
 
 def _is_jit_archive(path: Path) -> bool:

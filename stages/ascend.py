@@ -142,6 +142,34 @@ def _words_of(texts: list[str]) -> tuple[Counter, Counter]:
     return occ, cand
 
 
+def learned_text_features(lm: LoadedModel, learned: torch.Tensor, prefix_ids: list[int], readout: str) -> torch.Tensor:
+    """Unit text features of ``[SOT] + prefix + learned + [EOT]``, read at the first EOT (or the second for "seed").
+
+    Only the causal prefix up to the read-out runs through the text transformer.
+
+    Args:
+        lm: the frozen model.
+        learned: embeddings of the learned slots ``[N, K, W]``.
+        prefix_ids: token ids of the prefix prompt.
+        readout: ``"eot"`` (stock CLIP) or ``"seed"`` (the original's second EOT).
+
+    Shape:
+        - learned: :math:`(N, K, W)`; Output: :math:`(N, D)`.
+    """
+    v, model = vocab(), lm.model
+    emb = model.token_embedding.weight
+    eots = 2 if readout == "seed" else 1
+    head = emb[torch.tensor([v.sot, *prefix_ids], device=emb.device)]  # [1+P, W]
+    tail = emb[torch.full((eots,), v.eot, device=emb.device)]  # [eots, W]
+    n = learned.shape[0]
+    seq = torch.cat([head.expand(n, -1, -1), learned.to(head.dtype), tail.expand(n, -1, -1)], dim=1)  # [N, 1+P+K+eots, W]
+    at = seq.shape[1] - 1  # the last EOT of the prefix is the read-out
+    cuda = lm.device.type == "cuda"
+    with torch.autocast(lm.device.type, enabled=cuda and lm.dtype == torch.float32, dtype=torch.bfloat16):
+        f = encode_text_embeddings(model, seq, at)
+    return F.normalize(f.float(), dim=-1)
+
+
 def extract_opinions(
     lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig
 ) -> list[Opinion]:
@@ -176,19 +204,9 @@ def extract_opinions(
     opt = torch.optim.Adam([logits], lr=cfg.lr, fused=True)
 
     prefix_ids = v.encode(cfg.prefix) if cfg.prefix else []
-    P = len(prefix_ids)
-    eots = 2 if cfg.readout == "seed" else 1
-    readout = 1 + P + Kt + (eots - 1)  # first EOT, or the original's second
-    emb = model.token_embedding.weight
-    head = emb[torch.tensor([v.sot, *prefix_ids], device=dev)]  # [1+P, W]
-    tail = emb[torch.full((eots,), v.eot, device=dev)]  # [eots, W]
 
     def features(tok_emb: torch.Tensor) -> torch.Tensor:  # [B, C, K, W] -> unit [B, C, D]
-        seq = torch.cat([head.expand(B * C, -1, -1), tok_emb.reshape(B * C, Kt, -1).to(head.dtype),
-                         tail.expand(B * C, -1, -1)], dim=1)  # [B*C, n, W]
-        with torch.autocast(dev.type, enabled=dev.type == "cuda" and lm.dtype == torch.float32, dtype=torch.bfloat16):
-            f = encode_text_embeddings(model, seq, readout)
-        return F.normalize(f.float(), dim=-1).view(B, C, -1)
+        return learned_text_features(lm, tok_emb.reshape(B * C, Kt, -1), prefix_ids, cfg.readout).view(B, C, -1)
 
     to_ids = lambda idx: allowed[idx]  # noqa: E731  [.., K] positions in the allowed set -> token ids
     checkins: list[list[dict]] = [[] for _ in range(B)]

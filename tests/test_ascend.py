@@ -1,0 +1,98 @@
+import csv
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.images import to_tensor
+from pipeline.tokens import tokenize, vocab
+from pipeline.toytrain import held_out_single_objects
+from stages.ascend import AscentConfig, extract_opinions, learned_text_features, opinion_csv
+from stages.decode import DecodeConfig, decode_labels
+
+FAST = AscentConfig(iterations=12, candidates=4, bank_size=16, views=8, checkin_every=5)
+
+
+def _images(n, res=64):
+    return torch.stack([to_tensor(Image.fromarray(s.image), res) for s in held_out_single_objects(n)])
+
+
+def test_same_seed_same_words(tiny):
+    imgs = _images(1, tiny.input_resolution)
+    a = extract_opinions(tiny, imgs, [5], FAST)[0]
+    b = extract_opinions(tiny, imgs, [5], FAST)[0]
+    c = extract_opinions(tiny, imgs, [6], FAST)[0]
+    assert a.candidates == b.candidates and a.words == b.words
+    assert [x["ids"] for x in a.candidates] != [x["ids"] for x in c.candidates]
+
+
+def test_batch_composition_never_changes_a_result(toy):
+    imgs = _images(3)
+    together = extract_opinions(toy, imgs, [1, 2, 3], FAST)
+    alone = extract_opinions(toy, imgs[1:2], [2], FAST)[0]
+    assert alone.candidates == together[1].candidates and alone.words == together[1].words
+
+
+@pytest.mark.parametrize("prefix", ["", "a photo of"])
+def test_readout_feature_equals_stock_encode_text(toy, prefix):
+    v = vocab()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, v.size, (6, 5), generator=g)
+    ids[ids >= v.sot] = 320  # never SOT/EOT, as ascent guarantees
+    prefix_ids = v.encode(prefix) if prefix else []
+    ours = learned_text_features(toy, toy.model.token_embedding.weight[ids], prefix_ids, "eot")
+    full = torch.zeros(6, 77, dtype=torch.long)
+    for i, row in enumerate(ids.tolist()):
+        seq = [v.sot, *prefix_ids, *row, v.eot]
+        full[i, : len(seq)] = torch.tensor(seq)
+    with torch.no_grad():
+        stock = F.normalize(toy.model.encode_text(full), dim=-1)
+    assert torch.allclose(ours, stock, atol=1e-5)
+    seed_mode = learned_text_features(toy, toy.model.token_embedding.weight[ids], prefix_ids, "seed")
+    assert not torch.allclose(seed_mode, stock, atol=1e-3)  # the original's second-EOT read-out differs
+
+
+def test_block_list_is_respected(toy):
+    cfg = AscentConfig(iterations=30, candidates=8, bank_size=16, views=8, block_words=("circle", "red", "a"))
+    ops = extract_opinions(toy, _images(2), [1, 2], cfg)
+    for op in ops:
+        for c in op.candidates:
+            for t in c["ids"]:
+                piece = vocab().piece(t).removesuffix("</w>").lower()
+                assert "circle" not in piece and "red" not in piece and "a" not in piece
+
+
+def test_csv_has_the_original_columns(tiny):
+    op = extract_opinions(tiny, _images(1, tiny.input_resolution), [0], FAST)[0]
+    rows = list(csv.reader(io.StringIO(opinion_csv(op, 1000.0))))
+    assert rows[0] == ["Token", "Frequency", "Temperature", "Iteration"]
+    assert {int(r[3]) for r in rows[1:]} == {0, 5, 10, 11}
+    assert all(float(r[2]) == 1000.0 and int(r[1]) >= 1 for r in rows[1:])
+
+
+def test_word_statistics_are_consistent(tiny):
+    op = extract_opinions(tiny, _images(1, tiny.input_resolution), [0], FAST)[0]
+    for w, d in op.words.items():
+        assert 1 <= d["candidates"] <= FAST.candidates
+        assert d["frequency"] >= d["candidates"]
+        assert d["appearances"] >= d["frequency"]
+        assert d["first_iteration"] in {0, 5, 10, 11}
+
+
+def test_true_words_recovered_on_toy_scenes(toy):
+    scenes = held_out_single_objects(3)
+    imgs = torch.stack([to_tensor(Image.fromarray(s.image), 64) for s in scenes])
+    cfg = AscentConfig(iterations=100)
+    for scene, op in zip(scenes, extract_opinions(toy, imgs, [11, 12, 13], cfg)):
+        labels = {d["word"] for d in decode_labels(op.words, DecodeConfig())}
+        colour, shape = scene.objects[0].words
+        assert colour in labels and shape in labels, (scene.caption, sorted(labels))
+
+
+def test_decode_rule_and_block_list():
+    words = {"Circle": {"frequency": 2}, "circle": {"frequency": 2}, "red": {"frequency": 5}, "odd": {"frequency": 1}}
+    assert [d["word"] for d in decode_labels(words, DecodeConfig())] == ["red"]
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(lowercase=True))] == ["red", "circle"]
+    assert decode_labels(words, DecodeConfig(), ("RE",)) == []

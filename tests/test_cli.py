@@ -1,0 +1,109 @@
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.toyworld import write_scenes
+from runall import app
+
+FAST = ["--set", "ascend.iterations=6", "--set", "ascend.candidates=4", "--set", "ascend.bank_size=8",
+        "--set", "ascend.views=4", "--set", "decode.min_frequency=1"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    write_scenes(d, 0, 3)
+    (d / "truth.json").unlink()
+    return d
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [*args], catch_exceptions=False)
+
+
+def _manifest(run):
+    return [json.loads(x) for x in (run / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
+    out = tmp_path / "out"
+    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
+    assert r.exit_code == 0, r.output
+    run = out / "r"
+    for name in ["run.yaml", "manifest.jsonl", "images.jsonl", "run.log", "records.csv", "records.md",
+                 "longest_clip_word_records.txt", "report.html"]:
+        assert (run / name).is_file(), name
+    recs = _manifest(run)
+    ids = [json.loads(x)["id"] for x in (run / "images.jsonl").read_text().splitlines()]
+    for stage in ("ascend", "decode"):
+        assert sorted(x["image"] for x in recs if x["stage"] == stage) == sorted(ids)
+    for i in ids:
+        assert (run / "ascend" / f"{i}.json").is_file() and (run / "ascend" / f"{i}.csv").is_file()
+        lab = json.loads((run / "labels" / f"{i}.json").read_text())
+        assert set(lab) >= {"labels", "prompts"} and all({"word", "frequency", "score"} <= set(d) for d in lab["labels"])
+    header = (run / "records.csv").read_text().splitlines()[0].split(",")
+    assert {"word", "length", "pieces", "images", "score", "unusualness"} <= set(header)
+    assert all(x["status"] == "done" and "seconds" in x and "path" in x for x in recs)
+
+    n = len(recs)
+    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
+    assert r.exit_code == 0
+    new = _manifest(run)[n:]
+    assert {x["stage"] for x in new} == {"rank", "report"}  # per-image work was skipped
+
+    r = _run("decode", "--run", str(run), "--force", "--quiet")
+    assert r.exit_code == 0
+    assert sum(x["stage"] == "decode" for x in _manifest(run)) == 2 * len(ids)
+
+
+def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, images):
+    (images / "broken.png").write_bytes(b"not a png")
+    (images / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
+    assert r.exit_code == 1
+    recs = _manifest(out / "r")
+    failed = {x["path"].split("/")[-1]: x["error"] for x in recs if x["status"] == "failed"}
+    assert set(failed) == {"broken.png", "empty.jpg"}
+    assert "not an image" in failed["broken.png"] and "empty" in failed["empty.jpg"]
+    assert sum(x["status"] == "done" and x["stage"] == "decode" for x in recs) == 3
+    assert "broken.png" in (out / "r" / "report.html").read_text()
+
+
+def test_usage_errors_exit_2(tmp_path, images):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ascend:\n  nope: 1\n")
+    r = _run("--input", str(images), "--config", str(bad), "--output", str(tmp_path))
+    assert r.exit_code == 2 and "nope" in r.output
+    r = _run("--input", str(images), "--stages", "ascend,paint", "--output", str(tmp_path))
+    assert r.exit_code == 2 and "paint" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _run("--input", str(empty), "--output", str(tmp_path))
+    assert r.exit_code == 2 and "no images found" in r.output
+    r = _run("--input", str(tmp_path / "missing"), "--output", str(tmp_path))
+    assert r.exit_code == 2 and "input not found" in r.output
+
+
+def test_changed_config_refuses_to_mix_results(tmp_path, images):
+    out = tmp_path / "out"
+    args = ["--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet",
+            "--stages", "ascend", *FAST]
+    assert _run(*args).exit_code == 0
+    r = _run(*args, "--set", "seed=9")
+    assert r.exit_code == 2 and "seed" in r.output
+
+
+def test_models_and_toy_scenes_commands(tmp_path):
+    r = _run("models", "--cache", str(tmp_path))
+    assert r.exit_code == 0 and "ViT-B/16" in r.output and "toy" in r.output and "not cached" in r.output
+    r = _run("toy", "scenes", "--out", str(tmp_path / "s"), "--count", "2")
+    assert r.exit_code == 0 and len(list((tmp_path / "s").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("cmd", ["ascend", "decode", "rank", "report", "models", "toy"])
+def test_every_command_has_help(cmd):
+    r = _run(cmd, "--help")
+    assert r.exit_code == 0 and "Usage" in r.output

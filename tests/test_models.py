@@ -1,0 +1,92 @@
+import urllib.error
+
+import pytest
+import torch
+from clip.model import build_model
+
+from pipeline.models import ModelError, cached_file, load_model
+
+CPU = torch.device("cpu")
+
+
+def _outputs(model):
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, model.visual.input_resolution, model.visual.input_resolution, generator=g)
+    text = torch.zeros(2, 77, dtype=torch.long)
+    text[:, :3] = torch.tensor([49406, 320, 49407])
+    with torch.no_grad():
+        return model.encode_image(image), model.encode_text(text)
+
+
+def test_random_model_is_frozen_eval_and_seeded():
+    a = load_model("random:tiny", CPU, seed=1)
+    b = load_model("random:tiny", CPU, seed=1)
+    assert not a.model.training and not any(p.requires_grad for p in a.model.parameters())
+    assert a.dtype == torch.float32
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_random_resnet_builds():
+    lm = load_model("random:tiny-rn", CPU)
+    assert not lm.is_vit and lm.input_resolution == 64
+
+
+def test_state_dict_file_loads_with_architecture_from_weights(tmp_path, tiny):
+    path = tmp_path / "sd.pt"
+    torch.save(tiny.model.state_dict(), path)
+    lm = load_model(str(path), CPU)
+    assert lm.input_resolution == tiny.input_resolution
+    for x, y in zip(_outputs(lm.model), _outputs(tiny.model)):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_whole_pickled_model_loads(tmp_path, tiny):
+    path = tmp_path / "whole.pt"
+    torch.save(tiny.model, path)
+    lm = load_model(str(path), CPU)
+    assert torch.allclose(_outputs(lm.model)[0], _outputs(tiny.model)[0], atol=1e-5)
+
+
+def test_jit_archive_loads(tmp_path, tiny):
+    model = tiny.model
+    image, text = torch.rand(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)
+    text[0, :2] = torch.tensor([49406, 49407])
+    traced = torch.jit.trace(model, (image, text), check_trace=False)
+    path = tmp_path / "jit.pt"
+    traced.save(str(path))
+    lm = load_model(str(path), CPU)
+    assert torch.allclose(_outputs(lm.model)[0], _outputs(model)[0], atol=1e-5)
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(ModelError, match="unknown model 'no/such/file.pt'"):
+        load_model("no/such/file.pt", CPU)
+
+
+def test_not_a_clip_checkpoint(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ModelError, match="OpenAI's key layout"):
+        load_model(str(path), CPU)
+
+
+def test_offline_name_names_expected_file(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(ModelError) as e:
+        load_model("ViT-B/16", CPU, cache_dir=tmp_path)
+    msg = str(e.value)
+    expected = cached_file("ViT-B/16", tmp_path)
+    assert str(expected) in msg and "https://" in msg and "copy it to that path" in msg
+
+
+def test_toy_checkpoint_loads_with_stock_build_model():
+    from pipeline.models import TOY_CHECKPOINT
+
+    state = torch.load(TOY_CHECKPOINT, map_location="cpu", weights_only=True)
+    model = build_model(state)
+    assert model.visual.input_resolution == 64
+    assert TOY_CHECKPOINT.stat().st_size <= 25 * 2**20
+    assert all(v.dtype == torch.float16 for k, v in state.items() if v.is_floating_point())

@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.rundir import RunDir, atomic_path, atomic_write_text
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_killed_process_leaves_no_file_that_counts_as_done(tmp_path):
+    run = RunDir(tmp_path / "run")
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(__import__('pathlib').Path.cwd())!r})
+from pathlib import Path
+from pipeline.rundir import RunDir, atomic_path
+run = RunDir(Path({str(run.root)!r}))
+run.append_manifest([{{"image": "a", "stage": "ascend", "status": "done", "outputs": ["ascend/a.json"]}}])
+with atomic_path(run.file("ascend", "b.json")) as tmp:
+    tmp.write_text('{{"half": ')
+    with open(run.file("manifest.jsonl"), "a") as f:
+        f.write('{{"image": "b", "stage": "ascend", "sta')
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    (run.root / "ascend").mkdir(parents=True)
+    (run.root / "ascend" / "a.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -9
+    assert not run.file("ascend", "b.json").exists()
+    latest = run.latest()  # the torn line is skipped
+    assert set(latest) == {("a", "ascend")}
+    assert run.is_done(latest[("a", "ascend")])
+
+
+def test_done_requires_outputs_to_exist(tmp_path):
+    run = RunDir(tmp_path)
+    rec = {"image": "a", "stage": "ascend", "status": "done", "outputs": ["ascend/a.json"]}
+    assert not run.is_done(rec)
+    atomic_write_text(run.file("ascend", "a.json"), "{}")
+    assert run.is_done(rec)
+    assert not run.is_done({**rec, "status": "failed"})
+
+
+def test_latest_record_wins(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_manifest([{"image": "a", "stage": "s", "status": "failed", "error": "x", "outputs": []}])
+    run.append_manifest([{"image": "a", "stage": "s", "status": "done", "outputs": []}])
+    assert run.latest()[("a", "s")]["status"] == "done"
+    lines = run.file("manifest.jsonl").read_text().splitlines()
+    assert [json.loads(x)["status"] for x in lines] == ["failed", "done"]
