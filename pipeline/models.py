@@ -129,7 +129,7 @@ def load_model(
     dtype = torch.float32
     if device.type == "cuda":
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    model = model.to(device=device, dtype=dtype).eval()
+    model = _cast_like_openai(model.to(device), dtype).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, name=name, device=device, dtype=dtype)
 
@@ -177,6 +177,31 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if "token_embedding.weight" not in state or ("visual.proj" not in state and "visual.attnpool.c_proj.weight" not in state):
         raise ModelError(f"{path}: not a CLIP state dict in OpenAI's key layout (keys such as 'visual.proj' are missing)")
     return state
+
+
+def _cast_like_openai(model: CLIP, dtype: torch.dtype) -> CLIP:
+    """Half precision the way stock ``convert_weights`` does it: linear, conv, attention and projection
+    weights only. openai-clip's LayerNorm computes in fp32 and keeps fp32 weights."""
+    if dtype == torch.float32:
+        return model.float()
+
+    def cast(layer: torch.nn.Module) -> None:
+        if isinstance(layer, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            layer.weight.data = layer.weight.data.to(dtype)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(dtype)
+        if isinstance(layer, torch.nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+                tensor = getattr(layer, attr)
+                if tensor is not None:
+                    tensor.data = tensor.data.to(dtype)
+        for name in ("text_projection", "proj"):
+            attr = getattr(layer, name, None)
+            if isinstance(attr, torch.Tensor):
+                attr.data = attr.data.to(dtype)
+
+    model.apply(cast)
+    return model
 
 
 def _build(state: dict[str, torch.Tensor]) -> CLIP:

@@ -65,7 +65,8 @@ def clean_words(text: str) -> list[str]:
     return text.split()
 
 
-def allowed_token_ids(block_words: tuple[str, ...] = (), whole_words_only: bool = False) -> list[int]:
+@lru_cache(maxsize=8)
+def allowed_token_ids(block_words: tuple[str, ...] = (), whole_words_only: bool = False) -> tuple[int, ...]:
     """Token ids ascent may choose: never SOT/EOT, never a token containing a blocked word.
 
     Args:
@@ -85,4 +86,4 @@ def allowed_token_ids(block_words: tuple[str, ...] = (), whole_words_only: bool 
         if any(b in text for b in blocked):
             continue
         ids.append(i)
-    return ids
+    return tuple(ids)

@@ -90,3 +90,15 @@ def test_toy_checkpoint_loads_with_stock_build_model():
     assert model.visual.input_resolution == 64
     assert TOY_CHECKPOINT.stat().st_size <= 25 * 2**20
     assert all(v.dtype == torch.float16 for k, v in state.items() if v.is_floating_point())
+
+
+def test_half_precision_cast_keeps_layernorm_fp32_and_runs():
+    from pipeline.models import _cast_like_openai
+    from pipeline.textenc import encode_tokens
+    from pipeline.tokens import tokenize
+
+    model = _cast_like_openai(load_model("random:tiny", CPU).model, torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.ln_final.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert model.encode_image(torch.rand(1, 3, 32, 32).to(model.dtype)).shape == (1, 32)
+        assert encode_tokens(model, tokenize(["a red circle."], 77)).shape == (1, 32)

@@ -1,0 +1,65 @@
+"""Quality benchmark on held-out toy scenes; prints JSON. Not part of the default test run.
+
+    python tests/benchmarks/quality.py [--scenes 500] [--ascent 0] [--iterations 400]
+
+* zero-shot accuracy (36-way, colour, shape) on training-style and differently drawn scenes;
+* with ``--ascent N``: recall of the true colour and shape word among the decode labels
+  of N single-object scenes, with the original's ascent settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.images import to_tensor  # noqa: E402
+from pipeline.models import load_model, resolve_device  # noqa: E402
+from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
+from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
+from stages.decode import DecodeConfig, decode_labels  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--scenes", type=int, default=500)
+    ap.add_argument("--ascent", type=int, default=0, help="single-object scenes for the ascent recall (0 = skip)")
+    ap.add_argument("--iterations", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    lm = load_model("toy", dev)
+    out: dict = {"model": "toy", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    out["zero_shot"] = {style: zero_shot_accuracy(lm.model, held_out_single_objects(args.scenes, style), dev)
+                        for style in ("train", "alt")}
+    out["zero_shot"]["scenes"] = args.scenes
+    if args.ascent:
+        scenes = held_out_single_objects(args.ascent)
+        cfg = AscentConfig(iterations=args.iterations)
+        hits_c = hits_s = 0
+        t = time.time()
+        for start in range(0, len(scenes), args.batch):
+            chunk = scenes[start : start + args.batch]
+            imgs = torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in chunk])
+            ops = extract_opinions(lm, imgs, list(range(start, start + len(chunk))), cfg)
+            for s, op in zip(chunk, ops):
+                labels = {d["word"] for d in decode_labels(op.words, DecodeConfig())}
+                colour, shape = s.objects[0].words
+                hits_c += colour in labels
+                hits_s += shape in labels
+        out["ascent_recall"] = {"scenes": len(scenes), "iterations": args.iterations, "method": "gumbel",
+                                "colour": round(hits_c / len(scenes), 4), "shape": round(hits_s / len(scenes), 4),
+                                "seconds_per_image": round((time.time() - t) / len(scenes), 3)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
