@@ -23,6 +23,8 @@ MANIFEST = "manifest.jsonl"
 CONFIG = "run.yaml"
 IMAGES = "images.jsonl"
 LOG = "run.log"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -33,6 +35,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

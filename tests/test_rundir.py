@@ -58,3 +58,13 @@ def test_latest_record_wins(tmp_path):
     assert run.latest()[("a", "s")]["status"] == "done"
     lines = run.file("manifest.jsonl").read_text().splitlines()
     assert [json.loads(x)["status"] for x in lines] == ["failed", "done"]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
