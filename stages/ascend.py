@@ -20,6 +20,7 @@ image. What differs, and why:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
 from collections import Counter
@@ -111,8 +112,6 @@ class _GumbelStraightThrough(torch.autograd.Function):
 
 def image_seed(seed: int, image_id: str) -> int:
     """A per-image seed: the same image gets the same streams whatever it is batched with."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:7], "little")
 
 
@@ -315,10 +314,13 @@ class AscendStage:
             opinions = self._extract(ctx, lm, images, seeds, cfg)
             feats = encode_images(lm, images)
             per_image = (time.time() - t) / len(ok)
+            texts = [c["text"] for op in opinions for c in op.candidates]  # one stock encode_text pass per batch
+            owner = feats.repeat_interleave(torch.tensor([len(op.candidates) for op in opinions], device=feats.device), 0)
+            scores = iter(rescore_texts(lm, texts, owner).tolist())
+            for op in opinions:
+                for c in op.candidates:
+                    c["rescored"] = round(next(scores), 4)
             for b, (ref, op) in enumerate(zip(ok, opinions)):
-                scores = rescore_texts(lm, [c["text"] for c in op.candidates], feats[b : b + 1].expand(len(op.candidates), -1))
-                for c, s in zip(op.candidates, scores):
-                    c["rescored"] = round(float(s), 4)
                 doc = {"image": ref.id, "path": ref.path, "model": lm.name, "seed": seeds[b],
                        "seconds": round(per_image, 3), "settings": asdict(cfg), "candidates": op.candidates,
                        "words": op.words, "checkins": op.checkins}

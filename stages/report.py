@@ -29,7 +29,10 @@ class ReportConfig:
 def collect_report_data(ctx: RunContext) -> dict:
     """Everything the page shows, as plain data."""
     cfg: ReportConfig = ctx.config.report
-    latest = ctx.run.latest()
+    failed_by_image: dict[str, list[tuple[str, str]]] = {}
+    for (image, stage), rec in ctx.run.latest().items():
+        if image is not None and rec["status"] == "failed":
+            failed_by_image.setdefault(image, []).append((stage, rec["error"]))
     cards, failures = [], []
     for ref in ctx.run.load_images():
         card = {"id": ref.id, "rel": ref.rel, "src": os.path.relpath(os.path.abspath(ref.path), os.path.abspath(ctx.run.root)),
@@ -42,9 +45,8 @@ def collect_report_data(ctx: RunContext) -> dict:
             lab = json.loads(lab_path.read_text(encoding="utf-8"))
             card["labels"] = [[d["word"], d["frequency"], d.get("score")] for d in lab["labels"]]
             card["prompts"] = [[p["text"], p["score"]] for p in lab["prompts"]]
-        for (image, stage), rec in latest.items():
-            if image == ref.id and rec["status"] == "failed":
-                failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": rec["error"]})
+        for stage, error in failed_by_image.get(ref.id, []):
+            failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
         cards.append(card)
     records = []
     if ctx.run.file("records.csv").is_file():

@@ -41,6 +41,8 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
         assert sorted(x["image"] for x in recs if x["stage"] == stage) == sorted(ids)
     for i in ids:
         assert (run / "ascend" / f"{i}.json").is_file() and (run / "ascend" / f"{i}.csv").is_file()
+        cands = json.loads((run / "ascend" / f"{i}.json").read_text())["candidates"]
+        assert len(cands) == 4 and all(-1 <= c["rescored"] <= 1 and len(c["ids"]) == 5 for c in cands)
         lab = json.loads((run / "labels" / f"{i}.json").read_text())
         assert set(lab) >= {"labels", "prompts"} and all({"word", "frequency", "score"} <= set(d) for d in lab["labels"])
     header = (run / "records.csv").read_text().splitlines()[0].split(",")
