@@ -7,6 +7,7 @@ a page at a time, so the page stays usable at thousands of images.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import os
@@ -50,8 +51,6 @@ def collect_report_data(ctx: RunContext) -> dict:
         cards.append(card)
     records = []
     if ctx.run.file("records.csv").is_file():
-        import csv
-
         with open(ctx.run.file("records.csv"), encoding="utf-8") as f:
             records = list(csv.DictReader(f))[:50]
     seconds: dict[str, float] = {}
