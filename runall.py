@@ -100,12 +100,16 @@ def execute(cfg: RunConfig, run: RunDir, stage_names: list[str], force: bool, qu
     ctx.log.info("run %s: %d images, stages %s", run.root, len(refs), ",".join(stage_names))
     summaries: list[StageSummary] = []
     try:
+        for name in stage_names:  # fail before any work on what can be checked up front (e.g. a missing SAM checkpoint)
+            prepare = getattr(PER_IMAGE.get(name) or WHOLE_RUN.get(name), "prepare", None)
+            if prepare is not None:
+                prepare(ctx)
         for name in stage_names:
             if name in PER_IMAGE:
                 summaries.append(run_per_image(PER_IMAGE[name], ctx, refs, force))
             else:
                 summaries.append(run_whole(WHOLE_RUN[name], ctx))
-    except ModelError as err:
+    except (ModelError, ConfigError) as err:
         ctx.log.error("%s", err)
         _fail(str(err))
     _print_summary(summaries, run)

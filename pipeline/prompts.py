@@ -6,10 +6,17 @@ cached per (model, word), because the same words recur across thousands of image
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from pipeline.rundir import atomic_path
 from pipeline.tokens import tokenize
+
+log = logging.getLogger(__name__)
 
 TEMPLATES: tuple[str, ...] = (
     'a bad photo of a {}.',
@@ -125,3 +132,45 @@ def prompt_ensemble(model: torch.nn.Module, words: list[str], cache: dict | None
         for w, f in zip(todo, F.normalize(per_word, dim=-1)):
             cache[w] = f
     return torch.stack([cache[w] for w in words]) if words else torch.empty(0)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's text weights: runs with different weights never share cached features."""
+    h = hashlib.sha1()
+    for t in (model.token_embedding.weight[::97], model.positional_embedding, model.text_projection):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TextFeatureStore:
+    """Prompt-ensemble features per word for one model: in memory, and in shards on disk.
+
+    Each call that computes new words writes them as one new shard (atomically), so
+    a resumed run loads what an earlier run computed instead of encoding it again.
+    """
+
+    def __init__(self, model: torch.nn.Module, folder: Path | None = None):
+        self.model = model
+        self.folder = folder / model_fingerprint(model) if folder is not None else None
+        self.features: dict[str, torch.Tensor] = {}
+        self.loaded_from_disk = 0
+        if self.folder is not None and self.folder.is_dir():
+            device = model.positional_embedding.device
+            for shard in sorted(self.folder.glob("*.pt")):
+                try:
+                    part = torch.load(shard, map_location=device, weights_only=True)
+                except Exception as err:  # an unreadable shard is only a cache miss
+                    log.warning("ignoring unreadable text-feature cache %s: %s", shard, err)
+                    continue
+                self.features.update(part)
+                self.loaded_from_disk += len(part)
+
+    def __call__(self, words: list[str]) -> torch.Tensor:
+        """Unit features ``[T, D]`` of ``words`` (see ``prompt_ensemble``)."""
+        todo = [w for w in dict.fromkeys(words) if w not in self.features]
+        out = prompt_ensemble(self.model, words, self.features)
+        if todo and self.folder is not None:
+            name = hashlib.sha1("\0".join(todo).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+            with atomic_path(self.folder / f"{name}.pt") as tmp:
+                torch.save({w: self.features[w].cpu() for w in todo}, tmp)
+        return out

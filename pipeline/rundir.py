@@ -58,6 +58,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
+def read_json(path: Path) -> Any | None:
+    """The JSON in ``path``, or None when the file is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 class RunDir:
     """One run's folder under ``outputs/``."""
 

@@ -14,11 +14,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.images import ImageRef
 from pipeline.models import LoadedModel
+from pipeline.prompts import TextFeatureStore
 from pipeline.rundir import RunDir
 
 
@@ -67,7 +69,8 @@ class RunContext:
         self.quiet = quiet
         self._load = load
         self._model: LoadedModel | None = None
-        self.cache: dict[str, Any] = {}  # shared across stages in one process, e.g. prompt features
+        self._text: TextFeatureStore | None = None
+        self.cache: dict[str, Any] = {}  # shared across stages in one process
 
     @property
     def model(self) -> LoadedModel:
@@ -77,6 +80,34 @@ class RunContext:
             self.log.info("loaded model %s on %s (%s) in %.1fs", self._model.name, self._model.device,
                           self._model.dtype, time.time() - t)
         return self._model
+
+    @property
+    def text_features(self) -> TextFeatureStore:
+        """Prompt-ensemble features per word, shared by the stages and kept on disk in the run's ``cache/``."""
+        if self._text is None:
+            self._text = TextFeatureStore(self.model.model, self.run.file("cache", "text"))
+            if self._text.loaded_from_disk:
+                self.log.info("loaded %d cached text features", self._text.loaded_from_disk)
+        return self._text
+
+
+def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
+                 on_split: Callable[[int], None] | None = None) -> list:
+    """``fn(start, end)`` over a batch's index range; on CUDA out-of-memory, halve the range and retry.
+
+    ``fn`` returns one result per index. ``on_split`` is told the smaller size, so a
+    stage can use it for later batches. A single item that does not fit re-raises.
+    """
+    try:
+        return fn(start, end)
+    except torch.OutOfMemoryError:
+        if end - start <= 1:
+            raise
+        torch.cuda.empty_cache()
+        mid = (start + end) // 2
+        if on_split is not None:
+            on_split(mid - start)
+        return split_on_oom(fn, start, mid, on_split) + split_on_oom(fn, mid, end, on_split)
 
 
 def _progress(ctx: RunContext) -> Progress:

@@ -1,7 +1,6 @@
 """The pipeline's stages, in run order, and the run config that holds each stage's section.
 
-Per-image stages: ascend -> decode. Whole-run stages: rank -> report.
-The surgery stage (heatmaps) is not part of this version yet.
+Per-image stages: ascend -> decode -> surgery. Whole-run stages: rank -> report.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from stages.ascend import AscendStage, AscentConfig
 from stages.decode import DecodeConfig, DecodeStage
 from stages.rank import RankConfig, RankStage
 from stages.report import ReportConfig, ReportStage
+from stages.surgery import SurgeryConfig, SurgeryStage
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     ascend: AscentConfig = field(default_factory=AscentConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -43,6 +44,6 @@ class RunConfig:
         require(self.max_side >= 32, f"max_side must be >= 32, got {self.max_side}")
 
 
-PER_IMAGE = {"ascend": AscendStage(), "decode": DecodeStage()}
+PER_IMAGE = {"ascend": AscendStage(), "decode": DecodeStage(), "surgery": SurgeryStage()}
 WHOLE_RUN = {"rank": RankStage(), "report": ReportStage()}
 STAGE_ORDER: tuple[str, ...] = (*PER_IMAGE, *WHOLE_RUN)

@@ -35,7 +35,7 @@ from pipeline.config import require
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.models import LoadedModel
 from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.runner import ItemResult, RunContext
+from pipeline.runner import ItemResult, RunContext, split_on_oom
 from pipeline.textenc import encode_text_embeddings
 from pipeline.tokens import allowed_token_ids, clean_words, tokenize, vocab
 
@@ -332,13 +332,8 @@ class AscendStage:
 
     def _extract(self, ctx, lm, images, seeds, cfg) -> list[Opinion]:
         """Run the core; on CUDA out-of-memory halve the batch and retry (results do not depend on batching)."""
-        try:
-            return extract_opinions(lm, images, seeds, cfg)
-        except torch.OutOfMemoryError:
-            if images.shape[0] == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = images.shape[0] // 2
-            ctx.cache["ascend_batch"] = half
-            ctx.log.warning("ascend: CUDA out of memory with %d images; retrying as %d", images.shape[0], half)
-            return self._extract(ctx, lm, images[:half], seeds[:half], cfg) + self._extract(ctx, lm, images[half:], seeds[half:], cfg)
+        def shrink(size: int) -> None:
+            ctx.cache["ascend_batch"] = size
+            ctx.log.warning("ascend: CUDA out of memory; retrying with batches of %d", size)
+
+        return split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg), 0, len(seeds), shrink)

@@ -7,15 +7,13 @@ stock CLIP: the cosine between its 85-template prompt-ensemble feature and the i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.config import require
 from pipeline.images import ImageRef
-from pipeline.prompts import prompt_ensemble
-from pipeline.rundir import atomic_write_json
+from pipeline.rundir import atomic_write_json, read_json
 from pipeline.runner import ItemResult, RunContext
 from stages.ascend import encode_images, load_batch
 
@@ -69,13 +67,20 @@ class DecodeStage:
         results = {i: ItemResult(error=e) for i, e in failed.items()}
         if ok:
             feats = encode_images(lm, images)
-            cache = ctx.cache.setdefault("prompt_features", {})
-            for b, ref in enumerate(ok):
-                opinion = json.loads(ctx.run.file("ascend", f"{ref.id}.json").read_text(encoding="utf-8"))
-                labels = decode_labels(opinion["words"], cfg, ctx.config.ascend.block_words)
+            opinions = [read_json(ctx.run.file("ascend", f"{r.id}.json")) for r in ok]
+            for ref, op in zip(ok, opinions):
+                if op is None:
+                    results[ref.id] = ItemResult(error=f"{ref.rel}: ascend/{ref.id}.json is unreadable; rerun ascend with --force")
+            keep = [b for b, op in enumerate(opinions) if op is not None]
+            ok, feats, opinions = [ok[b] for b in keep], feats[keep], [opinions[b] for b in keep]
+            labels_of = [decode_labels(op["words"], cfg, ctx.config.ascend.block_words) for op in opinions]
+            vocab = list(dict.fromkeys(d["word"] for labels in labels_of for d in labels))
+            text = ctx.text_features(vocab)  # one pass for the batch's new words
+            index = {w: i for i, w in enumerate(vocab)}
+            for b, (ref, opinion, labels) in enumerate(zip(ok, opinions, labels_of)):
                 if labels:
-                    text = prompt_ensemble(lm.model, [d["word"] for d in labels], cache)
-                    scores = (text @ feats[b].to(text.device)).cpu()
+                    rows = torch.tensor([index[d["word"]] for d in labels], device=text.device)
+                    scores = (text[rows] @ feats[b].to(text.device)).cpu()
                     for d, s in zip(labels, scores):
                         d["score"] = round(float(s), 4)
                 labels.sort(key=lambda d: -d["score"])

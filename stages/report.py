@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from pipeline.config import require, to_dict
-from pipeline.rundir import atomic_write_text
+from pipeline.rundir import atomic_write_text, read_json
 from pipeline.runner import RunContext
 
 
@@ -22,6 +22,7 @@ from pipeline.runner import RunContext
 class ReportConfig:
     page_size: int = 60  # cards per page
     words_per_card: int = 24  # opinion chips shown per card
+    maps_per_card: int = 8  # label heatmaps shown per card (the contact sheet has them all)
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, f"report.page_size must be >= 1, got {self.page_size}")
@@ -35,9 +36,10 @@ def collect_report_data(ctx: RunContext) -> dict:
         if image is not None and rec["status"] == "failed":
             failed_by_image.setdefault(image, []).append((stage, rec["error"]))
     cards, failures = [], []
+    methods: set[str] = set()
     for ref in ctx.run.load_images():
         card = {"id": ref.id, "rel": ref.rel, "src": os.path.relpath(os.path.abspath(ref.path), os.path.abspath(ctx.run.root)),
-                "words": [], "labels": [], "prompts": []}
+                "words": [], "labels": [], "prompts": [], "maps": [], "sheet": None}
         op_path, lab_path = ctx.run.file("ascend", f"{ref.id}.json"), ctx.run.file("labels", f"{ref.id}.json")
         if op_path.is_file():
             words = json.loads(op_path.read_text(encoding="utf-8"))["words"]
@@ -46,6 +48,11 @@ def collect_report_data(ctx: RunContext) -> dict:
             lab = json.loads(lab_path.read_text(encoding="utf-8"))
             card["labels"] = [[d["word"], d["frequency"], d.get("score")] for d in lab["labels"]]
             card["prompts"] = [[p["text"], p["score"]] for p in lab["prompts"]]
+        surgery = read_json(ctx.run.file("surgery", f"{ref.id}.json"))
+        if surgery:
+            card["maps"] = [[d["word"], d["overlays"], d.get("mask")] for d in surgery["labels"][: cfg.maps_per_card]]
+            card["sheet"] = surgery.get("sheet")
+            methods.update(surgery["methods"])
         for stage, error in failed_by_image.get(ref.id, []):
             failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
         cards.append(card)
@@ -59,7 +66,7 @@ def collect_report_data(ctx: RunContext) -> dict:
             seconds[rec["stage"]] = seconds.get(rec["stage"], 0.0) + float(rec.get("seconds") or 0)
     return {"run": ctx.run.root.name, "model": ctx.config.model, "config": to_dict(ctx.config), "cards": cards,
             "failures": failures, "records": records, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "page_size": cfg.page_size}
+            "page_size": cfg.page_size, "methods": [m for m in ("surgery", "raw", "single") if m in methods]}
 
 
 def render_report(data: dict) -> str:
@@ -92,6 +99,8 @@ padding:1px 8px;margin:2px;cursor:pointer}.chip:hover{background:#fde68a}
 table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #e7e5e4;text-align:left;vertical-align:top}
 details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pre{white-space:pre-wrap;font-size:12px}
 .fail{color:#b91c1c}.muted{color:#78716c}button{padding:4px 10px}
+.maps{display:grid;grid-template-columns:repeat(4,1fr);gap:4px;margin-top:6px}.maps figure{margin:0;font-size:11px;text-align:center}
+.maps img{width:100%;height:auto;max-height:none;border-radius:3px}.toggle button.on{background:#1c1917;color:#fff}
 </style></head><body>
 <header><h1>clipsight report: __TITLE__</h1><div id="summary" class="muted"></div></header>
 <main>
@@ -99,7 +108,7 @@ details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pr
 <details><summary>Leaderboard: CLIP's most unusual words</summary><table id="records"></table></details>
 <details><summary>Run config</summary><pre id="config"></pre></details>
 <div class="bar"><input id="filter" type="search" placeholder="filter by word…" aria-label="filter by word">
-<span id="count" class="muted"></span><button id="prev">&larr;</button><span id="page"></span><button id="next">&rarr;</button></div>
+<span id="toggle" class="toggle"></span><span id="count" class="muted"></span><button id="prev">&larr;</button><span id="page"></span><button id="next">&rarr;</button></div>
 <div id="cards" class="grid"></div>
 </main>
 <script id="data" type="application/json">__DATA__</script>
@@ -107,7 +116,12 @@ details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pr
 const D = JSON.parse(document.getElementById('data').textContent);
 const $ = id => document.getElementById(id);
 const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
-let page = 0, shown = D.cards;
+let page = 0, shown = D.cards, method = D.methods[0] || null;
+const names = {surgery: 'surgery', raw: 'raw CLIP', single: 'single-text surgery'};
+function toggle() {
+  $('toggle').innerHTML = D.methods.length ? 'heatmaps: ' + D.methods.map(m =>
+    `<button data-method="${m}" class="${m === method ? 'on' : ''}">${names[m]}</button>`).join('') : '';
+}
 $('summary').textContent = `${D.cards.length} images · model ${D.model} · ` +
   Object.entries(D.seconds).map(([k, v]) => `${k} ${v}s`).join(' · ');
 $('failures-title').textContent = `${D.failures.length} failures`;
@@ -123,9 +137,14 @@ function card(c) {
   const chips = c.words.map(([w, n]) => `<span class="chip" data-word="${esc(w)}" title="${n}" style="font-size:${11 + 9 * n / max}px">${esc(w)}</span>`).join('');
   const labels = c.labels.map(([w, n, s]) => `<tr><td>${esc(w)}</td><td>${n}</td><td>${s === null ? '' : s.toFixed(3)}</td></tr>`).join('');
   const prompts = c.prompts.map(([t, s]) => `<li>${esc(t)} <span class="muted">${s === null ? '' : s.toFixed(3)}</span></li>`).join('');
+  const maps = method ? c.maps.filter(([w, o]) => o[method]).map(([w, o, mask]) =>
+    `<figure><img loading="lazy" class="map" data-method="${method}" src="${esc(o[method])}" alt="${esc(w)}"><figcaption>${esc(w)}` +
+    (mask ? ` <a href="${esc(mask)}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
   return `<div class="card" id="${esc(c.id)}"><img loading="lazy" src="${esc(c.src)}" alt="${esc(c.rel)}"><h3>${esc(c.rel)}</h3>` +
     `<div>${chips || '<span class="muted">no opinion</span>'}</div>` +
     (labels ? `<table><tr><th>label</th><th>count</th><th>score</th></tr>${labels}</table>` : '') +
+    (maps ? `<div class="maps">${maps}</div>` : '') +
+    (c.sheet ? `<a href="${esc(c.sheet)}">all heatmaps</a>` : '') +
     (prompts ? `<details><summary>best prompts</summary><ol>${prompts}</ol></details>` : '') + '</div>';
 }
 function render() {
@@ -145,9 +164,11 @@ $('filter').addEventListener('input', e => filter(e.target.value));
 $('prev').onclick = () => { page = Math.max(0, page - 1); render(); };
 $('next').onclick = () => { page += 1; render(); };
 document.addEventListener('click', e => {
+  const m = e.target.dataset && e.target.dataset.method;
+  if (m && e.target.tagName === 'BUTTON') { method = m; toggle(); render(); return; }
   const w = e.target.dataset && e.target.dataset.word;
   if (w) { e.preventDefault(); $('filter').value = w; filter(w); }
 });
-render();
+toggle(); render();
 </script></body></html>
 """

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -8,7 +9,7 @@ from pipeline.toyworld import write_scenes
 from runall import app
 
 FAST = ["--set", "ascend.iterations=6", "--set", "ascend.candidates=4", "--set", "ascend.bank_size=8",
-        "--set", "ascend.views=4", "--set", "decode.min_frequency=1"]
+        "--set", "ascend.views=4", "--set", "decode.min_frequency=1", "--set", "surgery.single_resolution=64"]
 
 
 @pytest.fixture
@@ -37,14 +38,18 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
         assert (run / name).is_file(), name
     recs = _manifest(run)
     ids = [json.loads(x)["id"] for x in (run / "images.jsonl").read_text().splitlines()]
-    for stage in ("ascend", "decode"):
+    for stage in ("ascend", "decode", "surgery"):
         assert sorted(x["image"] for x in recs if x["stage"] == stage) == sorted(ids)
+    mapped = 0
     for i in ids:
         assert (run / "ascend" / f"{i}.json").is_file() and (run / "ascend" / f"{i}.csv").is_file()
         cands = json.loads((run / "ascend" / f"{i}.json").read_text())["candidates"]
         assert len(cands) == 4 and all(-1 <= c["rescored"] <= 1 and len(c["ids"]) == 5 for c in cands)
         lab = json.loads((run / "labels" / f"{i}.json").read_text())
         assert set(lab) >= {"labels", "prompts"} and all({"word", "frequency", "score"} <= set(d) for d in lab["labels"])
+        _check_surgery_outputs(run, i, [d["word"] for d in lab["labels"]])
+        mapped += len(lab["labels"])
+    assert mapped > 0  # the surgery checks above saw real labels
     header = (run / "records.csv").read_text().splitlines()[0].split(",")
     assert {"word", "length", "pieces", "images", "score", "unusualness"} <= set(header)
     assert all(x["status"] == "done" and "seconds" in x and "path" in x for x in recs)
@@ -58,6 +63,26 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
     r = _run("decode", "--run", str(run), "--force", "--quiet")
     assert r.exit_code == 0
     assert sum(x["stage"] == "decode" for x in _manifest(run)) == 2 * len(ids)
+
+
+def _check_surgery_outputs(run, image_id, words):
+    meta = json.loads((run / "surgery" / f"{image_id}.json").read_text())
+    assert [d["word"] for d in meta["labels"]] == words
+    with np.load(run / "surgery" / f"{image_id}.npz") as npz:
+        assert set(npz.files) == {"image_size"} | {f"{m}/{w}" for m in ("raw", "surgery", "single") for w in words}
+        assert tuple(npz["image_size"]) == (64, 64)
+        for w in words:
+            assert npz[f"raw/{w}"].shape == (4, 4) and npz[f"single/{w}"].shape == (8, 8)  # grid resolution
+            assert npz[f"raw/{w}"].dtype == np.float16 and 0 <= npz[f"raw/{w}"].min() <= npz[f"raw/{w}"].max() <= 1
+    for d in meta["labels"]:
+        assert set(d["overlays"]) == {"raw", "surgery", "single"}
+        for rel in d["overlays"].values():
+            path = run / rel
+            assert path.is_file() and path.parent == run / "surgery" / image_id
+            assert path.name == f"{image_id}__{d['slug']}__{rel.rsplit('__', 1)[1]}"
+            assert Image.open(path).size == (64, 64)
+        assert len(d["points"]) == len(d["point_labels"]) and len(d["points"]) % 2 == 0
+    assert (run / meta["sheet"]).is_file()
 
 
 def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, images):
@@ -105,7 +130,7 @@ def test_models_and_toy_scenes_commands(tmp_path):
     assert r.exit_code == 0 and len(list((tmp_path / "s").glob("*.png"))) == 2
 
 
-@pytest.mark.parametrize("cmd", ["ascend", "decode", "rank", "report", "models", "toy"])
+@pytest.mark.parametrize("cmd", ["ascend", "decode", "surgery", "rank", "report", "models", "toy"])
 def test_every_command_has_help(cmd):
     r = _run(cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output

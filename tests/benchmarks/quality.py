@@ -1,10 +1,14 @@
 """Quality benchmark on held-out toy scenes; prints JSON. Not part of the default test run.
 
-    python tests/benchmarks/quality.py [--scenes 500] [--ascent 0] [--iterations 400]
+    python tests/benchmarks/quality.py [--scenes 500] [--ascent 0] [--iterations 400] [--localization 200]
 
 * zero-shot accuracy (36-way, colour, shape) on training-style and differently drawn scenes;
 * with ``--ascent N``: recall of the true colour and shape word among the decode labels
-  of N single-object scenes, with the original's ascent settings.
+  of N single-object scenes, with the original's ascent settings;
+* with ``--localization N``: pointing game, score contrast and mIoU of each heatmap method
+  (raw CLIP, surgery over the scene's labels, single-text surgery) on N held-out
+  two-object scenes, for each object's shape word and colour word, with the scene's
+  shape words (or all its words) as the label set.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from PIL import Image  # noqa: E402
 
 from pipeline.images import to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
+from pipeline.toyeval import evaluate_localization, held_out_scenes  # noqa: E402
 from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 from stages.decode import DecodeConfig, decode_labels  # noqa: E402
+from stages.surgery import SurgeryConfig  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +39,9 @@ def main() -> None:
     ap.add_argument("--ascent", type=int, default=0, help="single-object scenes for the ascent recall (0 = skip)")
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--localization", type=int, default=0, help="two-object scenes for the heatmap measures (0 = skip)")
+    ap.add_argument("--depth", type=int, nargs="+", default=[2], help="surgery depths to compare")
+    ap.add_argument("--single-resolution", type=int, default=64)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     dev = resolve_device(args.device)
@@ -58,6 +67,19 @@ def main() -> None:
         out["ascent_recall"] = {"scenes": len(scenes), "iterations": args.iterations, "method": "gumbel",
                                 "colour": round(hits_c / len(scenes), 4), "shape": round(hits_s / len(scenes), 4),
                                 "seconds_per_image": round((time.time() - t) / len(scenes), 3)}
+    if args.localization:
+        scenes = held_out_scenes(args.localization, objects=2)
+        rows = []
+        for depth in args.depth:
+            cfg = SurgeryConfig(surgery_depth=depth, single_resolution=args.single_resolution)
+            for texts in ("shapes", "words"):
+                for word in ("shape", "colour"):
+                    if texts == "shapes" and word == "colour":
+                        continue
+                    rows.append({"surgery_depth": depth, "single_resolution": args.single_resolution, "labels": texts,
+                                 "map_of": word, **evaluate_localization(lm, scenes, cfg, word=word, texts=texts)})
+        out["localization"] = {"scenes": len(scenes), "objects_per_scene": 2, "target": "surgery pointing >= 0.85 "
+                               "for shape words", "results": rows}
     print(json.dumps(out, indent=1))
 
 

@@ -1,0 +1,314 @@
+"""surgery: where in the image each label lives, as heatmaps, point prompts and optional SAM masks.
+
+For every label of an image (from ``labels/<id>.json``) three maps, in the
+original's order:
+
+* ``raw``: stock CLIP's tokens against the label's prompt-ensemble feature;
+* ``surgery``: CLIP Surgery tokens with feature surgery over all of the image's
+  labels (an image with a single label uses the single-text form instead, because
+  feature surgery over one text is zero everywhere);
+* ``single``: CLIP Surgery tokens at ``single_resolution`` with the empty string's
+  feature as the redundant feature, one label at a time.
+
+Points for SAM come from each label's map by the original's rule. The model is
+loaded once per run, and SAM too when ``sam.checkpoint`` is set. See
+``pipeline/surgery.py`` for the method and its paper.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.config import ConfigError, require
+from pipeline.heatmaps import contact_sheet, fit_side, label_slug, map_to_points, overlay_heatmap, upsample_map
+from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
+from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.runner import ItemResult, RunContext, split_on_oom
+from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map
+
+METHODS: tuple[str, ...] = ("raw", "surgery", "single")
+SAM_TYPES = ("vit_h", "vit_l", "vit_b")
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    checkpoint: str | None = None  # a SAM checkpoint file; unset = no masks
+    model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"  # must match the checkpoint
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    """Settings of the surgery stage (defaults are the original's)."""
+
+    surgery_depth: int = 6  # last ViT blocks that run the dual path; more than the model has = all
+    methods: tuple[str, ...] = METHODS
+    single_resolution: int = 512  # input side for the single-text maps
+    max_labels: int = 0  # highest-scoring labels mapped per image; 0 = all
+    points_from: Literal["single", "surgery", "raw"] = "single"  # the map that gives SAM its points
+    point_threshold: float = 0.8
+    point_downsample: int = 2
+    overlays: bool = True  # one PNG per label and method
+    contact_sheet: bool = True  # one PNG per image with every label's maps
+    overlay_max_side: int = 512  # overlays are drawn on the image scaled to this side
+    batch_size: int = 0  # images per forward; 0 = 32 on CUDA, 8 on CPU
+    sam: SamConfig = field(default_factory=SamConfig)
+
+    def __post_init__(self) -> None:
+        require(self.surgery_depth >= 0, f"surgery.surgery_depth must be >= 0, got {self.surgery_depth}")
+        bad = [m for m in self.methods if m not in METHODS]
+        require(not bad and len(self.methods) > 0,
+                f"surgery.methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
+        require(self.single_resolution >= 32, f"surgery.single_resolution must be >= 32, got {self.single_resolution}")
+        require(self.max_labels >= 0, f"surgery.max_labels must be >= 0, got {self.max_labels}")
+        require(0 < self.point_threshold <= 1, f"surgery.point_threshold must be in (0, 1], got {self.point_threshold}")
+        require(self.point_downsample >= 1, f"surgery.point_downsample must be >= 1, got {self.point_downsample}")
+        require(self.overlay_max_side >= 16, f"surgery.overlay_max_side must be >= 16, got {self.overlay_max_side}")
+        require(self.batch_size >= 0, f"surgery.batch_size must be >= 0, got {self.batch_size}")
+
+
+@dataclass
+class HeatmapResult:
+    """One image's maps: ``maps[method]`` is ``[T, gh, gw]`` in [0, 1], one row per word."""
+
+    words: list[str]
+    maps: dict[str, np.ndarray]
+    points: list[tuple[list[list[int]], list[int]]]  # per word: [x, y] points and labels (1 positive, 0 negative)
+
+
+def _cosine(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``[B, N, D] x [T, D] -> [B, N, T]`` plain cosine, as the raw CLIP maps use."""
+    return F.normalize(tokens.float(), dim=-1) @ text.T
+
+
+@torch.inference_mode()
+def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images: torch.Tensor | None,
+                     words: list[list[str]], vocab: list[str], text: torch.Tensor, empty: torch.Tensor,
+                     image_sizes: list[tuple[int, int]], cfg: SurgeryConfig) -> list[HeatmapResult]:
+    """Every label's maps for a batch of images, and the points for SAM.
+
+    Args:
+        model: a stock openai-clip ``CLIP``.
+        images: CLIP-normalised images at the model's resolution.
+        single_images: the same images at ``cfg.single_resolution`` (needed for the ``single`` method).
+        words: each image's labels; every one must be in ``vocab``.
+        vocab: the words ``text`` holds, in order.
+        text: unit prompt-ensemble features of ``vocab``.
+        empty: the unit prompt-ensemble feature of ``""`` (the redundant feature).
+        image_sizes: ``(H, W)`` of each image, for the points.
+        cfg: the stage's settings.
+
+    Shape:
+        - images: :math:`(B, 3, R, R)`; single_images: :math:`(B, 3, S, S)`; text: :math:`(V, D)`.
+    """
+    index = {w: i for i, w in enumerate(vocab)}
+    text = text.float()
+    empty = empty.float()
+    sims: dict[str, list[torch.Tensor]] = {m: [] for m in cfg.methods}  # per image, [1, N, T]
+    base = encode_image_tokens(model, images, cfg.surgery_depth) if {"raw", "surgery"} & set(cfg.methods) else None
+    if "raw" in cfg.methods:
+        raw_all = _cosine(base.raw, text)  # [B, N, V]: one product for the whole batch
+    if "single" in cfg.methods:
+        single = encode_image_tokens(model, single_images, cfg.surgery_depth)
+        single_all = feature_surgery(single.surgery, text, redundant=empty)  # [B, N, V]; columns are independent
+    for b, image_words in enumerate(words):
+        rows = torch.tensor([index[w] for w in image_words], dtype=torch.long, device=text.device)
+        if "raw" in cfg.methods:
+            sims["raw"].append(raw_all[b : b + 1, :, rows])
+        if "surgery" in cfg.methods:
+            multi = len(image_words) >= 2
+            sims["surgery"].append(feature_surgery(base.surgery[b : b + 1], text[rows], None if multi else empty))
+        if "single" in cfg.methods:
+            sims["single"].append(single_all[b : b + 1, :, rows])
+    grids = {"raw": base.grid if base else None, "surgery": base.grid if base else None,
+             "single": single.grid if "single" in cfg.methods else None}
+    results = []
+    for b, image_words in enumerate(words):
+        maps = {}
+        for m in cfg.methods:
+            grid = grids[m]
+            if image_words:
+                maps[m] = similarity_map(sims[m][b], grid, grid)[0].permute(2, 0, 1).cpu().numpy()  # [T, gh, gw]
+            else:
+                maps[m] = np.zeros((0, *grid), dtype=np.float32)
+        source = cfg.points_from if cfg.points_from in maps else cfg.methods[0]
+        points = [map_to_points(torch.from_numpy(maps[source][t]), image_sizes[b], cfg.point_threshold, cfg.point_downsample)
+                  for t in range(len(image_words))]
+        results.append(HeatmapResult(words=list(image_words), maps=maps, points=points))
+    return results
+
+
+def load_sam(cfg: SamConfig, device: torch.device) -> Any:
+    """A ``SamPredictor`` for the configured checkpoint; a ``ConfigError`` that says what to do otherwise."""
+    try:
+        from segment_anything import SamPredictor, sam_model_registry
+    except ImportError:
+        raise ConfigError("surgery.sam.checkpoint is set, but segment-anything is not installed. "
+                          "Install the extra with: pip install -e '.[sam]'") from None
+    path = Path(cfg.checkpoint or "").expanduser()
+    if not path.is_file():
+        raise ConfigError(f"surgery.sam.checkpoint: no file at {path}. Download the {cfg.model_type} checkpoint "
+                          "listed at https://github.com/facebookresearch/segment-anything#model-checkpoints "
+                          "and set surgery.sam.checkpoint to its path.")
+    try:
+        sam = sam_model_registry[cfg.model_type](checkpoint=str(path))
+    except Exception as err:
+        raise ConfigError(f"surgery.sam.checkpoint: {path} did not load as SAM {cfg.model_type} "
+                          f"(is surgery.sam.model_type right? one of {', '.join(SAM_TYPES)}): {err}") from None
+    return SamPredictor(sam.to(device).eval())
+
+
+def sam_masks(predictor: Any, image: np.ndarray, points: list[tuple[list[list[int]], list[int]]]) -> list[np.ndarray | None]:
+    """SAM's best mask (by its own score) for each point set; ``None`` where a label has no points.
+
+    Shape:
+        - image: :math:`(H, W, 3)` RGB uint8. Output masks: :math:`(H, W)` bool.
+    """
+    if not any(p for p, _ in points):
+        return [None] * len(points)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        out = []
+        for pts, labels in points:
+            if not pts:
+                out.append(None)
+                continue
+            masks, scores, _ = predictor.predict(point_coords=np.asarray(pts, dtype=np.float32),
+                                                 point_labels=np.asarray(labels), multimask_output=True)
+            out.append(np.asarray(masks[int(np.argmax(scores))], dtype=bool))
+    return out
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+class SurgeryStage:
+    """Reads ``labels/<id>.json``; writes ``surgery/<id>.npz``, ``.json``, ``__sheet.png`` and ``surgery/<id>/`` overlays."""
+
+    name = "surgery"
+    needs = ("decode",)
+
+    def prepare(self, ctx: RunContext) -> None:
+        """Before any work: load SAM once if configured, or fail with a clear error."""
+        cfg: SurgeryConfig = ctx.config.surgery
+        if cfg.sam.checkpoint and "sam" not in ctx.cache:
+            ctx.cache["sam"] = load_sam(cfg.sam, ctx.model.device)
+            ctx.log.info("loaded SAM %s from %s", cfg.sam.model_type, cfg.sam.checkpoint)
+
+    def batch_size(self, ctx: RunContext) -> int:
+        cfg: SurgeryConfig = ctx.config.surgery
+        if cfg.batch_size:
+            return cfg.batch_size
+        return ctx.cache.get("surgery_batch") or (32 if ctx.model.device.type == "cuda" else 8)
+
+    def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
+        cfg: SurgeryConfig = ctx.config.surgery
+        lm = ctx.model
+        results: dict[str, ItemResult] = {}
+        ok, pictures, words = [], [], []
+        for ref in refs:
+            labels = read_json(ctx.run.file("labels", f"{ref.id}.json"))
+            if labels is None:
+                results[ref.id] = ItemResult(error=f"{ref.rel}: labels/{ref.id}.json is unreadable; rerun decode with --force")
+                continue
+            try:
+                pictures.append(load_image(ref.path, max_side=ctx.config.max_side))
+            except ImageError as err:
+                results[ref.id] = ItemResult(error=f"{ref.rel}: {err}")
+                continue
+            ranked = sorted(labels["labels"], key=lambda d: d.get("rank", 0))
+            words.append([d["word"] for d in ranked][: cfg.max_labels or None])
+            ok.append(ref)
+        if ok:
+            vocab = list(dict.fromkeys(w for ws in words for w in ws))
+            text = ctx.text_features(vocab)  # one pass for the batch's new words
+            empty = ctx.text_features([""])[0]
+
+            def run(a: int, b: int) -> list[HeatmapResult]:
+                base = self._tensors(lm, pictures[a:b], lm.input_resolution)
+                single = self._tensors(lm, pictures[a:b], cfg.single_resolution) if "single" in cfg.methods else None
+                sizes = [(p.height, p.width) for p in pictures[a:b]]
+                return compute_heatmaps(lm.model, base, single, words[a:b], vocab, text, empty, sizes, cfg)
+
+            def shrink(size: int) -> None:
+                ctx.cache["surgery_batch"] = size
+                ctx.log.warning("surgery: CUDA out of memory; retrying with batches of %d", size)
+
+            heatmaps = split_on_oom(run, 0, len(ok), shrink)
+            for ref, picture, hm in zip(ok, pictures, heatmaps):
+                try:
+                    results[ref.id] = ItemResult(outputs=self._write(ctx, ref, np.asarray(picture), hm))
+                except OSError as err:
+                    results[ref.id] = ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
+        return [results[r.id] for r in refs]
+
+    @staticmethod
+    def _tensors(lm, pictures: list[Image.Image], resolution: int) -> torch.Tensor:
+        batch = torch.stack([to_tensor(p, resolution) for p in pictures])
+        return normalize(batch.to(lm.device)).to(lm.dtype)
+
+    def _write(self, ctx: RunContext, ref: ImageRef, image: np.ndarray, hm: HeatmapResult) -> list[str]:
+        cfg: SurgeryConfig = ctx.config.surgery
+        run = ctx.run
+        folder = run.file("surgery", ref.id)
+        display = fit_side(image, cfg.overlay_max_side)
+        masks = sam_masks(ctx.cache["sam"], image, hm.points) if "sam" in ctx.cache else [None] * len(hm.words)
+        outputs: list[str] = []
+        entries, sheet_rows = [], []
+        for t, word in enumerate(hm.words):
+            slug = label_slug(word)
+            entry: dict[str, Any] = {"word": word, "slug": slug, "overlays": {},
+                                     "points": hm.points[t][0], "point_labels": hm.points[t][1]}
+            row = []
+            for m in cfg.methods:
+                heat = upsample_map(hm.maps[m][t], display.shape[:2])
+                drawn = overlay_heatmap(display, heat)
+                row.append(drawn)
+                gh, gw = hm.maps[m][t].shape
+                peak = int(np.argmax(hm.maps[m][t]))
+                entry.setdefault("peak", {})[m] = [round((peak % gw + 0.5) / gw, 4), round((peak // gw + 0.5) / gh, 4)]
+                if cfg.overlays:
+                    path = folder / f"{ref.id}__{slug}__{m}.png"
+                    atomic_write_bytes(path, _png(drawn))
+                    entry["overlays"][m] = run.rel(path)
+                    outputs.append(run.rel(path))
+            if masks[t] is not None:
+                path = folder / f"{ref.id}__{slug}__sam.png"
+                atomic_write_bytes(path, _png(masks[t].astype(np.uint8) * 255))
+                entry["mask"] = run.rel(path)
+                outputs.append(run.rel(path))
+            entries.append(entry)
+            sheet_rows.append((word, row))
+        arrays = {f"{m}/{w}": hm.maps[m][t].astype(np.float16) for m in cfg.methods for t, w in enumerate(hm.words)}
+        arrays["image_size"] = np.asarray(image.shape[:2], dtype=np.int32)
+        npz = run.file("surgery", f"{ref.id}.npz")
+        atomic_write_bytes(npz, _npz(arrays))
+        outputs.insert(0, run.rel(npz))
+        doc: dict[str, Any] = {"image": ref.id, "size": [int(image.shape[1]), int(image.shape[0])],
+                               "methods": list(cfg.methods), "points_from": cfg.points_from,
+                               "surgery_depth": cfg.surgery_depth, "labels": entries}
+        if cfg.contact_sheet:
+            sheet = run.file("surgery", f"{ref.id}__sheet.png")
+            atomic_write_bytes(sheet, _png(contact_sheet(display, sheet_rows, list(cfg.methods))))
+            doc["sheet"] = run.rel(sheet)
+            outputs.insert(1, run.rel(sheet))
+        meta = run.file("surgery", f"{ref.id}.json")
+        atomic_write_json(meta, doc)
+        outputs.insert(0, run.rel(meta))
+        return outputs
