@@ -131,7 +131,9 @@ def prompt_ensemble(model: torch.nn.Module, words: list[str], cache: dict | None
         per_word = torch.cat(feats).view(len(todo), len(TEMPLATES), -1).mean(1)
         for w, f in zip(todo, F.normalize(per_word, dim=-1)):
             cache[w] = f
-    return torch.stack([cache[w] for w in words]) if words else torch.empty(0)
+    if not words:
+        return torch.empty(0, model.text_projection.shape[1], device=model.positional_embedding.device)
+    return torch.stack([cache[w] for w in words])
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -134,3 +134,14 @@ def test_models_and_toy_scenes_commands(tmp_path):
 def test_every_command_has_help(cmd):
     r = _run(cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_images_without_labels_still_finish_surgery(tmp_path, images):
+    out = tmp_path / "out"
+    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet",
+             *FAST, "--set", "decode.min_frequency=1000")
+    assert r.exit_code == 0, r.output
+    for meta in (out / "r" / "surgery").glob("*.json"):
+        doc = json.loads(meta.read_text())
+        assert doc["labels"] == [] and (out / "r" / doc["sheet"]).is_file()
+    assert len(list((out / "r" / "surgery").glob("*.npz"))) == 3
