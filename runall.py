@@ -11,6 +11,7 @@ Exit codes: 0 all succeeded, 1 some image failed, 2 usage or config error.
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.models import ModelError, cached_file, default_cache_dir, known_mo
 from pipeline.rundir import LOG, RunDir
 from pipeline.runner import RunContext, StageSummary, run_per_image, run_whole
 from stages import PER_IMAGE, STAGE_ORDER, WHOLE_RUN, RunConfig
+from stages.rank import merge_runs
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
                   help="Show what CLIP sees in a folder of images: opinions, labels, word records and a report.")
@@ -129,8 +131,25 @@ def _print_summary(summaries: list[StageSummary], run: RunDir) -> None:
         console.print(f"[red]failed[/] {r['stage']}: {r['error']}", highlight=False)
     if len(failed) > 20:
         console.print(f"... and {len(failed) - 20} more; see {run.file('manifest.jsonl')}")
+    if run.file("records.csv").is_file():
+        with open(run.file("records.csv"), encoding="utf-8") as f:
+            _print_top_words(list(csv.DictReader(f)))
     if run.file("report.html").is_file():
         console.print(f"report: {run.file('report.html')}")
+
+
+def _print_top_words(records: list[dict], top: int = 10) -> None:
+    """A table of the leaderboard's first rows."""
+    if not records:
+        return
+    table = Table(title="CLIP's most unusual words")
+    for col in ("word", "length", "pieces", "images", "score", "unusualness"):
+        table.add_column(col, justify="left" if col == "word" else "right")
+    for r in records[:top]:
+        score = r["score"]
+        table.add_row(str(r["word"]), str(r["length"]), str(r["pieces"]), str(r["images"]),
+                      "" if score in (None, "") else f"{float(score):.3f}", f"{float(r['unusualness']):.3f}")
+    console.print(table)
 
 
 @app.callback(invoke_without_command=True)
@@ -175,6 +194,18 @@ def main(
     raise typer.Exit(execute(cfg, run, stage_names, force, quiet))
 
 
+def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool) -> int:
+    rd = RunDir(run)
+    if not rd.has_config():
+        _fail(f"{run} is not a run directory (no run.yaml)")
+    try:
+        cfg = resolve_config(config, rd.load_config(), {"model": model, "device": device}, set_)
+    except ConfigError as err:
+        _fail(str(err))
+    rd.save_config(to_dict(cfg))
+    return execute(cfg, rd, [name], force, quiet)
+
+
 def _stage_command(name: str):
     def command(
         run: Annotated[Path, typer.Option("--run", help="An existing run directory.")],
@@ -185,22 +216,44 @@ def _stage_command(name: str):
         force: ForceOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
-        rd = RunDir(run)
-        if not rd.has_config():
-            _fail(f"{run} is not a run directory (no run.yaml)")
-        try:
-            cfg = resolve_config(config, rd.load_config(), {"model": model, "device": device}, set_)
-        except ConfigError as err:
-            _fail(str(err))
-        rd.save_config(to_dict(cfg))
-        raise typer.Exit(execute(cfg, rd, [name], force, quiet))
+        raise typer.Exit(_run_stage(name, run, config, model, device, set_, force, quiet))
 
     command.__doc__ = f"Run only the {name} stage on an existing run, with its saved config (options override it)."
     return command
 
 
 for _name in STAGE_ORDER:
-    app.command(_name)(_stage_command(_name))
+    if _name != "rank":
+        app.command(_name)(_stage_command(_name))
+
+
+@app.command("rank")
+def rank_command(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="With --runs: the run directories to merge.", show_default=False)] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="An existing run directory.")] = None,
+    merge_: Annotated[bool, typer.Option("--runs", help="Merge the run directories given as arguments into one leaderboard.")] = False,
+    out: Annotated[Path, typer.Option(help="With --runs: the folder for the merged leaderboard.")] = Path("outputs/merged"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rank CLIP's words in one run (--run DIR), or merge several (--runs A B C --out DIR)."""
+    if not merge_:
+        if run is None or runs:
+            _fail("use --run DIR for one run, or --runs A B C [--out DIR] to merge runs")
+        raise typer.Exit(_run_stage("rank", run, config, None, None, set_, True, quiet))
+    if not runs or run is not None:
+        _fail("--runs needs the run directories as arguments: rank --runs outputs/a outputs/b --out outputs/merged")
+    for r in runs:
+        if not RunDir(r).has_config():
+            _fail(f"{r} is not a run directory (no run.yaml)")
+    try:
+        cfg = resolve_config(config, RunDir(runs[0]).load_config(), {}, set_)
+    except ConfigError as err:
+        _fail(str(err))
+    records = merge_runs(list(runs), out, cfg.rank)
+    _print_top_words(records)
+    console.print(f"merged {len(runs)} runs: {out / 'records.csv'}")
 
 
 @app.command("models")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pipeline.config import require
-from pipeline.rundir import atomic_write_text
+from pipeline.rundir import atomic_write_text, read_json
 from pipeline.runner import RunContext
 from pipeline.tokens import vocab
 
@@ -77,6 +77,51 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
     return sorted(records, key=lambda r: (-(r[key] if r[key] is not None else float("-inf")), r["word"]))
 
 
+def read_run(root: Path, prefix: str = "") -> tuple[dict[str, dict], dict[str, dict]]:
+    """A run's opinions and labels by image id (``prefix`` + id); unreadable files are skipped."""
+    opinions, labels = {}, {}
+    for path in sorted((root / "ascend").glob("*.json")):
+        doc = read_json(path)
+        if doc is not None:
+            opinions[prefix + path.stem] = doc
+    for path in sorted((root / "labels").glob("*.json")):
+        doc = read_json(path)
+        if doc is not None:
+            labels[prefix + path.stem] = doc
+    return opinions, labels
+
+
+def write_records(folder: Path, records: list[dict], cfg: RankConfig) -> list[str]:
+    """``records.csv``, ``records.md`` and ``longest_clip_word_records.txt`` in ``folder``; returns their names."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(records)
+    atomic_write_text(folder / "records.csv", buf.getvalue())
+    md = ["| # | word | length | pieces | known | images | score | unusualness |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(records[: cfg.top], 1):
+        score = "" if r["score"] is None else f"{r['score']:.3f}"
+        md.append(f"| {i} | `{r['word']}` | {r['length']} | {r['pieces']} | {'yes' if r['known'] else 'no'} "
+                  f"| {r['images']} | {score} | {r['unusualness']:.3f} |")
+    atomic_write_text(folder / "records.md", "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
+    longest = sorted({r["word"] for r in records if len(r["word"]) > cfg.longest_over}, key=lambda s: (-len(s), s))
+    atomic_write_text(folder / "longest_clip_word_records.txt", "".join(x + "\n" for x in longest))
+    return ["records.csv", "records.md", "longest_clip_word_records.txt"]
+
+
+def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[dict]:
+    """One leaderboard over several runs, written to ``out``. Images are named ``<run>/<id>``."""
+    opinions, labels = {}, {}
+    for root in roots:
+        ops, labs = read_run(root, prefix=f"{root.name}/")
+        opinions.update(ops)
+        labels.update(labs)
+    records = rank_unusual_words(opinions, labels, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_records(out, records, cfg)
+    return records
+
+
 class RankStage:
     """Writes ``records.csv``, ``records.md`` and ``longest_clip_word_records.txt``."""
 
@@ -84,23 +129,5 @@ class RankStage:
 
     def run_all(self, ctx: RunContext) -> list[str]:
         cfg: RankConfig = ctx.config.rank
-        opinions, labels = {}, {}
-        for path in sorted(ctx.run.file("ascend").glob("*.json")):
-            opinions[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        for path in sorted(ctx.run.file("labels").glob("*.json")):
-            labels[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        records = rank_unusual_words(opinions, labels, cfg)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(records)
-        atomic_write_text(ctx.run.file("records.csv"), buf.getvalue())
-        md = ["| # | word | length | pieces | known | images | score | unusualness |", "|---|---|---|---|---|---|---|---|"]
-        for i, r in enumerate(records[: cfg.top], 1):
-            score = "" if r["score"] is None else f"{r['score']:.3f}"
-            md.append(f"| {i} | `{r['word']}` | {r['length']} | {r['pieces']} | {'yes' if r['known'] else 'no'} "
-                      f"| {r['images']} | {score} | {r['unusualness']:.3f} |")
-        atomic_write_text(ctx.run.file("records.md"), "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
-        longest = sorted({r["word"] for r in records if len(r["word"]) > cfg.longest_over}, key=lambda s: (-len(s), s))
-        atomic_write_text(ctx.run.file("longest_clip_word_records.txt"), "".join(x + "\n" for x in longest))
-        return ["records.csv", "records.md", "longest_clip_word_records.txt"]
+        opinions, labels = read_run(ctx.run.root)
+        return write_records(ctx.run.root, rank_unusual_words(opinions, labels, cfg), cfg)

@@ -145,3 +145,28 @@ def test_images_without_labels_still_finish_surgery(tmp_path, images):
         doc = json.loads(meta.read_text())
         assert doc["labels"] == [] and (out / "r" / doc["sheet"]).is_file()
     assert len(list((out / "r" / "surgery").glob("*.npz"))) == 3
+
+
+def test_rank_merges_runs(tmp_path, images):
+    out = tmp_path / "out"
+    for name in ("a", "b"):  # the same images and seed: identical opinions in both runs
+        r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", name, "--quiet",
+                 "--stages", "ascend,decode,rank", *FAST)
+        assert r.exit_code == 0, r.output
+    r = _run("rank", "--runs", str(out / "a"), str(out / "b"), "--out", str(out / "m"))
+    assert r.exit_code == 0, r.output
+    assert "most unusual words" in r.output
+
+    def read(path):
+        import csv
+        with open(path, encoding="utf-8") as f:
+            return {row["word"]: row for row in csv.DictReader(f)}
+
+    single, merged = read(out / "a" / "records.csv"), read(out / "m" / "records.csv")
+    assert single and set(merged) == set(single)
+    for word, row in merged.items():
+        assert int(row["images"]) == 2 * int(single[word]["images"])
+        assert row["best_image"].split("/")[0] in ("a", "b")
+    assert (out / "m" / "records.md").is_file() and (out / "m" / "longest_clip_word_records.txt").is_file()
+    assert _run("rank", "--runs", "--out", str(out / "m")).exit_code == 2
+    assert _run("rank", "--runs", str(tmp_path)).exit_code == 2
