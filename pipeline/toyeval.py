@@ -1,4 +1,9 @@
-"""Localisation quality of the heatmaps on held-out toy scenes, where the true masks are known.
+"""Quality on held-out toy scenes, where the truth is known: ascent recall and heatmap localisation.
+
+Ascent recall is the share of single-object scenes whose decode labels contain the
+true colour word (and the true shape word).
+
+Localisation quality of the heatmaps uses the scenes' true masks.
 
 Three measures per object and map, averaged over objects:
 
@@ -25,9 +30,26 @@ from pipeline.models import LoadedModel
 from pipeline.prompts import prompt_ensemble
 from pipeline.toytrain import HELD_OUT_SEED
 from pipeline.toyworld import Scene, SceneSpec, make_scene, scene_rng
+from stages.ascend import AscentConfig, extract_opinions
+from stages.decode import DecodeConfig, decode_labels
 from stages.surgery import SurgeryConfig, compute_heatmaps
 
 MULTI_OBJECT_SEED = HELD_OUT_SEED + 2  # a held-out stream of its own; training never draws from it
+
+
+def ascent_recall(lm: LoadedModel, scenes: list[Scene], cfg: AscentConfig, batch: int = 8) -> dict[str, float]:
+    """Recall of the true colour and shape words among the decode labels of single-object scenes."""
+    hits_c = hits_s = 0
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start : start + batch]
+        imgs = torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in chunk])
+        ops = extract_opinions(lm, imgs, list(range(start, start + len(chunk))), cfg)
+        for s, op in zip(chunk, ops):
+            labels = {d["word"] for d in decode_labels(op.words, DecodeConfig())}
+            colour, shape = s.objects[0].words
+            hits_c += colour in labels
+            hits_s += shape in labels
+    return {"colour": round(hits_c / len(scenes), 4), "shape": round(hits_s / len(scenes), 4)}
 
 
 def held_out_scenes(count: int, objects: int = 2, style: str = "train", size: int = 64) -> list[Scene]:

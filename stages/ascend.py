@@ -44,12 +44,14 @@ from pipeline.tokens import allowed_token_ids, clean_words, tokenize, vocab
 class AscentConfig:
     """Settings of the ascend stage (defaults are the original's)."""
 
-    method: Literal["gumbel"] = "gumbel"
+    method: Literal["gumbel", "pez"] = "gumbel"  # the original's Gumbel-softmax, or PEZ projected embeddings
     prefix: str = ""  # prompt text placed before the learned tokens
     tokens: int = 5  # learned token slots
     candidates: int = 16  # independent candidate prompts per image
     iterations: int = 400
-    lr: float = 5.0
+    lr: float = 5.0  # Adam, for gumbel
+    pez_lr: float = 0.1  # AdamW, for pez (the PEZ paper's defaults)
+    pez_weight_decay: float = 0.1
     gumbel_tau: float = 1000.0
     views: int = 64  # augmented views averaged per step
     bank_size: int = 256  # augmented views encoded once per image
@@ -67,6 +69,7 @@ class AscentConfig:
         require(self.candidates >= 1, f"ascend.candidates must be >= 1, got {self.candidates}")
         require(self.iterations >= 1, f"ascend.iterations must be >= 1, got {self.iterations}")
         require(self.lr > 0, f"ascend.lr must be > 0, got {self.lr}")
+        require(self.pez_lr > 0, f"ascend.pez_lr must be > 0, got {self.pez_lr}")
         require(self.gumbel_tau > 0, f"ascend.gumbel_tau must be > 0, got {self.gumbel_tau}")
         require(1 <= self.views <= self.bank_size, f"ascend.views must be in 1..bank_size ({self.bank_size}), got {self.views}")
         require(0 <= self.augment_p <= 1, f"ascend.augment_p must be in [0, 1], got {self.augment_p}")
@@ -108,6 +111,54 @@ class _GumbelStraightThrough(torch.autograd.Function):
         g = (grad.to(table.dtype) @ table.T).to(y.dtype)  # [..., K, V']: d loss / d y
         dot = (g.unsqueeze(-2) @ y.unsqueeze(-1)).squeeze(-1)  # [..., K, 1]: sum_v y_v g_v
         return g.sub_(dot).mul_(y).div_(ctx.tau), None, None, None
+
+
+class _GumbelChooser:
+    """The original's optimiser: logits over the vocabulary, hard Gumbel-softmax samples, Adam."""
+
+    def __init__(self, table: torch.Tensor, gens: list[torch.Generator], candidates: int, tokens: int, cfg: AscentConfig):
+        self.table, self.gens, self.tau = table, gens, cfg.gumbel_tau
+        dev = table.device
+        self.logits = torch.stack([torch.randn(candidates, tokens, table.shape[0], generator=g, device=dev)
+                                   for g in gens]).requires_grad_(True)  # [B, C, K, V']
+        self.noise = torch.empty_like(self.logits)
+        self.opt = torch.optim.Adam([self.logits], lr=cfg.lr, fused=True)
+
+    def embed(self) -> torch.Tensor:
+        """This step's token embeddings ``[B, C, K, W]``, differentiable to the logits."""
+        with torch.no_grad():
+            for b, g in enumerate(self.gens):  # per-image Gumbel noise: -log(-log(u))
+                self.noise[b].uniform_(generator=g).clamp_(min=torch.finfo(self.noise.dtype).tiny)
+            self.noise.log_().neg_().log_().neg_()
+        emb, _ = _GumbelStraightThrough.apply(self.logits, self.noise, self.table, self.tau)
+        return emb
+
+    @torch.no_grad()
+    def choice(self) -> torch.Tensor:
+        """Positions in the table of the current tokens ``[B, C, K]``."""
+        return self.logits.argmax(-1)
+
+
+class _PezChooser:
+    """PEZ (Wen et al. 2023, "Hard Prompts Made Easy", arXiv:2302.03668): continuous embeddings,
+    projected each step to the nearest token embedding (cosine), with the gradient of the
+    projected prompt applied straight through to the continuous one, and AdamW."""
+
+    def __init__(self, table: torch.Tensor, gens: list[torch.Generator], candidates: int, tokens: int, cfg: AscentConfig):
+        self.table = table
+        self.unit = F.normalize(table.float(), dim=-1)  # [V', W]
+        dev = table.device
+        start = torch.stack([torch.randint(table.shape[0], (candidates, tokens), generator=g, device=dev) for g in gens])
+        self.emb = table[start].float().clone().requires_grad_(True)  # [B, C, K, W], starts on random tokens
+        self.opt = torch.optim.AdamW([self.emb], lr=cfg.pez_lr, weight_decay=cfg.pez_weight_decay)
+
+    def embed(self) -> torch.Tensor:
+        hard = self.table[self.choice()].to(self.emb.dtype)
+        return self.emb + (hard - self.emb).detach()  # forward: the projected tokens; backward: to the soft ones
+
+    @torch.no_grad()
+    def choice(self) -> torch.Tensor:
+        return (F.normalize(self.emb, dim=-1) @ self.unit.T).argmax(-1)  # [B, C, K]
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -199,8 +250,7 @@ def extract_opinions(
         torch.stack([torch.randperm(cfg.bank_size, generator=g, device=dev)[: cfg.views] for _ in range(cfg.iterations)])
         for g in gens
     ])  # [B, iters, views]
-    logits = torch.stack([torch.randn(C, Kt, V, generator=g, device=dev) for g in gens]).requires_grad_(True)
-    opt = torch.optim.Adam([logits], lr=cfg.lr, fused=True)
+    chooser = (_PezChooser if cfg.method == "pez" else _GumbelChooser)(table, gens, C, Kt, cfg)
 
     prefix_ids = v.encode(cfg.prefix) if cfg.prefix else []
 
@@ -211,21 +261,15 @@ def extract_opinions(
     checkins: list[list[dict]] = [[] for _ in range(B)]
     first_seen: list[dict[str, int]] = [{} for _ in range(B)]
     totals: list[Counter] = [Counter() for _ in range(B)]
-    noise = torch.empty_like(logits)
     for it in range(cfg.iterations):
-        with torch.no_grad():
-            for b, g in enumerate(gens):  # per-image Gumbel noise: -log(-log(u))
-                noise[b].uniform_(generator=g).clamp_(min=torch.finfo(noise.dtype).tiny)
-            noise.log_().neg_().log_().neg_()
-        tok_emb, _ = _GumbelStraightThrough.apply(logits, noise, table, cfg.gumbel_tau)
-        feats = features(tok_emb)
+        feats = features(chooser.embed())
         target = banks.gather(1, view_idx[:, it, :, None].expand(-1, -1, banks.shape[-1])).mean(1)  # [B, D]
         loss = (-100 * (feats * target[:, None]).sum(-1)).mean(1).sum()  # per image: mean over candidates
-        opt.zero_grad(set_to_none=True)
+        chooser.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        chooser.opt.step()
         if it % cfg.checkin_every == 0 or it == cfg.iterations - 1:
-            ids = to_ids(logits.detach().argmax(-1)).cpu()
+            ids = to_ids(chooser.choice()).cpu()
             for b in range(B):
                 occ, _ = _words_of([v.decode(c.tolist()) for c in ids[b]])
                 checkins[b].append({"iteration": it, "counts": dict(occ)})
@@ -234,7 +278,7 @@ def extract_opinions(
                     first_seen[b].setdefault(w, it)
 
     with torch.no_grad():
-        final = logits.argmax(-1)  # [B, C, K]
+        final = chooser.choice()  # [B, C, K]
         feats = features(table[final])
         target = banks.mean(1)
         final_loss = (-100 * (feats * target[:, None]).sum(-1)).cpu()  # [B, C]

@@ -1,5 +1,6 @@
 import csv
 import io
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,19 +20,23 @@ def _images(n, res=64):
     return torch.stack([to_tensor(Image.fromarray(s.image), res) for s in held_out_single_objects(n)])
 
 
-def test_same_seed_same_words(tiny):
+@pytest.mark.parametrize("method", ["gumbel", "pez"])
+def test_same_seed_same_words(tiny, method):
     imgs = _images(1, tiny.input_resolution)
-    a = extract_opinions(tiny, imgs, [5], FAST)[0]
-    b = extract_opinions(tiny, imgs, [5], FAST)[0]
-    c = extract_opinions(tiny, imgs, [6], FAST)[0]
+    cfg = replace(FAST, method=method)
+    a = extract_opinions(tiny, imgs, [5], cfg)[0]
+    b = extract_opinions(tiny, imgs, [5], cfg)[0]
+    c = extract_opinions(tiny, imgs, [6], cfg)[0]
     assert a.candidates == b.candidates and a.words == b.words
     assert [x["ids"] for x in a.candidates] != [x["ids"] for x in c.candidates]
 
 
-def test_batch_composition_never_changes_a_result(toy):
+@pytest.mark.parametrize("method", ["gumbel", "pez"])
+def test_batch_composition_never_changes_a_result(toy, method):
     imgs = _images(3)
-    together = extract_opinions(toy, imgs, [1, 2, 3], FAST)
-    alone = extract_opinions(toy, imgs[1:2], [2], FAST)[0]
+    cfg = replace(FAST, method=method)
+    together = extract_opinions(toy, imgs, [1, 2, 3], cfg)
+    alone = extract_opinions(toy, imgs[1:2], [2], cfg)[0]
     assert alone.candidates == together[1].candidates and alone.words == together[1].words
 
 
@@ -54,8 +59,9 @@ def test_readout_feature_equals_stock_encode_text(toy, prefix):
     assert not torch.allclose(seed_mode, stock, atol=1e-3)  # the original's second-EOT read-out differs
 
 
-def test_block_list_is_respected(toy):
-    cfg = AscentConfig(iterations=30, candidates=8, bank_size=16, views=8, block_words=("circle", "red", "a"))
+@pytest.mark.parametrize("method", ["gumbel", "pez"])
+def test_block_list_is_respected(toy, method):
+    cfg = AscentConfig(method=method, iterations=30, candidates=8, bank_size=16, views=8, block_words=("circle", "red", "a"))
     ops = extract_opinions(toy, _images(2), [1, 2], cfg)
     for op in ops:
         for c in op.candidates:
@@ -81,10 +87,11 @@ def test_word_statistics_are_consistent(tiny):
         assert d["first_iteration"] in {0, 5, 10, 11}
 
 
-def test_true_words_recovered_on_toy_scenes(toy):
+@pytest.mark.parametrize("method", ["gumbel", "pez"])
+def test_true_words_recovered_on_toy_scenes(toy, method):
     scenes = held_out_single_objects(3)
     imgs = torch.stack([to_tensor(Image.fromarray(s.image), 64) for s in scenes])
-    cfg = AscentConfig(iterations=100)
+    cfg = AscentConfig(method=method, iterations=100)
     for scene, op in zip(scenes, extract_opinions(toy, imgs, [11, 12, 13], cfg)):
         labels = {d["word"] for d in decode_labels(op.words, DecodeConfig())}
         colour, shape = scene.objects[0].words

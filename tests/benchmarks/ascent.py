@@ -1,6 +1,7 @@
 """Ascent speed: this stage against a loop faithful to the original, in one run; prints JSON.
 
     python tests/benchmarks/ascent.py [--model toy] [--device auto] [--images 8] [--iterations 400]
+                                      [--methods gumbel pez] [--recall 0]
 
 The faithful loop exists only here, for comparison: a fresh model load per image,
 64 views re-encoded every step, the dense one-hot over all 77 positions, the full
@@ -25,6 +26,7 @@ from PIL import Image  # noqa: E402
 from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.tokens import vocab  # noqa: E402
+from pipeline.toyeval import ascent_recall  # noqa: E402
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 
@@ -63,30 +65,40 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--faithful-images", type=int, default=1, help="images timed with the faithful loop")
     ap.add_argument("--batch", type=int, default=0, help="stage batch size (0 = all images in one batch)")
+    ap.add_argument("--methods", nargs="+", default=["gumbel", "pez"], choices=["gumbel", "pez"])
+    ap.add_argument("--recall", type=int, default=0, help="also the true-word recall on N held-out toy scenes (toy model only)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     lm = load_model(args.model, dev)
     res = lm.input_resolution
     imgs = torch.stack([to_tensor(Image.fromarray(s.image), res) for s in held_out_single_objects(args.images)])
-    cfg = AscentConfig(iterations=args.iterations)
     batch = args.batch or args.images
     extract_opinions(lm, imgs[:1], [0], AscentConfig(iterations=2, bank_size=16, views=8))  # warm-up
-    t = time.time()
-    for start in range(0, args.images, batch):
-        extract_opinions(lm, imgs[start : start + batch], list(range(start, min(start + batch, args.images))), cfg)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    stage = (time.time() - t) / args.images
+    stage = {}
+    for method in args.methods:
+        cfg = AscentConfig(method=method, iterations=args.iterations)
+        t = time.time()
+        for start in range(0, args.images, batch):
+            extract_opinions(lm, imgs[start : start + batch], list(range(start, min(start + batch, args.images))), cfg)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        stage[method] = (time.time() - t) / args.images
     t = time.time()
     for i in range(args.faithful_images):
         faithful_loop(args.model, dev, imgs[i].to(dev), args.iterations)
     faithful = (time.time() - t) / args.faithful_images
-    print(json.dumps({
+    out = {
         "model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(lm.dtype), "iterations": args.iterations, "images": args.images, "stage_batch": batch,
-        "seconds_per_image": {"faithful": round(faithful, 3), "stage": round(stage, 3)},
-        "speedup": round(faithful / stage, 2),
-    }, indent=1))
+        "seconds_per_image": {"faithful": round(faithful, 3), **{f"stage_{m}": round(v, 3) for m, v in stage.items()}},
+        "speedup": {m: round(faithful / v, 2) for m, v in stage.items()},
+    }
+    if args.recall:
+        scenes = held_out_single_objects(args.recall)
+        out["recall"] = {m: ascent_recall(lm, scenes, AscentConfig(method=m, iterations=args.iterations))
+                         for m in args.methods}
+        out["recall"]["scenes"] = args.recall
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 * zero-shot accuracy (36-way, colour, shape) on training-style and differently drawn scenes;
 * with ``--ascent N``: recall of the true colour and shape word among the decode labels
-  of N single-object scenes, with the original's ascent settings;
+  of N single-object scenes, with the original's ascent settings, for each of ``--methods``
+  (gumbel and pez);
 * with ``--localization N``: pointing game, score contrast and mIoU of each heatmap method
   (raw CLIP, surgery over the scene's labels, single-text surgery) on N held-out
   two-object scenes, for each object's shape word and colour word, with the scene's
@@ -22,14 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from pipeline.images import to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
-from pipeline.toyeval import evaluate_localization, held_out_scenes  # noqa: E402
+from pipeline.toyeval import ascent_recall, evaluate_localization, held_out_scenes  # noqa: E402
 from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
-from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
-from stages.decode import DecodeConfig, decode_labels  # noqa: E402
+from stages.ascend import AscentConfig  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402
 
 
@@ -38,6 +36,7 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=500)
     ap.add_argument("--ascent", type=int, default=0, help="single-object scenes for the ascent recall (0 = skip)")
     ap.add_argument("--iterations", type=int, default=400)
+    ap.add_argument("--methods", nargs="+", default=["gumbel", "pez"], choices=["gumbel", "pez"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--localization", type=int, default=0, help="two-object scenes for the heatmap measures (0 = skip)")
     ap.add_argument("--depth", type=int, nargs="+", default=[2], help="surgery depths to compare")
@@ -52,21 +51,12 @@ def main() -> None:
     out["zero_shot"]["scenes"] = args.scenes
     if args.ascent:
         scenes = held_out_single_objects(args.ascent)
-        cfg = AscentConfig(iterations=args.iterations)
-        hits_c = hits_s = 0
-        t = time.time()
-        for start in range(0, len(scenes), args.batch):
-            chunk = scenes[start : start + args.batch]
-            imgs = torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in chunk])
-            ops = extract_opinions(lm, imgs, list(range(start, start + len(chunk))), cfg)
-            for s, op in zip(chunk, ops):
-                labels = {d["word"] for d in decode_labels(op.words, DecodeConfig())}
-                colour, shape = s.objects[0].words
-                hits_c += colour in labels
-                hits_s += shape in labels
-        out["ascent_recall"] = {"scenes": len(scenes), "iterations": args.iterations, "method": "gumbel",
-                                "colour": round(hits_c / len(scenes), 4), "shape": round(hits_s / len(scenes), 4),
-                                "seconds_per_image": round((time.time() - t) / len(scenes), 3)}
+        out["ascent_recall"] = []
+        for method in args.methods:
+            t = time.time()
+            recall = ascent_recall(lm, scenes, AscentConfig(method=method, iterations=args.iterations), args.batch)
+            out["ascent_recall"].append({"scenes": len(scenes), "iterations": args.iterations, "method": method, **recall,
+                                         "seconds_per_image": round((time.time() - t) / len(scenes), 3)})
     if args.localization:
         scenes = held_out_scenes(args.localization, objects=2)
         rows = []
