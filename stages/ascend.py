@@ -108,8 +108,9 @@ class _GumbelStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_idx):
         y, table = ctx.saved_tensors
-        g = (grad.to(table.dtype) @ table.T).to(y.dtype)  # [..., K, V']: d loss / d y
-        dot = (g.unsqueeze(-2) @ y.unsqueeze(-1)).squeeze(-1)  # [..., K, 1]: sum_v y_v g_v
+        w = table.shape[1]
+        g = (grad.to(table.dtype).reshape(-1, w) @ table.T).to(y.dtype).view(y.shape)  # [..., K, V']: d loss / d y (one mm, not a broadcast bmm)
+        dot = torch.linalg.vecdot(g, y).unsqueeze(-1)  # [..., K, 1]: sum_v y_v g_v (a batched 1xV @ Vx1 bmm is slow on CPU)
         return g.sub_(dot).mul_(y).div_(ctx.tau), None, None, None
 
 
