@@ -3,6 +3,7 @@
     python runall.py --input imgs [--config configs/demo.yaml]    run every stage
     python runall.py decode --run outputs/imgs                   run one stage on a run
     python runall.py models                                       list model names
+    python runall.py doctor                                       check the environment
     python runall.py toy scenes --out imgs --count 12             write toy scenes
     python runall.py toy train --out toy-clip.pt                  train the toy CLIP
 
@@ -275,6 +276,62 @@ def models_command(
             status = f"cached: {path}" if path.is_file() else f"not cached (expected at {path})"
         table.add_row(name, status)
     Console().print(table)
+
+
+@app.command("doctor")
+def doctor(
+    cache: Annotated[Optional[Path], typer.Option(help="openai-clip cache folder (default: $CLIPSIGHT_CACHE or ~/.cache/clip).")] = None,
+    output: Annotated[Path, typer.Option(help="Where runs will be written (its free space is checked).")] = Path("outputs"),
+) -> None:
+    """Check and explain the environment: torch and CUDA, the weights cache, free disk, optional extras."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    cache = cache or default_cache_dir()
+    table = Table(title="clipsight doctor")
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail")
+    problems = 0
+
+    def row(check: str, ok: bool | None, detail: str) -> None:
+        nonlocal problems
+        problems += ok is False
+        table.add_row(check, {True: "[green]ok[/]", False: "[red]problem[/]", None: "[yellow]note[/]"}[ok], detail)
+
+    row("python", sys.version_info >= (3, 11), sys.version.split()[0])
+    row("torch", True, f"{torch.__version__} ({torch.get_num_threads()} CPU threads)")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        row("CUDA", True, f"{torch.version.cuda}: {names}")
+    else:
+        row("CUDA", None, "no GPU visible: runs use the CPU (fine for the toy demo, slow for ViT-B/16)")
+    try:
+        import clip  # noqa: F401
+
+        row("openai-clip", True, "imports")
+    except Exception as err:  # e.g. setuptools >= 81 has no pkg_resources
+        row("openai-clip", False, f"{err}; try: pip install 'setuptools>=77,<81'")
+    present = [n for n in known_models() if not n.startswith("random:") and n != "toy" and cached_file(n, cache).is_file()]
+    row("weights cache", None if not present else True,
+        f"{cache}: " + (", ".join(present) if present else "no OpenAI checkpoint yet (downloaded on first use; "
+                                                            "offline, copy the file to the path `models` prints)"))
+    from pipeline.models import TOY_CHECKPOINT
+
+    row("toy model", TOY_CHECKPOINT.is_file(), str(TOY_CHECKPOINT))
+    probe = output if output.exists() else Path(".")
+    free = shutil.disk_usage(probe).free / 2**30
+    row("free disk", free >= 1, f"{free:.1f} GiB free at {probe.resolve()} (overlay PNGs take most of a run's space)")
+    for module, extra, use in (("segment_anything", "sam", "SAM masks"), ("playwright", "dev", "the report's browser test")):
+        found = importlib.util.find_spec(module) is not None
+        row(f"extra: {extra}", True if found else None,
+            f"{module} installed" if found else f"{module} not installed: pip install -e '.[{extra}]' for {use}")
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    row("browser", True if browser else None, browser or "no Chromium: the report's browser test will skip")
+    Console().print(table)
+    raise typer.Exit(1 if problems else 0)
 
 
 @toy_app.command("scenes")

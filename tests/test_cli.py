@@ -130,7 +130,18 @@ def test_models_and_toy_scenes_commands(tmp_path):
     assert r.exit_code == 0 and len(list((tmp_path / "s").glob("*.png"))) == 2
 
 
-@pytest.mark.parametrize("cmd", ["ascend", "decode", "surgery", "rank", "report", "models", "toy"])
+def test_doctor_explains_the_environment(tmp_path):
+    fake = tmp_path / "cache"
+    fake.mkdir()
+    (fake / "ViT-B-16.pt").write_bytes(b"x")
+    r = _run("doctor", "--cache", str(fake), "--output", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    for check in ("python", "torch", "CUDA", "openai-clip", "weights cache", "toy model", "free disk", "extra: sam"):
+        assert check in r.output
+    assert "ViT-B/16" in r.output  # the cached checkpoint is found
+
+
+@pytest.mark.parametrize("cmd", ["ascend", "decode", "surgery", "rank", "report", "models", "toy", "doctor"])
 def test_every_command_has_help(cmd):
     r = _run(cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
