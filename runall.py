@@ -24,6 +24,7 @@ from rich.table import Table
 
 import pipeline  # noqa: F401  (quiets openai-clip's import warning)
 from pipeline.config import ConfigError, build_config, load_yaml, merge, parse_overrides, to_dict
+from pipeline.distributed import DistInfo, agree, init_distributed, shutdown
 from pipeline.images import InputError, discover_images, slugify
 from pipeline.models import ModelError, cached_file, default_cache_dir, known_models, load_model, resolve_device
 from pipeline.rundir import LOG, RunDir
@@ -87,40 +88,67 @@ def _logger(run: RunDir) -> logging.Logger:
     return log
 
 
-def _context(cfg: RunConfig, run: RunDir, quiet: bool) -> RunContext:
+def _context(cfg: RunConfig, run: RunDir, quiet: bool, info: DistInfo) -> RunContext:
     def load():
-        device = resolve_device(cfg.device)
+        device = info.device(resolve_device(cfg.device))
         cache = Path(cfg.model_cache).expanduser() if cfg.model_cache else None
         return load_model(cfg.model, device, cfg.precision, cache, cfg.seed)
 
     return RunContext(cfg, run, _logger(run), load, console, quiet)
 
 
-def execute(cfg: RunConfig, run: RunDir, stage_names: list[str], force: bool, quiet: bool) -> int:
-    """Run the named stages over the run's images; print the summary; return the exit code."""
-    ctx = _context(cfg, run, quiet)
-    refs = run.load_images()
-    ctx.log.info("run %s: %d images, stages %s", run.root, len(refs), ",".join(stage_names))
+def execute(cfg: RunConfig, run: RunDir, stage_names: list[str], force: bool, quiet: bool,
+            info: DistInfo = DistInfo()) -> int:
+    """Run the named stages over the run's images; print the summary; return the exit code.
+
+    Under torchrun each rank runs the per-image stages on its shard of the images,
+    with its own manifest shard; after a barrier rank 0 merges the shards and runs
+    the whole-run stages. Ranks other than 0 always return 0: their failures are in
+    the manifest, and rank 0's exit code covers the whole run.
+    """
+    shard = RunDir(run.root, shard=info.rank) if info.enabled else run
+    ctx = _context(cfg, shard, quiet or not info.is_main, info)
+    refs = info.shard(run.load_images())
+    ctx.log.info("run %s: %d images%s, stages %s", run.root, len(refs),
+                 f" (rank {info.rank} of {info.world_size})" if info.enabled else "", ",".join(stage_names))
     summaries: list[StageSummary] = []
+    error = None
     try:
         for name in stage_names:  # fail before any work on what can be checked up front (e.g. a missing SAM checkpoint)
             prepare = getattr(PER_IMAGE.get(name) or WHOLE_RUN.get(name), "prepare", None)
             if prepare is not None:
                 prepare(ctx)
+    except (ModelError, ConfigError) as err:
+        error = err
+    if not agree(info, error is None):
+        if error is not None:
+            ctx.log.error("%s", error)
+            _fail(str(error))
+        raise typer.Exit(2)  # another rank failed its checks and said why
+    try:
         for name in stage_names:
             if name in PER_IMAGE:
                 summaries.append(run_per_image(PER_IMAGE[name], ctx, refs, force))
-            else:
+        info.barrier()
+        if not info.is_main:
+            return 0
+        run.merge_manifest_shards()
+        ctx.run = run
+        for name in stage_names:
+            if name in WHOLE_RUN:
                 summaries.append(run_whole(WHOLE_RUN[name], ctx))
     except (ModelError, ConfigError) as err:
         ctx.log.error("%s", err)
         _fail(str(err))
-    _print_summary(summaries, run)
+    _print_summary(summaries, run, info)
+    if info.enabled:
+        return 1 if any(r["status"] == "failed" for r in run.latest().values()) else 0
     return 1 if any(s.failed for s in summaries) else 0
 
 
-def _print_summary(summaries: list[StageSummary], run: RunDir) -> None:
-    table = Table(title=f"run {run.root}")
+def _print_summary(summaries: list[StageSummary], run: RunDir, info: DistInfo = DistInfo()) -> None:
+    ranks = f" (per-image counts of rank 0 of {info.world_size}; all ranks are in manifest.jsonl)" if info.enabled else ""
+    table = Table(title=f"run {run.root}{ranks}")
     for col in ("stage", "done", "failed", "skipped", "blocked", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in summaries:
@@ -189,10 +217,18 @@ def main(
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             _fail(f"{run.root} was made with a different config (differs in: {', '.join(diff)}). "
                   f"Use --force to redo it, or --run-name for a new run.")
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.save_config(to_dict(cfg))
-    run.save_images(refs)
-    raise typer.Exit(execute(cfg, run, stage_names, force, quiet))
+    info = init_distributed(cfg.device)
+    if info.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.merge_manifest_shards()  # a killed distributed run may have left some
+        run.save_config(to_dict(cfg))
+        run.save_images(refs)
+    info.barrier()
+    try:
+        code = execute(cfg, run, stage_names, force, quiet, info)
+    finally:
+        shutdown(info)
+    raise typer.Exit(code)
 
 
 def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool) -> int:
@@ -203,8 +239,15 @@ def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, q
         cfg = resolve_config(config, rd.load_config(), {"model": model, "device": device}, set_)
     except ConfigError as err:
         _fail(str(err))
-    rd.save_config(to_dict(cfg))
-    return execute(cfg, rd, [name], force, quiet)
+    info = init_distributed(cfg.device)
+    if info.is_main:
+        rd.merge_manifest_shards()
+        rd.save_config(to_dict(cfg))
+    info.barrier()
+    try:
+        return execute(cfg, rd, [name], force, quiet, info)
+    finally:
+        shutdown(info)
 
 
 def _stage_command(name: str):

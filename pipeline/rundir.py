@@ -20,6 +20,7 @@ import yaml
 from pipeline.images import ImageRef
 
 MANIFEST = "manifest.jsonl"
+SHARDS = "manifests"
 CONFIG = "run.yaml"
 IMAGES = "images.jsonl"
 LOG = "run.log"
@@ -58,6 +59,27 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
+def _append_lines(path: Path, data: str) -> None:
+    """Append whole lines and fsync; a line torn by an earlier kill is ended first, so it cannot swallow these."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = "\n" + data
+        f.write(data.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON in ``path``, or None when the file is missing or not valid JSON."""
     try:
@@ -67,10 +89,17 @@ def read_json(path: Path) -> Any | None:
 
 
 class RunDir:
-    """One run's folder under ``outputs/``."""
+    """One run's folder under ``outputs/``.
 
-    def __init__(self, root: Path):
+    With ``shard`` set (one per rank of a distributed run), manifest records go to
+    ``manifests/rank-<shard>.jsonl`` instead of ``manifest.jsonl``, so no two
+    processes append to one file; ``merge_manifest_shards`` folds them in later.
+    Reading always sees the main manifest and every shard.
+    """
+
+    def __init__(self, root: Path, shard: int | None = None):
         self.root = root
+        self.shard = shard
 
     def file(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -101,31 +130,42 @@ class RunDir:
         return refs
 
     # manifest
+    def manifest_path(self) -> Path:
+        return self.file(MANIFEST) if self.shard is None else self.file(SHARDS, f"rank-{self.shard:05d}.jsonl")
+
     def append_manifest(self, records: list[dict]) -> None:
         """Append records, one JSON line each, flushed to disk."""
-        if not records:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(self.file(MANIFEST), "a", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if records:
+            _append_lines(self.manifest_path(), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    def _manifest_files(self) -> list[Path]:
+        shards = sorted(self.file(SHARDS).glob("rank-*.jsonl")) if self.file(SHARDS).is_dir() else []
+        return [self.file(MANIFEST), *shards]
 
     def manifest_records(self) -> list[dict]:
-        """Every whole record; a line torn by a kill is skipped."""
-        path = self.file(MANIFEST)
-        if not path.is_file():
-            return []
+        """Every whole record, the main manifest first, then the shards; a line torn by a kill is skipped."""
         out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+        for path in self._manifest_files():
+            if not path.is_file():
                 continue
-            if isinstance(rec, dict) and "stage" in rec and "status" in rec:
-                out.append(rec)
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "stage" in rec and "status" in rec:
+                    out.append(rec)
         return out
+
+    def merge_manifest_shards(self) -> None:
+        """Fold every shard into ``manifest.jsonl`` and remove it (a kill in between only repeats records)."""
+        for shard in self._manifest_files()[1:]:
+            text = shard.read_text(encoding="utf-8")
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            whole = "".join(ln + "\n" for ln in lines if _is_json(ln))
+            if whole:
+                _append_lines(self.file(MANIFEST), whole)
+            shard.unlink()
 
     def latest(self) -> dict[tuple[str | None, str], dict]:
         """The last record for each (image, stage)."""

@@ -150,6 +150,8 @@ def run_per_image(stage: PerImageStage, ctx: RunContext, refs: list[ImageRef], f
                 rec = {"image": ref.id, "path": ref.path, "stage": stage.name,
                        "status": "failed" if res.error else "done", "error": res.error,
                        "seconds": round(per_image, 4), "outputs": res.outputs}
+                if ctx.run.shard is not None:
+                    rec["rank"] = ctx.run.shard
                 records.append(rec)
                 if res.error:
                     summary.failed += 1

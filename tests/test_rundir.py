@@ -68,3 +68,25 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_torn_line_cannot_swallow_the_next_record(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_manifest([{"image": "a", "stage": "s", "status": "done", "outputs": []}])
+    with open(run.file("manifest.jsonl"), "a") as f:
+        f.write('{"image": "b", "stage": "s", "sta')  # what a kill mid-write leaves
+    run.append_manifest([{"image": "c", "stage": "s", "status": "done", "outputs": []}])
+    assert set(run.latest()) == {("a", "s"), ("c", "s")}
+
+
+def test_rank_shards_are_read_and_merged(tmp_path):
+    main, r0, r1 = RunDir(tmp_path), RunDir(tmp_path, shard=0), RunDir(tmp_path, shard=1)
+    main.append_manifest([{"image": "a", "stage": "s", "status": "failed", "error": "x", "outputs": []}])
+    r0.append_manifest([{"image": "a", "stage": "s", "status": "done", "outputs": []}])
+    r1.append_manifest([{"image": "b", "stage": "s", "status": "done", "outputs": []}])
+    assert not main.file("manifest.jsonl").read_text().count('"b"')  # each rank writes only its own file
+    assert {k: v["status"] for k, v in main.latest().items()} == {("a", "s"): "done", ("b", "s"): "done"}
+    main.merge_manifest_shards()
+    assert not list(main.file("manifests").glob("*.jsonl"))
+    assert {k: v["status"] for k, v in main.latest().items()} == {("a", "s"): "done", ("b", "s"): "done"}
+    assert len(main.file("manifest.jsonl").read_text().splitlines()) == 3
