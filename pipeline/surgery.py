@@ -246,6 +246,8 @@ def similarity_map(sim: torch.Tensor, size: tuple[int, int], grid: tuple[int, in
         raise ValueError(f"sim must be [B, N, T], got {tuple(sim.shape)}")
     b, n, t = sim.shape
     gh, gw, has_cls = grid_shape(n, grid)
+    if t == 0:
+        return sim.new_zeros(b, *size, 0, dtype=torch.float32)
     patches = (sim[:, 1:] if has_cls else sim).float()  # [B, gh*gw, T]
     lo = patches.amin(dim=1, keepdim=True)
     span = patches.amax(dim=1, keepdim=True) - lo

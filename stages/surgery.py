@@ -109,38 +109,28 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
         - images: :math:`(B, 3, R, R)`; single_images: :math:`(B, 3, S, S)`; text: :math:`(V, D)`.
     """
     index = {w: i for i, w in enumerate(vocab)}
-    text = text.float()
-    empty = empty.float()
-    sims: dict[str, list[torch.Tensor]] = {m: [] for m in cfg.methods}  # per image, [1, N, T]
-    base = encode_image_tokens(model, images, cfg.surgery_depth) if {"raw", "surgery"} & set(cfg.methods) else None
-    if "raw" in cfg.methods:
+    text, empty = text.float(), empty.float()
+    if {"raw", "surgery"} & set(cfg.methods):
+        base = encode_image_tokens(model, images, cfg.surgery_depth)
         raw_all = _cosine(base.raw, text)  # [B, N, V]: one product for the whole batch
     if "single" in cfg.methods:
         single = encode_image_tokens(model, single_images, cfg.surgery_depth)
         single_all = feature_surgery(single.surgery, text, redundant=empty)  # [B, N, V]; columns are independent
-    for b, image_words in enumerate(words):
-        rows = torch.tensor([index[w] for w in image_words], dtype=torch.long, device=text.device)
-        if "raw" in cfg.methods:
-            sims["raw"].append(raw_all[b : b + 1, :, rows])
-        if "surgery" in cfg.methods:
-            multi = len(image_words) >= 2
-            sims["surgery"].append(feature_surgery(base.surgery[b : b + 1], text[rows], None if multi else empty))
-        if "single" in cfg.methods:
-            sims["single"].append(single_all[b : b + 1, :, rows])
-    grids = {"raw": base.grid if base else None, "surgery": base.grid if base else None,
-             "single": single.grid if "single" in cfg.methods else None}
     results = []
     for b, image_words in enumerate(words):
-        maps = {}
-        for m in cfg.methods:
-            grid = grids[m]
-            if image_words:
-                maps[m] = similarity_map(sims[m][b], grid, grid)[0].permute(2, 0, 1).cpu().numpy()  # [T, gh, gw]
-            else:
-                maps[m] = np.zeros((0, *grid), dtype=np.float32)
-        source = cfg.points_from if cfg.points_from in maps else cfg.methods[0]
-        points = [map_to_points(torch.from_numpy(maps[source][t]), image_sizes[b], cfg.point_threshold, cfg.point_downsample)
-                  for t in range(len(image_words))]
+        rows = torch.tensor([index[w] for w in image_words], dtype=torch.long, device=text.device)
+        sims = {}  # method -> ([1, N, T] similarities, grid)
+        if "raw" in cfg.methods:
+            sims["raw"] = raw_all[b : b + 1, :, rows], base.grid
+        if "surgery" in cfg.methods:
+            redundant = None if len(image_words) >= 2 else empty  # one label: the single-text form
+            sims["surgery"] = feature_surgery(base.surgery[b : b + 1], text[rows], redundant), base.grid
+        if "single" in cfg.methods:
+            sims["single"] = single_all[b : b + 1, :, rows], single.grid
+        maps = {m: similarity_map(sim, grid, grid)[0].permute(2, 0, 1).cpu().numpy() for m, (sim, grid) in sims.items()}
+        source = maps[cfg.points_from] if cfg.points_from in maps else maps[cfg.methods[0]]  # [T, gh, gw]
+        points = [map_to_points(torch.from_numpy(m), image_sizes[b], cfg.point_threshold, cfg.point_downsample)
+                  for m in source]
         results.append(HeatmapResult(words=list(image_words), maps=maps, points=points))
     return results
 
