@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pipeline.heatmaps import label_slug, map_to_points, overlay_heatmap
 from pipeline.models import load_model
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
-from pipeline.toyeval import evaluate_localization, held_out_scenes
+from benchmarks.toyeval import evaluate_localization, held_out_scenes  # tests/ is on the path under pytest
 from stages.surgery import SurgeryConfig
 
 

@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.tokens import vocab  # noqa: E402
-from pipeline.toyeval import ascent_recall  # noqa: E402
+from toyeval import ascent_recall  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 

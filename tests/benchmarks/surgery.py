@@ -28,7 +28,7 @@ from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
 from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map  # noqa: E402
-from pipeline.toyeval import held_out_scenes  # noqa: E402
+from toyeval import held_out_scenes  # noqa: E402  (beside this script)
 from pipeline.toyworld import COLOURS, SHAPES  # noqa: E402
 from stages.surgery import SurgeryConfig, compute_heatmaps  # noqa: E402
 

@@ -1,5 +1,8 @@
 """Quality on held-out toy scenes, where the truth is known: ascent recall and heatmap localisation.
 
+Shared by the benchmarks beside it and by the tests. It sits on top of the stages'
+cores (``extract_opinions``, ``compute_heatmaps``), so it lives here, not in the library.
+
 Ascent recall is the share of single-object scenes whose decode labels contain the
 true colour word (and the true shape word).
 
