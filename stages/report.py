@@ -23,6 +23,7 @@ class ReportConfig:
     page_size: int = 60  # cards per page
     words_per_card: int = 24  # opinion chips shown per card
     maps_per_card: int = 8  # label heatmaps shown per card (the contact sheet has them all)
+    points_per_map: int = 8  # SAM point prompts drawn per map, of each kind
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, f"report.page_size must be >= 1, got {self.page_size}")
@@ -39,7 +40,7 @@ def collect_report_data(ctx: RunContext) -> dict:
     methods: set[str] = set()
     for ref in ctx.run.load_images():
         card = {"id": ref.id, "rel": ref.rel, "src": os.path.relpath(os.path.abspath(ref.path), os.path.abspath(ctx.run.root)),
-                "words": [], "labels": [], "prompts": [], "maps": [], "sheet": None}
+                "words": [], "labels": [], "prompts": [], "maps": [], "sheet": 0}
         op_path, lab_path = ctx.run.file("ascend", f"{ref.id}.json"), ctx.run.file("labels", f"{ref.id}.json")
         if op_path.is_file():
             words = json.loads(op_path.read_text(encoding="utf-8"))["words"]
@@ -50,8 +51,11 @@ def collect_report_data(ctx: RunContext) -> dict:
             card["prompts"] = [[p["text"], p["score"]] for p in lab["prompts"]]
         surgery = read_json(ctx.run.file("surgery", f"{ref.id}.json"))
         if surgery:
-            card["maps"] = [[d["word"], d["overlays"], d.get("mask")] for d in surgery["labels"][: cfg.maps_per_card]]
-            card["sheet"] = surgery.get("sheet")
+            # compact: the page rebuilds the deterministic overlay paths from the id and the slug
+            card["maps"] = [[d["word"], d["slug"], int("mask" in d), _some_points(d, cfg.points_per_map)]
+                            for d in surgery["labels"][: cfg.maps_per_card] if d["overlays"]]
+            card["sheet"] = int("sheet" in surgery)
+            card["size"] = surgery["size"]
             methods.update(surgery["methods"])
         for stage, error in failed_by_image.get(ref.id, []):
             failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
@@ -67,6 +71,14 @@ def collect_report_data(ctx: RunContext) -> dict:
     return {"run": ctx.run.root.name, "model": ctx.config.model, "config": to_dict(ctx.config), "cards": cards,
             "failures": failures, "records": records, "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "page_size": cfg.page_size, "methods": [m for m in ("surgery", "raw", "single") if m in methods]}
+
+
+def _some_points(label: dict, n: int) -> list[list[int]]:
+    """The first ``n`` positive and ``n`` negative points as ``[x, y, label]`` (strongest first)."""
+    pts = list(zip(label.get("points", []), label.get("point_labels", [])))
+    pos = [[x, y, 1] for (x, y), lab in pts if lab == 1][:n]
+    neg = [[x, y, 0] for (x, y), lab in pts if lab == 0][:n]
+    return pos + neg
 
 
 def render_report(data: dict) -> str:
@@ -100,7 +112,8 @@ table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #e7
 details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pre{white-space:pre-wrap;font-size:12px}
 .fail{color:#b91c1c}.muted{color:#78716c}button{padding:4px 10px}
 .maps{display:grid;grid-template-columns:repeat(4,1fr);gap:4px;margin-top:6px}.maps figure{margin:0;font-size:11px;text-align:center}
-.maps img{width:100%;height:auto;max-height:none;border-radius:3px}.toggle button.on{background:#1c1917;color:#fff}
+.maps img{width:100%;height:auto;max-height:none;border-radius:3px;display:block}.maps .fig{position:relative}
+.maps svg{position:absolute;inset:0;width:100%;height:100%;pointer-events:none}.toggle button.on{background:#1c1917;color:#fff}
 </style></head><body>
 <header><h1>clipsight report: __TITLE__</h1><div id="summary" class="muted"></div></header>
 <main>
@@ -116,11 +129,12 @@ details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pr
 const D = JSON.parse(document.getElementById('data').textContent);
 const $ = id => document.getElementById(id);
 const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
-let page = 0, shown = D.cards, method = D.methods[0] || null;
+let page = 0, shown = D.cards, method = D.methods[0] || null, showPoints = false;
 const names = {surgery: 'surgery', raw: 'raw CLIP', single: 'single-text surgery'};
 function toggle() {
   $('toggle').innerHTML = D.methods.length ? 'heatmaps: ' + D.methods.map(m =>
-    `<button data-method="${m}" class="${m === method ? 'on' : ''}">${names[m]}</button>`).join('') : '';
+    `<button data-method="${m}" class="${m === method ? 'on' : ''}">${names[m]}</button>`).join('') +
+    `<label><input type="checkbox" id="points"${showPoints ? ' checked' : ''}> SAM points</label>` : '';
 }
 $('summary').textContent = `${D.cards.length} images · model ${D.model} · ` +
   Object.entries(D.seconds).map(([k, v]) => `${k} ${v}s`).join(' · ');
@@ -137,14 +151,18 @@ function card(c) {
   const chips = c.words.map(([w, n]) => `<span class="chip" data-word="${esc(w)}" title="${n}" style="font-size:${11 + 9 * n / max}px">${esc(w)}</span>`).join('');
   const labels = c.labels.map(([w, n, s]) => `<tr><td>${esc(w)}</td><td>${n}</td><td>${s === null ? '' : s.toFixed(3)}</td></tr>`).join('');
   const prompts = c.prompts.map(([t, s]) => `<li>${esc(t)} <span class="muted">${s === null ? '' : s.toFixed(3)}</span></li>`).join('');
-  const maps = method ? c.maps.filter(([w, o]) => o[method]).map(([w, o, mask]) =>
-    `<figure><img loading="lazy" class="map" data-method="${method}" src="${esc(o[method])}" alt="${esc(w)}"><figcaption>${esc(w)}` +
-    (mask ? ` <a href="${esc(mask)}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
+  const base = `surgery/${c.id}/${c.id}__`;
+  const dots = pts => pts.length ? `<svg viewBox="0 0 ${c.size[0]} ${c.size[1]}" preserveAspectRatio="none">` + pts.map(([x, y, l]) =>
+    `<circle cx="${x}" cy="${y}" r="${Math.max(c.size[0], c.size[1]) / 30}" fill="${l ? '#22c55e' : '#ef4444'}" stroke="#fff"/>`).join('') + '</svg>' : '';
+  const maps = method ? c.maps.map(([w, slug, mask, pts]) =>
+    `<figure><div class="fig"><img loading="lazy" class="map" data-method="${method}" src="${esc(base + slug + '__' + method + '.png')}" alt="${esc(w)}">` +
+    `${showPoints ? dots(pts) : ''}</div><figcaption>${esc(w)}` +
+    (mask ? ` <a href="${esc(base + slug + '__sam.png')}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
   return `<div class="card" id="${esc(c.id)}"><img loading="lazy" src="${esc(c.src)}" alt="${esc(c.rel)}"><h3>${esc(c.rel)}</h3>` +
     `<div>${chips || '<span class="muted">no opinion</span>'}</div>` +
     (labels ? `<table><tr><th>label</th><th>count</th><th>score</th></tr>${labels}</table>` : '') +
     (maps ? `<div class="maps">${maps}</div>` : '') +
-    (c.sheet ? `<a href="${esc(c.sheet)}">all heatmaps</a>` : '') +
+    (c.sheet ? `<a href="${esc('surgery/' + c.id + '__sheet.png')}">all heatmaps</a>` : '') +
     (prompts ? `<details><summary>best prompts</summary><ol>${prompts}</ol></details>` : '') + '</div>';
 }
 function render() {
@@ -166,6 +184,7 @@ $('next').onclick = () => { page += 1; render(); };
 document.addEventListener('click', e => {
   const m = e.target.dataset && e.target.dataset.method;
   if (m && e.target.tagName === 'BUTTON') { method = m; toggle(); render(); return; }
+  if (e.target.id === 'points') { showPoints = e.target.checked; render(); return; }
   const w = e.target.dataset && e.target.dataset.word;
   if (w) { e.preventDefault(); $('filter').value = w; filter(w); }
 });

@@ -91,6 +91,10 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
         srcs = page.eval_on_selector_all("img.map", "els => els.map(e => e.getAttribute('src'))")
         assert srcs and all(s.endswith(f"__{method}.png") for s in srcs), srcs
         assert page.locator(f'#toggle button[data-method="{method}"]').get_attribute("class") == "on"
+    assert page.locator(".maps svg circle").count() == 0
+    page.click("#points")  # SAM point prompts drawn over the maps
+    assert page.locator(".maps svg circle").count() > 0
+    assert page.locator("#points").is_checked()
     page.wait_for_load_state("load")
     loaded = page.eval_on_selector_all("img.map", "els => els.map(e => e.complete && e.naturalWidth > 0)")
     assert all(loaded), "an overlay did not load"
