@@ -91,6 +91,21 @@ class RunContext:
         return self._text
 
 
+def batch_size_for(ctx: RunContext, stage: str, configured: int, cuda: int, cpu: int) -> int:
+    """A stage's batch size: the size an out-of-memory back-off settled on, else the configured one,
+    else a default for the device (``configured == 0`` means automatic)."""
+    return ctx.cache.get(f"{stage}_batch") or configured or (cuda if ctx.model.device.type == "cuda" else cpu)
+
+
+def remember_batch_size(ctx: RunContext, stage: str) -> Callable[[int], None]:
+    """The ``on_split`` for ``split_on_oom``: later batches of ``stage`` use the size that fitted."""
+    def remember(size: int) -> None:
+        ctx.cache[f"{stage}_batch"] = size
+        ctx.log.warning("%s: CUDA out of memory; retrying with batches of %d", stage, size)
+
+    return remember
+
+
 def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
                  on_split: Callable[[int], None] | None = None) -> list:
     """``fn(start, end)`` over a batch's index range; on CUDA out-of-memory, halve the range and retry.

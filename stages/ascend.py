@@ -35,7 +35,7 @@ from pipeline.config import require
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.models import LoadedModel
 from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.runner import ItemResult, RunContext, split_on_oom
+from pipeline.runner import ItemResult, RunContext, batch_size_for, remember_batch_size, split_on_oom
 from pipeline.textenc import encode_text_embeddings
 from pipeline.tokens import allowed_token_ids, clean_words, tokenize, vocab
 
@@ -343,10 +343,7 @@ class AscendStage:
     needs: tuple[str, ...] = ()
 
     def batch_size(self, ctx: RunContext) -> int:
-        cfg: AscentConfig = ctx.config.ascend
-        if cfg.batch_size:
-            return cfg.batch_size
-        return ctx.cache.get("ascend_batch") or (64 if ctx.model.device.type == "cuda" else 4)
+        return batch_size_for(ctx, self.name, ctx.config.ascend.batch_size, cuda=64, cpu=4)
 
     def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
         cfg: AscentConfig = ctx.config.ascend
@@ -377,8 +374,5 @@ class AscendStage:
 
     def _extract(self, ctx, lm, images, seeds, cfg) -> list[Opinion]:
         """Run the core; on CUDA out-of-memory halve the batch and retry (results do not depend on batching)."""
-        def shrink(size: int) -> None:
-            ctx.cache["ascend_batch"] = size
-            ctx.log.warning("ascend: CUDA out of memory; retrying with batches of %d", size)
-
-        return split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg), 0, len(seeds), shrink)
+        return split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg), 0, len(seeds),
+                            remember_batch_size(ctx, self.name))

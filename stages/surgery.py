@@ -31,7 +31,7 @@ from pipeline.config import ConfigError, require
 from pipeline.heatmaps import contact_sheet, fit_side, label_slug, map_to_points, overlay_heatmap, upsample_map
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.runner import ItemResult, RunContext, split_on_oom
+from pipeline.runner import ItemResult, RunContext, batch_size_for, remember_batch_size, split_on_oom
 from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map
 
 METHODS: tuple[str, ...] = ("raw", "surgery", "single")
@@ -202,10 +202,7 @@ class SurgeryStage:
             ctx.log.info("loaded SAM %s from %s", cfg.sam.model_type, cfg.sam.checkpoint)
 
     def batch_size(self, ctx: RunContext) -> int:
-        cfg: SurgeryConfig = ctx.config.surgery
-        if cfg.batch_size:
-            return cfg.batch_size
-        return ctx.cache.get("surgery_batch") or (32 if ctx.model.device.type == "cuda" else 8)
+        return batch_size_for(ctx, self.name, ctx.config.surgery.batch_size, cuda=32, cpu=8)
 
     def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
         cfg: SurgeryConfig = ctx.config.surgery
@@ -236,11 +233,7 @@ class SurgeryStage:
                 sizes = [(p.height, p.width) for p in pictures[a:b]]
                 return compute_heatmaps(lm.model, base, single, words[a:b], vocab, text, empty, sizes, cfg)
 
-            def shrink(size: int) -> None:
-                ctx.cache["surgery_batch"] = size
-                ctx.log.warning("surgery: CUDA out of memory; retrying with batches of %d", size)
-
-            heatmaps = split_on_oom(run, 0, len(ok), shrink)
+            heatmaps = split_on_oom(run, 0, len(ok), remember_batch_size(ctx, self.name))
             for ref, picture, hm in zip(ok, pictures, heatmaps):
                 try:
                     results[ref.id] = ItemResult(outputs=self._write(ctx, ref, np.asarray(picture), hm))

@@ -26,3 +26,17 @@ def test_one_image_that_does_not_fit_is_re_raised():
 
     with pytest.raises(torch.OutOfMemoryError):
         split_on_oom(fn, 0, 4)
+
+
+def test_batch_size_keeps_what_fitted_after_a_back_off():
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.runner import batch_size_for, remember_batch_size
+
+    ctx = SimpleNamespace(cache={}, model=SimpleNamespace(device=torch.device("cpu")), log=logging.getLogger("t"))
+    assert batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4) == 4
+    assert batch_size_for(ctx, "ascend", 16, cuda=64, cpu=4) == 16
+    remember_batch_size(ctx, "ascend")(8)
+    assert batch_size_for(ctx, "ascend", 16, cuda=64, cpu=4) == 8  # even a configured size gives way
+    assert batch_size_for(ctx, "surgery", 0, cuda=32, cpu=8) == 8  # per stage
