@@ -1,0 +1,93 @@
+"""Report at scale: a synthetic run of N images (typical opinion, labels and maps per image); prints JSON.
+
+    python tests/benchmarks/report_scale.py [--images 10000]
+
+It times writing ``report.html``, reports its size, and, when playwright and a
+Chromium are present, how long the page takes to open, draw its first page, filter
+and change page. No model runs: the per-image files are written directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline.images import ImageRef  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
+from stages import RunConfig  # noqa: E402
+from stages.report import collect_report_data, render_report  # noqa: E402
+
+WORDS = [f"word{i}" for i in range(400)] + ["sprinkorange", "breakfabeatrice", "abhinpassenger"]
+
+
+def make_run(root: Path, n: int) -> RunDir:
+    run = RunDir(root)
+    refs = [ImageRef(id=f"img_{i:06d}.jpg-{i:012x}", path=f"/data/photos/img_{i:06d}.jpg", rel=f"img_{i:06d}.jpg")
+            for i in range(n)]
+    run.save_images(refs)
+    for sub in ("ascend", "labels", "surgery"):
+        (root / sub).mkdir(parents=True)
+    for i, ref in enumerate(refs):
+        words = {WORDS[(i * 7 + k) % len(WORDS)]: {"frequency": 20 - k} for k in range(20)}
+        (root / "ascend" / f"{ref.id}.json").write_text(json.dumps({"words": words}))
+        labels = [{"word": w, "frequency": d["frequency"], "score": 0.2, "rank": r} for r, (w, d) in enumerate(list(words.items())[:10], 1)]
+        prompts = [{"text": " ".join(list(words)[:5]), "score": 0.3}] * 5
+        (root / "labels" / f"{ref.id}.json").write_text(json.dumps({"labels": labels, "prompts": prompts}))
+        maps = [{"word": d["word"], "slug": d["word"], "overlays": {m: "x" for m in ("raw", "surgery", "single")},
+                 "points": [[10 * k, 10 * k] for k in range(16)], "point_labels": [1] * 8 + [0] * 8} for d in labels]
+        (root / "surgery" / f"{ref.id}.json").write_text(json.dumps(
+            {"size": [640, 480], "methods": ["raw", "surgery", "single"], "labels": maps, "sheet": "s"}))
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=10000)
+    args = ap.parse_args()
+    out: dict = {"images": args.images}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = make_run(Path(tmp) / "run", args.images)
+        ctx = type("Ctx", (), {"config": RunConfig(), "run": run})()
+        t = time.time()
+        page = render_report(collect_report_data(ctx))
+        out["write_seconds"] = round(time.time() - t, 2)
+        path = run.file("report.html")
+        path.write_text(page, encoding="utf-8")
+        out["html_mib"] = round(path.stat().st_size / 2**20, 2)
+        out["bytes_per_image"] = round(path.stat().st_size / args.images)
+        exe = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            exe = None
+        if exe:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+                tab = browser.new_page()
+                t = time.time()
+                tab.goto(path.as_uri(), wait_until="domcontentloaded")
+                tab.wait_for_selector(".card")
+                out["browser_first_page_seconds"] = round(time.time() - t, 2)
+                out["cards_drawn"] = tab.locator(".card").count()
+                t = time.time()
+                tab.fill("#filter", "sprinkorange")
+                out["browser_filter_seconds"] = round(time.time() - t, 2)
+                out["filtered_count_text"] = tab.inner_text("#count")
+                tab.fill("#filter", "")
+                t = time.time()
+                tab.click("#next")
+                out["browser_next_page_seconds"] = round(time.time() - t, 2)
+                out["page_text"] = tab.inner_text("#page")
+                browser.close()
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
