@@ -91,10 +91,32 @@ class RunContext:
         return self._text
 
 
-def batch_size_for(ctx: RunContext, stage: str, configured: int, cuda: int, cpu: int) -> int:
+def batch_size_for(ctx: RunContext, stage: str, configured: int, cuda: int, cpu: int,
+                   bytes_per_image: int | None = None) -> int:
     """A stage's batch size: the size an out-of-memory back-off settled on, else the configured one,
-    else a default for the device (``configured == 0`` means automatic)."""
-    return ctx.cache.get(f"{stage}_batch") or configured or (cuda if ctx.model.device.type == "cuda" else cpu)
+    else a default for the device (``configured == 0`` means automatic).
+
+    On CUDA the automatic size is also capped by ``fit_batch`` when the stage can estimate its
+    memory per image, so a small GPU starts at a size that fits instead of at an out-of-memory.
+    """
+    if ctx.cache.get(f"{stage}_batch") or configured:
+        return ctx.cache.get(f"{stage}_batch") or configured
+    dev = ctx.model.device
+    if dev.type != "cuda":
+        return cpu
+    if bytes_per_image:
+        free, _total = torch.cuda.mem_get_info(dev)
+        return fit_batch(free, bytes_per_image, cuda)
+    return cuda
+
+
+def fit_batch(free_bytes: int, bytes_per_image: int, cap: int, share: float = 0.5) -> int:
+    """The largest batch, at most ``cap``, whose estimated memory fits in ``share`` of the free memory.
+
+    The rest of the free memory is left for what the estimate leaves out (activations,
+    the allocator's slack); the out-of-memory back-off still guards the estimate.
+    """
+    return max(1, min(cap, int(free_bytes * share) // max(1, bytes_per_image)))
 
 
 def remember_batch_size(ctx: RunContext, stage: str) -> Callable[[int], None]:

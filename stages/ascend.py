@@ -162,6 +162,18 @@ class _PezChooser:
         return (F.normalize(self.emb, dim=-1) @ self.unit.T).argmax(-1)  # [B, C, K]
 
 
+def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
+    """Estimated memory that one more image adds to a batch: the vocabulary-sized fp32 tensors.
+
+    Gumbel holds six of shape ``[candidates, tokens, V]``: the logits, their gradient, Adam's two
+    moments, the noise buffer (reused for the soft sample the backward keeps) and the backward's
+    product. PEZ holds one, the similarity to every token, counted twice for headroom. The rest
+    (the view bank, the short text prefix's activations) is small beside these.
+    """
+    per_slot = cfg.candidates * cfg.tokens * vocab_size * 4
+    return (6 if cfg.method == "gumbel" else 2) * per_slot
+
+
 def image_seed(seed: int, image_id: str) -> int:
     """A per-image seed: the same image gets the same streams whatever it is batched with."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:7], "little")
@@ -343,7 +355,10 @@ class AscendStage:
     needs: tuple[str, ...] = ()
 
     def batch_size(self, ctx: RunContext) -> int:
-        return batch_size_for(ctx, self.name, ctx.config.ascend.batch_size, cuda=64, cpu=4)
+        cfg: AscentConfig = ctx.config.ascend
+        vocab_size = ctx.model.model.token_embedding.weight.shape[0]
+        return batch_size_for(ctx, self.name, cfg.batch_size, cuda=64, cpu=4,
+                              bytes_per_image=ascent_bytes_per_image(cfg, vocab_size))
 
     def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
         cfg: AscentConfig = ctx.config.ascend
