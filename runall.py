@@ -401,25 +401,33 @@ def toy_scenes(
 @toy_app.command("train")
 def toy_train(
     out: Annotated[Path, typer.Option(help="Where to write the fp16 state dict; a .json card goes beside it.")],
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 6000,
-    batch_size: Annotated[int, typer.Option(help="Scenes per step.")] = 256,
+    recipe: Annotated[str, typer.Option(help="'gpu' (the shipped checkpoint's), 'cpu' (under an hour on a small CPU), or 'auto': gpu on CUDA, else cpu.")] = "auto",
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the recipe's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
     workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the toy CLIP on toy scenes (GPU when present), writing a checkpoint stock openai-clip loads."""
+    import dataclasses
     import json
 
     import torch
     from rich.progress import Progress
 
     from pipeline.rundir import atomic_path, atomic_write_json
-    from pipeline.toytrain import ToyTrainConfig, train_toy_clip
+    from pipeline.toytrain import RECIPES, train_toy_clip
 
-    cfg = ToyTrainConfig(steps=steps, batch_size=batch_size, workers=workers, seed=seed)
     dev = resolve_device(device or "auto")
+    name = ("gpu" if dev.type == "cuda" else "cpu") if recipe == "auto" else recipe
+    if name not in RECIPES:
+        _fail(f"unknown --recipe {recipe!r}; choose one of: auto, {', '.join(RECIPES)}")
+    base = RECIPES[name]
+    cfg = dataclasses.replace(base, steps=steps or base.steps, batch_size=batch_size or base.batch_size,
+                              workers=workers, seed=seed)
+    console.print(f"recipe {name}: {cfg.steps} steps of {cfg.batch_size} scenes, lr {cfg.lr}, on {dev}")
     with Progress(console=console) as progress:
-        task = progress.add_task("train", total=steps)
+        task = progress.add_task("train", total=cfg.steps)
 
         def on_step(step, loss, metrics):
             progress.update(task, completed=step + 1, description=f"loss {loss:.3f}")
@@ -427,6 +435,7 @@ def toy_train(
                 progress.console.print(f"step {step + 1}: held-out zero-shot {json.dumps(metrics)}")
 
         state, card = train_toy_clip(cfg, dev, on_step)
+    card["recipe"]["name"] = name
     with atomic_path(out) as tmp:
         torch.save(state, tmp)
     atomic_write_json(out.with_suffix(".json"), card)

@@ -130,6 +130,28 @@ def test_models_and_toy_scenes_commands(tmp_path):
     assert r.exit_code == 0 and len(list((tmp_path / "s").glob("*.png"))) == 2
 
 
+def test_toy_train_writes_a_checkpoint_stock_clip_loads(tmp_path):
+    import torch
+    from clip.model import build_model
+
+    from pipeline.toytrain import RECIPES
+
+    out = tmp_path / "t.pt"
+    r = _run("toy", "train", "--out", str(out), "--steps", "2", "--batch-size", "8", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["recipe"]["name"] == "cpu"  # auto picks the CPU recipe without CUDA
+    assert card["recipe"]["lr"] == RECIPES["cpu"].lr and card["recipe"]["steps"] == 2 and card["recipe"]["batch_size"] == 8
+    assert card["device"].startswith("cpu") and set(card["history"][-1]) >= {"joint36", "colour", "shape"}
+    state = torch.load(out)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    model = build_model(state)
+    assert model.visual.input_resolution == 64
+    r = _run("toy", "train", "--out", str(out), "--steps", "1", "--batch-size", "4", "--recipe", "gpu", "--device", "cpu")
+    assert r.exit_code == 0 and json.loads(out.with_suffix(".json").read_text())["recipe"]["lr"] == RECIPES["gpu"].lr
+    assert _run("toy", "train", "--out", str(out), "--recipe", "laptop").exit_code == 2
+
+
 def test_doctor_explains_the_environment(tmp_path):
     fake = tmp_path / "cache"
     fake.mkdir()

@@ -1,6 +1,6 @@
 """Quality benchmark on held-out toy scenes; prints JSON. Not part of the default test run.
 
-    python tests/benchmarks/quality.py [--scenes 500] [--ascent 0] [--iterations 400] [--localization 200]
+    python tests/benchmarks/quality.py [--model toy] [--scenes 500] [--ascent 0] [--iterations 400] [--localization 200]
 
 * zero-shot accuracy (36-way, colour, shape) on training-style and differently drawn scenes;
 * with ``--ascent N``: recall of the true colour and shape word among the decode labels
@@ -42,10 +42,11 @@ def main() -> None:
     ap.add_argument("--depth", type=int, nargs="+", default=[2], help="surgery depths to compare")
     ap.add_argument("--single-resolution", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default="toy", help="'toy' (the shipped checkpoint) or a toy checkpoint's path, e.g. from 'toy train'")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    lm = load_model("toy", dev)
-    out: dict = {"model": "toy", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    lm = load_model(args.model, dev)
+    out: dict = {"model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     out["zero_shot"] = {style: zero_shot_accuracy(lm.model, held_out_single_objects(args.scenes, style), dev)
                         for style in ("train", "alt")}
     out["zero_shot"]["scenes"] = args.scenes
