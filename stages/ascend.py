@@ -20,10 +20,12 @@ image. What differs, and why:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -107,11 +109,21 @@ class _GumbelStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_idx):
+        # d/dz of softmax(z / tau) @ table is y * (g - <g, y>) / tau with g = table @ grad. The 1/tau is
+        # applied to the small incoming gradient, and the rest runs in place over the [..., K, V'] buffer
+        # (the one mm, an in-place product, a row sum and one fused subtract) with no temporary of that size.
         y, table = ctx.saved_tensors
         w = table.shape[1]
-        g = (grad.to(table.dtype).reshape(-1, w) @ table.T).to(y.dtype).view(y.shape)  # [..., K, V']: d loss / d y (one mm, not a broadcast bmm)
-        dot = torch.linalg.vecdot(g, y).unsqueeze(-1)  # [..., K, 1]: sum_v y_v g_v (a batched 1xV @ Vx1 bmm is slow on CPU)
-        return g.sub_(dot).mul_(y).div_(ctx.tau), None, None, None
+        g = ((grad / ctx.tau).to(table.dtype).reshape(-1, w) @ table.T).to(y.dtype).view(y.shape)  # [..., K, V']
+        g.mul_(y)  # y * g
+        dot = g.sum(-1, keepdim=True)  # <g, y>, [..., K, 1]
+        return g.addcmul_(y, dot, value=-1), None, None, None
+
+
+@functools.cache
+def _noise_pool() -> ThreadPoolExecutor:
+    """Threads that draw the images' noise side by side on the CPU (torch releases the GIL)."""
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="ascend-noise")
 
 
 class _GumbelChooser:
@@ -127,10 +139,18 @@ class _GumbelChooser:
 
     def embed(self) -> torch.Tensor:
         """This step's token embeddings ``[B, C, K, W]``, differentiable to the logits."""
+        tiny = torch.finfo(self.noise.dtype).tiny
+
+        def draw(b: int) -> None:  # image b's uniform noise, from its own generator
+            self.noise[b].uniform_(generator=self.gens[b]).clamp_(min=tiny)
+
         with torch.no_grad():
-            for b, g in enumerate(self.gens):  # per-image Gumbel noise: -log(-log(u))
-                self.noise[b].uniform_(generator=g).clamp_(min=torch.finfo(self.noise.dtype).tiny)
-            self.noise.log_().neg_().log_().neg_()
+            if self.noise.device.type == "cpu" and len(self.gens) > 1:
+                list(_noise_pool().map(draw, range(len(self.gens))))  # a generator draws serially: one thread each
+            else:
+                for b in range(len(self.gens)):
+                    draw(b)
+            self.noise.log_().neg_().log_().neg_()  # Gumbel noise: -log(-log(u))
         emb, _ = _GumbelStraightThrough.apply(self.logits, self.noise, self.table, self.tau)
         return emb
 

@@ -103,3 +103,28 @@ def test_decode_rule_and_block_list():
     assert [d["word"] for d in decode_labels(words, DecodeConfig())] == ["red"]
     assert [d["word"] for d in decode_labels(words, DecodeConfig(lowercase=True))] == ["red", "circle"]
     assert decode_labels(words, DecodeConfig(), ("RE",)) == []
+
+
+def test_straight_through_matches_the_textbook_gumbel_softmax():
+    """Forward: the embedding of argmax(logits + noise); backward: the gradient of
+    ``(one_hot - y.detach() + y) @ table`` with ``y = softmax((logits + noise) / tau)``, as
+    ``F.gumbel_softmax(hard=True)`` builds it."""
+    from stages.ascend import _GumbelStraightThrough
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    logits = torch.randn(2, 3, 4, 300, generator=g, dtype=torch.float64)
+    noise = -(-torch.rand(2, 3, 4, 300, generator=g, dtype=torch.float64).log()).log()
+    weights = torch.randn(2, 3, 4, 8, generator=g, dtype=torch.float64)
+    for tau in (1.0, 1000.0):
+        a = logits.clone().requires_grad_(True)
+        emb, idx = _GumbelStraightThrough.apply(a, noise.clone(), table, tau)
+        (emb * weights).sum().backward()
+        b = logits.clone().requires_grad_(True)
+        y = ((b + noise) / tau).softmax(-1)
+        hard = F.one_hot(y.argmax(-1), 300).to(y.dtype)
+        ref = (hard - y.detach() + y) @ table
+        (ref * weights).sum().backward()
+        assert torch.equal(idx, y.argmax(-1))
+        torch.testing.assert_close(emb, ref)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
