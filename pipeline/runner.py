@@ -99,13 +99,15 @@ def batch_size_for(ctx: RunContext, stage: str, configured: int, cuda: int, cpu:
     On CUDA the automatic size is also capped by ``fit_batch`` when the stage can estimate its
     memory per image, so a small GPU starts at a size that fits instead of at an out-of-memory.
     """
-    if ctx.cache.get(f"{stage}_batch") or configured:
-        return ctx.cache.get(f"{stage}_batch") or configured
+    fixed = ctx.cache.get(f"{stage}_batch") or configured
+    if fixed:
+        return fixed
     dev = ctx.model.device
     if dev.type != "cuda":
         return cpu
     if bytes_per_image:
         free, _total = torch.cuda.mem_get_info(dev)
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # the last batch's cached blocks are free to reuse
         return fit_batch(free, bytes_per_image, cuda)
     return cuda
 

@@ -58,9 +58,16 @@ def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     assert ascent_bytes_per_image(AscentConfig(method="pez"), 49408) < per
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (4 * gib, 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
     ctx = SimpleNamespace(cache={}, model=SimpleNamespace(device=torch.device("cuda", 0)), log=logging.getLogger("t"))
     small = batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4, bytes_per_image=per)
     assert small == (2 * gib) // per == 22  # a GPU with 4 GiB free starts below 64
     assert batch_size_for(ctx, "ascend", 48, cuda=64, cpu=4, bytes_per_image=per) == 48  # a configured size is kept
+    # blocks the allocator keeps from the last batch count as free: the size does not shrink batch by batch
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 * gib, 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 4 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 1 * gib)
+    assert batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == small
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (70 * gib, 80 * gib))
     assert batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == 64
