@@ -72,12 +72,15 @@ def _append_lines(path: Path, data: str) -> None:
         os.fsync(f.fileno())
 
 
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
+def _whole_lines(path: Path) -> list[tuple[str, Any]]:
+    """``(line, parsed)`` for each line of a JSON-lines file that parses; a line torn by a kill does not."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def read_json(path: Path) -> Any | None:
@@ -144,25 +147,13 @@ class RunDir:
 
     def manifest_records(self) -> list[dict]:
         """Every whole record, the main manifest first, then the shards; a line torn by a kill is skipped."""
-        out = []
-        for path in self._manifest_files():
-            if not path.is_file():
-                continue
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "stage" in rec and "status" in rec:
-                    out.append(rec)
-        return out
+        return [rec for path in self._manifest_files() if path.is_file() for _, rec in _whole_lines(path)
+                if isinstance(rec, dict) and "stage" in rec and "status" in rec]
 
     def merge_manifest_shards(self) -> None:
         """Fold every shard into ``manifest.jsonl`` and remove it (a kill in between only repeats records)."""
         for shard in self._manifest_files()[1:]:
-            text = shard.read_text(encoding="utf-8")
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            whole = "".join(ln + "\n" for ln in lines if _is_json(ln))
+            whole = "".join(line + "\n" for line, _ in _whole_lines(shard))
             if whole:
                 _append_lines(self.file(MANIFEST), whole)
             shard.unlink()
