@@ -47,6 +47,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model: an openai-clip name, 'toy', 'random:<arch>' or a checkpoint path.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo finished work instead of resuming.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for logs).")]
+# torchrun's own parser rejects "--run" as an abbreviation of its "--run-path"; "--run-dir" passes through.
+RUN_HELP = "An existing run directory (under torchrun, spell it --run-dir)."
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -252,7 +254,7 @@ def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, q
 
 def _stage_command(name: str):
     def command(
-        run: Annotated[Path, typer.Option("--run", help="An existing run directory.")],
+        run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)],
         config: ConfigOpt = None,
         model: ModelOpt = None,
         device: DeviceOpt = None,
@@ -274,7 +276,7 @@ for _name in STAGE_ORDER:
 @app.command("rank")
 def rank_command(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="With --runs: the run directories to merge.", show_default=False)] = None,
-    run: Annotated[Optional[Path], typer.Option("--run", help="An existing run directory.")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help=RUN_HELP)] = None,
     merge_: Annotated[bool, typer.Option("--runs", help="Merge the run directories given as arguments into one leaderboard.")] = False,
     out: Annotated[Path, typer.Option(help="With --runs: the folder for the merged leaderboard.")] = Path("outputs/merged"),
     config: ConfigOpt = None,
