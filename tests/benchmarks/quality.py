@@ -9,7 +9,8 @@
 * with ``--localization N``: pointing game, score contrast and mIoU of each heatmap method
   (raw CLIP, surgery over the scene's labels, single-text surgery) on N held-out
   two-object scenes, for each object's shape word and colour word, with the scene's
-  shape words (or all its words) as the label set.
+  shape words (or all its words) as the label set; and the pointing ceiling, the
+  score of an ideal map at the model's grid (and at twice its resolution).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from pipeline.models import load_model, resolve_device  # noqa: E402
-from toyeval import ascent_recall, evaluate_localization, held_out_scenes  # noqa: E402  (beside this script)
+from toyeval import ascent_recall, evaluate_localization, held_out_scenes, pointing_ceiling  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
 from stages.ascend import AscentConfig  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402
@@ -69,8 +70,10 @@ def main() -> None:
                         continue
                     rows.append({"surgery_depth": depth, "single_resolution": args.single_resolution, "labels": texts,
                                  "map_of": word, **evaluate_localization(lm, scenes, cfg, word=word, texts=texts)})
+        grid = lm.input_resolution // lm.model.visual.conv1.stride[0]
         out["localization"] = {"scenes": len(scenes), "objects_per_scene": 2, "target": "surgery pointing >= 0.85 "
-                               "for shape words", "results": rows}
+                               "for shape words", "results": rows,
+                               "pointing_ceiling": {f"{g}x{g}": pointing_ceiling(scenes, g) for g in (grid, 2 * grid)}}
     print(json.dumps(out, indent=1))
 
 

@@ -86,6 +86,23 @@ def localization_scores(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
             "iou": float(np.logical_and(pred, mask).sum() / union) if union else 0.0}
 
 
+def pointing_ceiling(scenes: list[Scene], grid: int) -> float:
+    """The pointing game of an ideal ``grid`` x ``grid`` map: each cell holds the share of it the object covers.
+
+    Maps live at grid resolution and are upsampled bilinearly, so a small or thin
+    object can lose the pointing game even on a perfect map. This is the most any
+    method at that grid can score on ``scenes``.
+    """
+    hits = objects = 0
+    for s in scenes:
+        for o in s.objects:
+            mask = torch.from_numpy(o.mask.astype(np.float32))[None, None]
+            ideal = torch.nn.functional.adaptive_avg_pool2d(mask, grid)[0, 0].numpy()
+            hits += localization_scores(upsample_map(ideal, o.mask.shape), o.mask)["pointing"]
+            objects += 1
+    return round(hits / objects, 4)
+
+
 def evaluate_localization(lm: LoadedModel, scenes: list[Scene], cfg: SurgeryConfig = SurgeryConfig(),
                           word: Literal["shape", "colour"] = "shape",
                           texts: Literal["shapes", "words"] = "shapes") -> dict[str, dict[str, float]]:
