@@ -1,7 +1,7 @@
 """torchrun with gloo on the CPU: two ranks give exactly the single-process results, and rank 0 merges the shards.
 
 The two-rank run goes through both entry points: the main command for the first
-stages, then the per-stage commands (``surgery --run``, ``rank --run``, ``report --run``).
+stages, then the per-stage commands (``surgery``, ``rank`` and ``report --run-dir``).
 """
 
 import json
