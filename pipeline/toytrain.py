@@ -4,13 +4,27 @@ The recipe follows the one in the project's method notes: a small stock
 ``clip.model.CLIP``, contrastive training on captioned toy scenes, plus "noise"
 captions of random tokens that must match no image, so that gradient ascent cannot
 exploit the thousands of token embeddings the captions never use.
+
+Recipes with ``dense_weight > 0`` add a patch-level term: every patch token (through
+``ln_post`` and ``proj``, as the heatmaps read it) is classified against a fixed set
+of captions, "a red circle.", "a red." and "a circle." for every colour and shape,
+with every caption consistent with the object under the patch as a positive and a
+learned "nothing" logit as the target of background patches. It teaches the patch
+tokens local evidence, which the 8 px toy's global-only training never did. The
+saved model is a stock ``CLIP``: the term changes the training, not the layout.
+
+Training writes a resumable checkpoint (model, optimiser, step, history) every
+``checkpoint_every`` steps; batch ``k`` is a pure function of the seed and ``k``, so a
+resumed training sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -19,6 +33,7 @@ import torch.nn.functional as F
 from clip.model import CLIP
 
 from pipeline.images import normalize
+from pipeline.surgery import encode_image_tokens
 from pipeline.textenc import encode_tokens
 from pipeline.tokens import tokenize, vocab
 from pipeline.toyworld import COLOURS, SHAPES, SceneSpec, caption_for, make_scene, scene_rng
@@ -53,14 +68,23 @@ class ToyTrainConfig:
     seed: int = 0
     workers: int = 0
     eval_every: int = 500
+    arch: ToyArch = field(default_factory=ToyArch)
+    dense_weight: float = 0.0  # weight of the patch-token term; 0 trains the global contrastive loss only
+    checkpoint_every: int = 100
 
 
-# Named recipes. "gpu" trained the shipped checkpoint. "cpu" is sized to finish within an
+FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
+
+# Named recipes. "gpu" trained the 8 px checkpoint. "cpu" is sized to finish within an
 # hour on a small CPU: per scene, a step of 128 costs about 60% of one of 256 there (the
 # larger batch falls out of cache), and the shorter schedule takes a higher peak lr.
+# The "fine-" recipes train the 16x16-grid model with the patch-token term.
 RECIPES: dict[str, ToyTrainConfig] = {
     "gpu": ToyTrainConfig(steps=6000, batch_size=256, noise_captions=128, lr=5e-4),
     "cpu": ToyTrainConfig(steps=2800, batch_size=128, noise_captions=64, lr=1e-3),
+    "fine-gpu": ToyTrainConfig(steps=8000, batch_size=256, noise_captions=128, lr=5e-4, arch=FINE, dense_weight=1.0),
+    "fine-cpu": ToyTrainConfig(steps=4000, batch_size=64, noise_captions=32, lr=1e-3, arch=FINE, dense_weight=1.0,
+                               warmup=150),
 }
 
 
@@ -79,10 +103,58 @@ def class_prompts() -> tuple[list[str], list[tuple[str, str]]]:
     return [caption_for([p]) for p in pairs], pairs
 
 
+def dense_captions() -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The patch term's captions, and which of them each colour and shape is consistent with.
+
+    Returns:
+        The captions (36 colour+shape, 6 colour-only, 6 shape-only), and boolean tables
+        ``[colours, captions]`` and ``[shapes, captions]``: caption j fits an object of
+        colour c and shape s when ``by_colour[c, j] & by_shape[s, j]``.
+    """
+    colours, shapes = list(COLOURS), list(SHAPES)
+    entries = [(c, s) for c in colours for s in shapes] + [(c, None) for c in colours] + [(None, s) for s in shapes]
+    captions = [caption_for([(c, s)]) if c and s else f"a {c or s}." for c, s in entries]
+    by_colour = np.array([[e[0] in (None, c) for e in entries] for c in colours])
+    by_shape = np.array([[e[1] in (None, s) for e in entries] for s in shapes])
+    return captions, by_colour, by_shape
+
+
+def patch_targets(scene, patch: int) -> np.ndarray:
+    r"""For each patch, the index of the object covering at least half of it, else -1.
+
+    Shape:
+        - Output: :math:`(H / patch \cdot W / patch,)` int, patches in row-major order.
+    """
+    h, w = scene.image.shape[:2]
+    out = np.full((h // patch, w // patch), -1, dtype=np.int64)
+    for i, obj in enumerate(scene.objects):
+        cover = obj.mask[: h // patch * patch, : w // patch * patch].reshape(h // patch, patch, w // patch, patch).mean((1, 3))
+        out[cover >= 0.5] = i
+    return out.reshape(-1)
+
+
+def _dense_target_table(scenes: list, patch: int) -> torch.Tensor:
+    """``[B, patches, captions + 1]``: a uniform distribution over each patch's consistent captions,
+    or all mass on the last column ("nothing") for a background patch."""
+    _, by_colour, by_shape = dense_captions()
+    colours, shapes = list(COLOURS), list(SHAPES)
+    rows = []
+    for scene in scenes:
+        idx = patch_targets(scene, patch)
+        table = np.zeros((len(idx), by_colour.shape[1] + 1), dtype=np.float32)
+        table[idx < 0, -1] = 1
+        for i, obj in enumerate(scene.objects):
+            fits = by_colour[colours.index(obj.colour)] & by_shape[shapes.index(obj.shape)]
+            table[idx == i, :-1] = fits / fits.sum()
+        rows.append(table)
+    return torch.from_numpy(np.stack(rows))
+
+
 def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_length: int):
     """Batch ``k`` of stream ``seed``: a pure function of (seed, k)."""
     rng = scene_rng(seed, k, TRAIN_SEED_STREAM)  # type: ignore[arg-type]
     scenes = [make_scene(rng, spec) for _ in range(cfg.batch_size)]
+    dense = _dense_target_table(scenes, cfg.arch.vision_patch_size) if cfg.dense_weight else torch.zeros(0)
     images = torch.from_numpy(np.stack([s.image for s in scenes]))  # [B, H, W, 3] uint8
     captions = [s.caption for s in scenes]
     v = vocab()
@@ -93,17 +165,17 @@ def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_leng
         ids = ids[(ids != v.sot) & (ids != v.eot)]
         seq = [v.sot, *ids.tolist(), v.eot]
         noise[i, : len(seq)] = torch.tensor(seq)
-    return images, tokenize(captions, context_length), captions, noise
+    return images, tokenize(captions, context_length), captions, noise, dense
 
 
 class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, cfg: ToyTrainConfig, spec: SceneSpec, context_length: int):
-        self.cfg, self.spec, self.context_length = cfg, spec, context_length
+    def __init__(self, cfg: ToyTrainConfig, spec: SceneSpec, context_length: int, start: int = 0):
+        self.cfg, self.spec, self.context_length, self.start = cfg, spec, context_length, start
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for k in range(wid, self.cfg.steps, nw):  # the loader interleaves workers in order: batch k is k-th
+        for k in range(self.start + wid, self.cfg.steps, nw):  # the loader interleaves workers in order
             yield _batch(self.cfg.seed, k, self.cfg, self.spec, self.context_length)
 
 
@@ -114,10 +186,21 @@ def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _save_checkpoint(path: Path, model: CLIP, opt: torch.optim.Optimizer, null: torch.Tensor, step: int,
+                     history: list, seconds: float, cfg: ToyTrainConfig) -> None:
+    """Everything a resumed training needs, written to a temporary name and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "null": null.detach().cpu(), "step": step,
+                "history": history, "seconds": seconds, "recipe": asdict(cfg)}, tmp)
+    os.replace(tmp, path)
+
+
 def train_toy_clip(
     cfg: ToyTrainConfig,
     device: torch.device,
     on_step: Callable[[int, float, dict | None], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the toy CLIP.
 
@@ -125,42 +208,70 @@ def train_toy_clip(
         cfg: the recipe.
         device: where to train.
         on_step: called as ``on_step(step, loss, eval_or_None)`` after every step.
+        checkpoint: where to write a resumable checkpoint every ``cfg.checkpoint_every`` steps.
+        resume: continue from ``checkpoint`` when it exists; its recipe must equal ``cfg``
+            except for ``workers``.
 
     Returns:
         The fp16 state dict in OpenAI's key layout, and a card with the recipe,
-        training time, device and held-out metrics.
+        training time (summed over resumed sessions), device and held-out metrics.
     """
     torch.manual_seed(cfg.seed)
-    arch = ToyArch()
+    arch = cfg.arch
     model = build_toy_model(arch).to(device).train()
     spec = SceneSpec(size=arch.image_resolution)
+    null = torch.zeros((), device=device, requires_grad=True)  # the "nothing" logit of background patches
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest + [null], "weight_decay": 0.0}], lr=cfg.lr
     )
+    first, history, before = 0, [], 0.0
+    if resume and checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        mine = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+        theirs = {k: v for k, v in saved["recipe"].items() if k != "workers"}
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"{checkpoint} was made with another recipe (differs in: {', '.join(diff)})")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        with torch.no_grad():
+            null.copy_(saved["null"])
+        first, history, before = saved["step"], saved["history"], saved["seconds"]
     loader = torch.utils.data.DataLoader(
-        _Batches(cfg, spec, arch.context_length), batch_size=None, num_workers=cfg.workers,
+        _Batches(cfg, spec, arch.context_length, first), batch_size=None, num_workers=cfg.workers,
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
+    dense_text = tokenize(dense_captions()[0], arch.context_length) if cfg.dense_weight else None
     start = time.time()
-    history = []
-    for step, (images, tokens, captions, noise) in enumerate(loader):
+    for step, (images, tokens, captions, noise, dense) in enumerate(loader, start=first):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         x = normalize(images.to(device).permute(0, 3, 1, 2).float() / 255)
-        img = F.normalize(model.encode_image(x), dim=-1)  # [B, D]
-        txt = F.normalize(encode_tokens(model, torch.cat([tokens, noise]).to(device)), dim=-1)  # [B+N, D]
+        texts = [tokens, noise] + ([dense_text] if dense_text is not None else [])
+        txt = F.normalize(encode_tokens(model, torch.cat(texts).to(device)), dim=-1)  # [B+N(+K), D]
+        if cfg.dense_weight:
+            tokens_all = encode_image_tokens(model, x, surgery_depth=0).raw  # [B, 1+G*G, D]
+            img = F.normalize(tokens_all[:, 0], dim=-1)  # [B, D], equal to encode_image
+        else:
+            img = F.normalize(model.encode_image(x), dim=-1)  # [B, D]
         scale = model.logit_scale.exp()
-        logits = scale * img @ txt.T  # [B, B+N]
+        b = len(captions)
+        logits = scale * img @ txt[: b + noise.shape[0]].T  # [B, B+N]
         keys = {c: i for i, c in enumerate(dict.fromkeys(captions))}
         key = torch.tensor([keys[c] for c in captions], device=device)
         same = (key[:, None] == key[None, :]).float()  # duplicate captions are positives too
         target = same / same.sum(1, keepdim=True)
-        pad = torch.zeros(len(captions), noise.shape[0], device=device)
+        pad = torch.zeros(b, noise.shape[0], device=device)
         loss_i = -(torch.cat([target, pad], 1) * logits.log_softmax(1)).sum(1).mean()
-        loss_t = -(target * logits[:, : len(captions)].T.log_softmax(1)).sum(1).mean()
+        loss_t = -(target * logits[:, :b].T.log_softmax(1)).sum(1).mean()
         loss = (loss_i + loss_t) / 2
+        if cfg.dense_weight:
+            patches = F.normalize(tokens_all[:, 1:], dim=-1)  # [B, G*G, D]
+            dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
+            dense_logits = torch.cat([dense_logits, null.expand(*dense_logits.shape[:2], 1)], -1)  # [B, G*G, K+1]
+            loss = loss + cfg.dense_weight * -(dense.to(device) * dense_logits.log_softmax(-1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -169,12 +280,15 @@ def train_toy_clip(
         metrics = None
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
-            metrics = zero_shot_accuracy(model, held_out_single_objects(200), device)
+            with torch.no_grad():
+                metrics = zero_shot_accuracy(model, held_out_single_objects(200), device)
             model.train()
             history.append({"step": step + 1, "loss": round(loss.item(), 4), **metrics})
+        if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save_checkpoint(checkpoint, model, opt, null, step + 1, history, before + time.time() - start, cfg)
         if on_step:
             on_step(step, loss.item(), metrics)
-    seconds = time.time() - start
+    seconds = before + time.time() - start
     model.eval()
     card = {
         "name": "toy-clip",
@@ -183,6 +297,7 @@ def train_toy_clip(
         "seed": cfg.seed,
         "steps": cfg.steps,
         "train_seconds": round(seconds, 1),
+        "resumed_at": first or None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "history": history,
@@ -197,7 +312,6 @@ def held_out_single_objects(count: int, style: str = "train", size: int = 64) ->
     return [make_scene(scene_rng(HELD_OUT_SEED, i, spec.style), spec) for i in range(count)]
 
 
-@torch.no_grad()
 def zero_shot_accuracy(model: torch.nn.Module, scenes: list, device: torch.device) -> dict[str, float]:
     """Zero-shot accuracy over the 36 colour+shape prompts on single-object scenes.
 
@@ -222,3 +336,25 @@ def zero_shot_accuracy(model: torch.nn.Module, scenes: list, device: torch.devic
     colour = np.mean([colours[int(i)] == t[0] for i, t in zip(p_col.argmax(1), truth)])
     shape = np.mean([shapes[int(i)] == t[1] for i, t in zip(p_shp.argmax(1), truth)])
     return {"joint36": round(float(joint), 4), "colour": round(float(colour), 4), "shape": round(float(shape), 4)}
+
+
+def resolve_recipe(recipe: str, device: torch.device, **overrides) -> tuple[str, ToyTrainConfig]:
+    """The named recipe (``auto``: ``fine-gpu`` on CUDA, else ``fine-cpu``) with the non-``None`` overrides.
+
+    Raises:
+        ValueError: an unknown recipe name, with the valid ones.
+    """
+    name = ("fine-gpu" if device.type == "cuda" else "fine-cpu") if recipe == "auto" else recipe
+    if name not in RECIPES:
+        raise ValueError(f"unknown --recipe {recipe!r}; choose one of: auto, {', '.join(RECIPES)}")
+    return name, replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def save_toy_checkpoint(out: Path, state: dict[str, torch.Tensor], card: dict) -> Path:
+    """The state dict at ``out`` and its card beside it as ``.json``, each written atomically; returns the card's path."""
+    from pipeline.rundir import atomic_path, atomic_write_json
+
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(out.with_suffix(".json"), card)
+    return out.with_suffix(".json")

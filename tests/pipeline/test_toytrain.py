@@ -1,0 +1,47 @@
+"""pipeline.toytrain: the patch term's targets, and a resumed training equal to an uninterrupted one."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.toytrain import RECIPES, dense_captions, patch_targets, train_toy_clip
+from pipeline.toyworld import SceneSpec, make_scene, scene_rng
+
+
+def test_patch_targets_follow_the_masks():
+    scene = make_scene(scene_rng(0, 3), SceneSpec(min_objects=2, max_objects=2))
+    idx = patch_targets(scene, 4).reshape(16, 16)
+    for i, obj in enumerate(scene.objects):
+        cover = obj.mask.reshape(16, 4, 16, 4).mean((1, 3))
+        assert np.array_equal(idx == i, cover >= 0.5)
+    assert (idx == -1).sum() == 256 - sum((idx == i).sum() for i in range(2))
+
+
+def test_dense_captions_fit_exactly_the_consistent_objects():
+    captions, by_colour, by_shape = dense_captions()
+    assert len(captions) == 36 + 6 + 6 and "a red circle." in captions and "a red." in captions and "a ring." in captions
+    fits = by_colour[0] & by_shape[0]  # red circle
+    assert [captions[j] for j in np.flatnonzero(fits)] == ["a red circle.", "a red.", "a circle."]
+
+
+def test_resumed_training_equals_an_uninterrupted_one(tmp_path):
+    cfg = dataclasses.replace(RECIPES["fine-cpu"], steps=4, batch_size=4, noise_captions=4, warmup=2, eval_every=0,
+                              checkpoint_every=2)
+    full, _ = train_toy_clip(cfg, torch.device("cpu"))
+
+    def stop_after_two(step, loss, metrics):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "t.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_toy_clip(cfg, torch.device("cpu"), stop_after_two, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    resumed, card = train_toy_clip(cfg, torch.device("cpu"), checkpoint=ckpt, resume=True)
+    assert card["resumed_at"] == 2
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="another recipe"):
+        train_toy_clip(dataclasses.replace(cfg, lr=1.0), torch.device("cpu"), checkpoint=ckpt, resume=True)
