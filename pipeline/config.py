@@ -164,3 +164,26 @@ def require(condition: bool, message: str) -> None:
     """For ``__post_init__`` checks: raise ``ConfigError(message)`` unless ``condition``."""
     if not condition:
         raise ConfigError(message)
+
+
+def resolve_config(cls: type, config_file: Path | None, base: dict, cli: dict, overrides: list[str] | None) -> Any:
+    """Build ``cls`` from its defaults under ``base`` (a saved run config, or ``{}``), then the YAML
+    file, then CLI options (``None`` values are ignored), then ``--set`` overrides; later layers win."""
+    data = dict(base)
+    source = "defaults"
+    if config_file is not None:
+        data = merge(data, load_yaml(config_file))
+        source = str(config_file)
+    data = merge(data, {k: v for k, v in cli.items() if v is not None})
+    data = merge(data, parse_overrides(overrides or []))
+    return build_config(cls, data, source)
+
+
+# Keys whose change does not change results; a resumed run may differ in these.
+NON_RESULT_KEYS = frozenset({"device", "encode_batch_size", "model_cache", "report"})
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The top-level keys, other than ``NON_RESULT_KEYS``, in which two plain configs differ, sorted."""
+    keys = (set(old) | set(new)) - NON_RESULT_KEYS
+    return sorted(k for k in keys if old.get(k) != new.get(k))

@@ -18,6 +18,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.images import slugify
 
+# The heatmap methods, in the order the surgery stage computes them and the report and
+# contact sheet show them, with the name a person reads.
+HEATMAP_METHODS: dict[str, str] = {
+    "raw": "raw CLIP",
+    "surgery": "surgery",
+    "single": "single-text surgery",
+}
+
 
 def label_slug(word: str) -> str:
     """A file-name-safe, unique slug of a label. Words that slugify lossily get a short hash of the word.

@@ -233,3 +233,18 @@ def _random_model(arch: str, seed: int) -> CLIP:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return CLIP(embed, res, vlayers, vwidth, patch, OPENAI_CONTEXT_LENGTH, vocab().size, twidth, theads, tlayers)
+
+
+def model_statuses(cache_dir: Path) -> list[tuple[str, str]]:
+    """``(name, status)`` for every known model name: shipped, random, or whether its checkpoint is cached."""
+    rows = []
+    for name in known_models():
+        if name == "toy":
+            status = "shipped with clipsight"
+        elif name.startswith("random:"):
+            status = "random weights, for tests and timing"
+        else:
+            path = cached_file(name, cache_dir)
+            status = f"cached: {path}" if path.is_file() else f"not cached (expected at {path})"
+        rows.append((name, status))
+    return rows

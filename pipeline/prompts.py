@@ -107,7 +107,6 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-@torch.no_grad()
 def prompt_ensemble(model: torch.nn.Module, words: list[str], cache: dict | None = None) -> torch.Tensor:
     """Unit text features ``[T, D]`` of ``words``, each the mean over the 85 templates.
 
@@ -170,7 +169,8 @@ class TextFeatureStore:
     def __call__(self, words: list[str]) -> torch.Tensor:
         """Unit features ``[T, D]`` of ``words`` (see ``prompt_ensemble``)."""
         todo = [w for w in dict.fromkeys(words) if w not in self.features]
-        out = prompt_ensemble(self.model, words, self.features)
+        with torch.no_grad():  # stored features never carry a graph
+            out = prompt_ensemble(self.model, words, self.features)
         if todo and self.folder is not None:
             name = hashlib.sha1("\0".join(todo).encode("utf-8", "surrogateescape")).hexdigest()[:16]
             with atomic_path(self.folder / f"{name}.pt") as tmp:

@@ -1,4 +1,8 @@
-"""The run directory: resolved config, image list, manifest, log, atomic writes.
+"""The run directory: resolved config, image list, manifest, log, atomic writes, and every output path.
+
+``RunDir`` is the one place the layout of a run is spelled: each stage asks it for
+the path of what it writes or reads (``opinion(id)``, ``labels(id)``,
+``overlay(id, slug, method)``, ...), and the report gets those paths from its data.
 
 Every output is written to a temporary name in the same folder and renamed into
 place, so a killed run never leaves a half-written file under its final name. A
@@ -8,6 +12,7 @@ ignored on reading, so "done" always means the files are there.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -24,6 +29,10 @@ SHARDS = "manifests"
 CONFIG = "run.yaml"
 IMAGES = "images.jsonl"
 LOG = "run.log"
+RECORDS = "records.csv"
+RECORDS_MD = "records.md"
+LONGEST = "longest_clip_word_records.txt"
+REPORT = "report.html"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -109,6 +118,52 @@ class RunDir:
 
     def rel(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+    # per-image outputs, by stage
+    def opinion(self, image_id: str) -> Path:
+        """ascend: candidates, word statistics and check-ins (JSON)."""
+        return self.file("ascend", f"{image_id}.json")
+
+    def opinion_csv(self, image_id: str) -> Path:
+        """ascend: the original's per-check-in CSV."""
+        return self.file("ascend", f"{image_id}.csv")
+
+    def labels(self, image_id: str) -> Path:
+        """decode: labels with counts and scores, and the best prompts (JSON)."""
+        return self.file("labels", f"{image_id}.json")
+
+    def heatmaps(self, image_id: str) -> Path:
+        """surgery: per-label entries, peaks, points and the paths of the drawn files (JSON)."""
+        return self.file("surgery", f"{image_id}.json")
+
+    def maps(self, image_id: str) -> Path:
+        """surgery: every method's maps at grid resolution, keyed ``<method>/<word>`` (npz)."""
+        return self.file("surgery", f"{image_id}.npz")
+
+    def sheet(self, image_id: str) -> Path:
+        """surgery: the contact sheet of every label's maps (PNG)."""
+        return self.file("surgery", f"{image_id}__sheet.png")
+
+    def overlay(self, image_id: str, slug: str, method: str) -> Path:
+        """surgery: one label's map drawn over the image (PNG)."""
+        return self.file("surgery", image_id, f"{image_id}__{slug}__{method}.png")
+
+    def mask(self, image_id: str, slug: str) -> Path:
+        """surgery: one label's SAM mask (PNG)."""
+        return self.file("surgery", image_id, f"{image_id}__{slug}__sam.png")
+
+    def stage_ids(self, stage_folder: str) -> list[str]:
+        """Ids of the images with a JSON output in ``ascend/`` or ``labels/``, sorted."""
+        folder = self.file(stage_folder)
+        return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+    # whole-run outputs
+    def records(self) -> list[dict]:
+        """The rows of ``records.csv`` (the leaderboard), or ``[]`` before rank has run."""
+        if not self.file(RECORDS).is_file():
+            return []
+        with open(self.file(RECORDS), encoding="utf-8") as f:
+            return list(csv.DictReader(f))
 
     # config and image list
     def has_config(self) -> bool:

@@ -1,9 +1,13 @@
-"""Runs stages over a run directory: resume, per-image failures, progress, summaries.
+"""Runs stages over a run directory: resume, per-image failures, progress, summaries, torchrun.
 
-A per-image stage processes batches of images and returns one ``ItemResult`` per
-image; a whole-run stage (rank, report) runs once over everything. The runner
-records each outcome in the manifest, skips finished work unless forced, and never
-lets one bad image stop the run.
+``run_stages`` is the one entry: it checks the run's config, shards the images under
+torchrun, runs each stage's up-front checks (``prepare``) and makes every rank agree
+on them, runs the per-image stages (skipping finished work unless forced, never
+letting one bad image stop the run), merges the ranks' manifests, runs the whole-run
+stages (rank, report) on rank 0, and returns a ``RunOutcome`` with the exit code.
+
+A stage sees a ``StageContext``: its own config section, the run-level settings, the
+run directory, the models loaded once per run, and a per-stage batch sizer.
 """
 
 from __future__ import annotations
@@ -12,16 +16,24 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipeline.config import ConfigError, config_differences, to_dict
+from pipeline.distributed import DistInfo, agree, init_distributed, shutdown
 from pipeline.images import ImageRef
-from pipeline.models import LoadedModel
+from pipeline.models import LoadedModel, ModelError, load_model, resolve_device
 from pipeline.prompts import TextFeatureStore
-from pipeline.rundir import RunDir
+from pipeline.rundir import LOG, REPORT, RunDir
+
+if TYPE_CHECKING:
+    from segment_anything import SamPredictor
+
+C = TypeVar("C")
 
 
 @dataclass
@@ -32,19 +44,118 @@ class ItemResult:
     error: str | None = None
 
 
-class PerImageStage(Protocol):
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-level settings every stage may read, beside its own config section."""
+
+    model: str
+    seed: int
+    max_side: int
+    encode_batch_size: int
+    config: dict  # the whole resolved config as plain data (the report shows it)
+
+
+class Models:
+    """The models a run loads once: CLIP (lazily, on first use), its text-feature store, and SAM when configured."""
+
+    def __init__(self, load: Callable[[], LoadedModel], run: RunDir, log: logging.Logger):
+        self._load, self._run, self._log = load, run, log
+        self._clip: LoadedModel | None = None
+        self._text: TextFeatureStore | None = None
+        self.sam: SamPredictor | None = None  # set by the surgery stage's prepare when surgery.sam is configured
+
+    @property
+    def clip(self) -> LoadedModel:
+        if self._clip is None:
+            t = time.time()
+            self._clip = self._load()
+            self._log.info("loaded model %s on %s (%s) in %.1fs", self._clip.name, self._clip.device,
+                           self._clip.dtype, time.time() - t)
+        return self._clip
+
+    @property
+    def text_features(self) -> TextFeatureStore:
+        """Prompt-ensemble features per word, shared by the stages and kept on disk in the run's ``cache/``."""
+        if self._text is None:
+            self._text = TextFeatureStore(self.clip.model, self._run.file("cache", "text"))
+            if self._text.loaded_from_disk:
+                self._log.info("loaded %d cached text features", self._text.loaded_from_disk)
+        return self._text
+
+
+class BatchSizer:
+    """Each stage's batch size, and the smaller size an out-of-memory back-off settled on."""
+
+    def __init__(self, models: Models, log: logging.Logger):
+        self.models, self.log = models, log
+        self.settled: dict[str, int] = {}
+
+    def size(self, stage: str, configured: int, cuda: int, cpu: int, bytes_per_image: int | None = None) -> int:
+        """The size a back-off settled on, else the configured one, else a default for the device
+        (``configured == 0`` means automatic).
+
+        On CUDA the automatic size is also capped by ``fit_batch`` when the stage can estimate its
+        memory per image, so a small GPU starts at a size that fits instead of at an out-of-memory.
+        """
+        fixed = self.settled.get(stage) or configured
+        if fixed:
+            return fixed
+        dev = self.models.clip.device
+        if dev.type != "cuda":
+            return cpu
+        if bytes_per_image:
+            free, _total = torch.cuda.mem_get_info(dev)
+            free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # the last batch's cached blocks are free to reuse
+            return fit_batch(free, bytes_per_image, cuda)
+        return cuda
+
+    def on_split(self, stage: str) -> Callable[[int], None]:
+        """The ``on_split`` for ``split_on_oom``: later batches of ``stage`` use the size that fitted."""
+        def remember(size: int) -> None:
+            self.settled[stage] = size
+            self.log.warning("%s: CUDA out of memory; retrying with batches of %d", stage, size)
+
+        return remember
+
+
+@dataclass
+class StageContext(Generic[C]):
+    """What a stage gets: its own config section, the run-level settings, the run, the models, batch sizes."""
+
+    config: C
+    settings: RunSettings
+    run: RunDir
+    log: logging.Logger
+    models: Models
+    batches: BatchSizer
+
+
+class PerImageStage(Generic[C]):
+    """A stage that processes batches of images and returns one ``ItemResult`` per image."""
+
     name: str
-    needs: tuple[str, ...]
+    needs: tuple[str, ...] = ()
 
-    def batch_size(self, ctx: "RunContext") -> int: ...
+    def prepare(self, ctx: StageContext[C]) -> None:
+        """Up-front checks before any image is processed (e.g. load SAM); raise ``ConfigError`` or ``ModelError``."""
 
-    def process(self, ctx: "RunContext", refs: list[ImageRef]) -> list[ItemResult]: ...
+    def batch_size(self, ctx: StageContext[C]) -> int:
+        raise NotImplementedError
+
+    def process(self, ctx: StageContext[C], refs: list[ImageRef]) -> list[ItemResult]:
+        raise NotImplementedError
 
 
-class WholeRunStage(Protocol):
+class WholeRunStage(Generic[C]):
+    """A stage that runs once over the whole run; returns the files it wrote (relative to the run)."""
+
     name: str
 
-    def run_all(self, ctx: "RunContext") -> list[str]: ...
+    def prepare(self, ctx: StageContext[C]) -> None:
+        """Up-front checks before the run starts."""
+
+    def run_all(self, ctx: StageContext[C]) -> list[str]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -57,59 +168,17 @@ class StageSummary:
     seconds: float = 0.0
 
 
-class RunContext:
-    """What every stage gets: the config, the run directory, the device, the model (loaded once, lazily)."""
+@dataclass
+class RunOutcome:
+    """What a run did, for the caller to print: per-stage counts, failures, the leaderboard, the exit code."""
 
-    def __init__(self, config: Any, run: RunDir, log: logging.Logger, load: Callable[[], LoadedModel],
-                 console: Console, quiet: bool = False):
-        self.config = config
-        self.run = run
-        self.log = log
-        self.console = console
-        self.quiet = quiet
-        self._load = load
-        self._model: LoadedModel | None = None
-        self._text: TextFeatureStore | None = None
-        self.cache: dict[str, Any] = {}  # shared across stages in one process
-
-    @property
-    def model(self) -> LoadedModel:
-        if self._model is None:
-            t = time.time()
-            self._model = self._load()
-            self.log.info("loaded model %s on %s (%s) in %.1fs", self._model.name, self._model.device,
-                          self._model.dtype, time.time() - t)
-        return self._model
-
-    @property
-    def text_features(self) -> TextFeatureStore:
-        """Prompt-ensemble features per word, shared by the stages and kept on disk in the run's ``cache/``."""
-        if self._text is None:
-            self._text = TextFeatureStore(self.model.model, self.run.file("cache", "text"))
-            if self._text.loaded_from_disk:
-                self.log.info("loaded %d cached text features", self._text.loaded_from_disk)
-        return self._text
-
-
-def batch_size_for(ctx: RunContext, stage: str, configured: int, cuda: int, cpu: int,
-                   bytes_per_image: int | None = None) -> int:
-    """A stage's batch size: the size an out-of-memory back-off settled on, else the configured one,
-    else a default for the device (``configured == 0`` means automatic).
-
-    On CUDA the automatic size is also capped by ``fit_batch`` when the stage can estimate its
-    memory per image, so a small GPU starts at a size that fits instead of at an out-of-memory.
-    """
-    fixed = ctx.cache.get(f"{stage}_batch") or configured
-    if fixed:
-        return fixed
-    dev = ctx.model.device
-    if dev.type != "cuda":
-        return cpu
-    if bytes_per_image:
-        free, _total = torch.cuda.mem_get_info(dev)
-        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # the last batch's cached blocks are free to reuse
-        return fit_batch(free, bytes_per_image, cuda)
-    return cuda
+    run: RunDir
+    summaries: list[StageSummary]
+    failures: list[dict]  # the latest failed manifest record of each (image, stage)
+    records: list[dict]  # the leaderboard's rows (records.csv), if rank has run
+    report: str | None  # the report's path, if one exists
+    exit_code: int  # 0 all succeeded, 1 some image failed
+    dist: DistInfo = DistInfo()
 
 
 def fit_batch(free_bytes: int, bytes_per_image: int, cap: int, share: float = 0.5) -> int:
@@ -119,15 +188,6 @@ def fit_batch(free_bytes: int, bytes_per_image: int, cap: int, share: float = 0.
     the allocator's slack); the out-of-memory back-off still guards the estimate.
     """
     return max(1, min(cap, int(free_bytes * share) // max(1, bytes_per_image)))
-
-
-def remember_batch_size(ctx: RunContext, stage: str) -> Callable[[int], None]:
-    """The ``on_split`` for ``split_on_oom``: later batches of ``stage`` use the size that fitted."""
-    def remember(size: int) -> None:
-        ctx.cache[f"{stage}_batch"] = size
-        ctx.log.warning("%s: CUDA out of memory; retrying with batches of %d", stage, size)
-
-    return remember
 
 
 def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
@@ -149,15 +209,16 @@ def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
         return split_on_oom(fn, start, mid, on_split) + split_on_oom(fn, mid, end, on_split)
 
 
-def _progress(ctx: RunContext) -> Progress:
+def _progress(console: Console, quiet: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>9}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=ctx.console, disable=ctx.quiet, transient=False,
+        console=console, disable=quiet, transient=False,
     )
 
 
-def run_per_image(stage: PerImageStage, ctx: RunContext, refs: list[ImageRef], force: bool) -> StageSummary:
+def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef], force: bool,
+                  console: Console, quiet: bool = False) -> StageSummary:
     """Run ``stage`` on every image that needs it, recording each outcome in the manifest."""
     summary = StageSummary(stage.name)
     latest = ctx.run.latest()
@@ -172,7 +233,7 @@ def run_per_image(stage: PerImageStage, ctx: RunContext, refs: list[ImageRef], f
     if summary.blocked:
         ctx.log.info("%s: %d images have no output from %s", stage.name, summary.blocked, "/".join(stage.needs))
     start = time.time()
-    with _progress(ctx) as progress:
+    with _progress(console, quiet) as progress:
         task = progress.add_task(stage.name, total=len(todo), rate="")
         i = 0
         while i < len(todo):
@@ -205,7 +266,7 @@ def run_per_image(stage: PerImageStage, ctx: RunContext, refs: list[ImageRef], f
     return summary
 
 
-def run_whole(stage: WholeRunStage, ctx: RunContext) -> StageSummary:
+def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
     """Run a whole-run stage once; its record has ``image: null``."""
     summary = StageSummary(stage.name)
     t = time.time()
@@ -221,3 +282,149 @@ def run_whole(stage: WholeRunStage, ctx: RunContext) -> StageSummary:
                               "status": "failed" if error else "done", "error": error,
                               "seconds": round(summary.seconds, 4), "outputs": outputs}])
     return summary
+
+
+def select_stages(spec: str | None, order: tuple[str, ...]) -> list[str]:
+    """The stages named in a comma-separated ``spec`` (all when empty), in run order.
+
+    Raises:
+        ConfigError: an unknown stage name, with the valid ones.
+    """
+    if not spec:
+        return list(order)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for s in names:
+        if s not in order:
+            raise ConfigError(f"unknown stage {s!r}; valid stages: {', '.join(order)}")
+    return [s for s in order if s in names]
+
+
+def run_logger(run: RunDir) -> logging.Logger:
+    """The run's ``run.log``, one handler per run directory however often it is asked for."""
+    log = logging.getLogger(f"clipsight.{run.root}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        run.root.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run.file(LOG), encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _settings(config: Any) -> RunSettings:
+    return RunSettings(model=config.model, seed=config.seed, max_side=config.max_side,
+                       encode_batch_size=config.encode_batch_size, config=to_dict(config))
+
+
+def run_stages(
+    config: Any,
+    run: RunDir,
+    stages: Mapping[str, PerImageStage | WholeRunStage],
+    names: list[str],
+    *,
+    images: list[ImageRef] | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> RunOutcome:
+    """Run the named stages over a run directory, under torchrun or in one process.
+
+    Args:
+        config: the resolved run config (``stages.RunConfig``); each stage gets the section
+            named like it, e.g. ``config.ascend``.
+        run: the run directory.
+        stages: every stage by name, in run order.
+        names: the stages to run.
+        images: a new run's images (from ``--input``): the run's saved config must agree with
+            ``config`` in every key that changes results, unless ``force``, and the image list is
+            saved. ``None`` reruns stages of an existing run on its saved image list.
+        force: redo finished work.
+        quiet: no progress bars.
+        console: where progress goes.
+
+    Returns:
+        The outcome; ranks other than 0 return exit code 0 and no summaries, since their
+        failures are in the manifest and rank 0's outcome covers the whole run.
+
+    Raises:
+        ConfigError, ModelError: a problem found before any image was processed (the run's
+            config differs, a missing SAM checkpoint, model weights that cannot be loaded).
+    """
+    console = console or Console(stderr=True)
+    if images is not None and run.has_config() and not force:
+        diff = config_differences(run.load_config(), to_dict(config))
+        if diff:
+            raise ConfigError(f"{run.root} was made with a different config (differs in: {', '.join(diff)}). "
+                              f"Use --force to redo it, or --run-name for a new run.")
+    info = init_distributed(config.device)
+    try:
+        if info.is_main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            run.merge_manifest_shards()  # a killed distributed run may have left some
+            run.save_config(to_dict(config))
+            if images is not None:
+                run.save_images(images)
+        info.barrier()
+        return _execute(config, run, stages, names, force, quiet, console, info)
+    finally:
+        shutdown(info)
+
+
+def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | WholeRunStage], names: list[str],
+             force: bool, quiet: bool, console: Console, info: DistInfo) -> RunOutcome:
+    shard = RunDir(run.root, shard=info.rank) if info.enabled else run
+    log = run_logger(run)
+
+    def load() -> LoadedModel:
+        device = info.device(resolve_device(config.device))
+        cache = Path(config.model_cache).expanduser() if config.model_cache else None
+        return load_model(config.model, device, config.precision, cache, config.seed)
+
+    models = Models(load, shard, log)
+    batches = BatchSizer(models, log)
+    settings = _settings(config)
+
+    def context(name: str, where: RunDir) -> StageContext:
+        return StageContext(getattr(config, name), settings, where, log, models, batches)
+
+    refs = info.shard(run.load_images())
+    log.info("run %s: %d images%s, stages %s", run.root, len(refs),
+             f" (rank {info.rank} of {info.world_size})" if info.enabled else "", ",".join(names))
+    error: Exception | None = None
+    try:
+        for name in names:  # fail before any work on what can be checked up front (e.g. a missing SAM checkpoint)
+            stages[name].prepare(context(name, shard))
+    except (ModelError, ConfigError) as err:
+        error = err
+    if not agree(info, error is None):
+        if error is not None:
+            log.error("%s", error)
+            raise error
+        raise ConfigError("another rank failed its start-up checks; its error is above and in run.log")
+    quiet = quiet or not info.is_main
+    summaries: list[StageSummary] = []
+    try:
+        for name in names:
+            stage = stages[name]
+            if isinstance(stage, PerImageStage):
+                summaries.append(run_per_image(stage, context(name, shard), refs, force, console, quiet))
+        info.barrier()
+        if not info.is_main:
+            return RunOutcome(run, [], [], [], None, 0, info)
+        run.merge_manifest_shards()
+        for name in names:
+            stage = stages[name]
+            if isinstance(stage, WholeRunStage):
+                summaries.append(run_whole(stage, context(name, run)))
+    except (ModelError, ConfigError) as err:
+        log.error("%s", err)
+        raise
+    latest = run.latest()
+    failures = [r for r in latest.values() if r["status"] == "failed"]
+    if info.enabled:
+        code = 1 if failures else 0
+    else:
+        code = 1 if any(s.failed for s in summaries) else 0
+    report = run.file(REPORT)
+    return RunOutcome(run, summaries, failures, run.records(), str(report) if report.is_file() else None, code, info)

@@ -1,5 +1,11 @@
 """The pipeline's stages, in run order, and the run config that holds each stage's section.
 
+Each stage module has the same three parts: a frozen ``*Config`` (its section of
+``RunConfig``, named like the stage), a pure core that takes the model and tensors or
+plain data and returns a result dataclass, and a stage class whose ``process`` (or
+``run_all``) reads inputs, calls the core and writes outputs through ``RunDir``.
+No stage imports another.
+
 Per-image stages: ascend -> decode -> surgery. Whole-run stages: rank -> report.
 """
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import require
+from pipeline.runner import PerImageStage, WholeRunStage
 from stages.ascend import AscendStage, AscentConfig
 from stages.decode import DecodeConfig, DecodeStage
 from stages.rank import RankConfig, RankStage
@@ -44,6 +51,7 @@ class RunConfig:
         require(self.max_side >= 32, f"max_side must be >= 32, got {self.max_side}")
 
 
-PER_IMAGE = {"ascend": AscendStage(), "decode": DecodeStage(), "surgery": SurgeryStage()}
-WHOLE_RUN = {"rank": RankStage(), "report": ReportStage()}
-STAGE_ORDER: tuple[str, ...] = (*PER_IMAGE, *WHOLE_RUN)
+STAGES: dict[str, PerImageStage | WholeRunStage] = {
+    s.name: s for s in (AscendStage(), DecodeStage(), SurgeryStage(), RankStage(), ReportStage())
+}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)

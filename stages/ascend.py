@@ -26,7 +26,7 @@ import io
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import kornia.augmentation as K
@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import require
-from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
+from pipeline.encode import encode_images, load_batch, rescore_texts
+from pipeline.images import ImageRef, normalize
 from pipeline.models import LoadedModel
 from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.runner import ItemResult, RunContext, batch_size_for, remember_batch_size, split_on_oom
+from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
 from pipeline.textenc import encode_text_embeddings
-from pipeline.tokens import allowed_token_ids, clean_words, tokenize, vocab
+from pipeline.tokens import allowed_token_ids, clean_words, vocab
 
 
 @dataclass(frozen=True)
@@ -329,20 +330,19 @@ def extract_opinions(
     return out
 
 
-@torch.no_grad()
-def encode_images(lm: LoadedModel, images: torch.Tensor) -> torch.Tensor:
-    """Unit image features of un-augmented images ``[B, D]``."""
-    f = lm.model.encode_image(normalize(images.to(lm.device)).to(lm.dtype)).float()
-    return F.normalize(f, dim=-1)
+def score_candidates(lm: LoadedModel, opinions: list[Opinion], image_features: torch.Tensor) -> list[Opinion]:
+    """The opinions with each candidate re-scored by stock CLIP: ``encode_text(tokenize(text))`` against
+    its image's un-augmented feature, in one pass for the batch (decoded BPE does not round-trip, so
+    this is the score a user of the words would see).
 
-
-@torch.no_grad()
-def rescore_texts(lm: LoadedModel, texts: list[str], image_features: torch.Tensor) -> torch.Tensor:
-    """Cosine of stock ``encode_text(tokenize(text))`` with each text's image feature. ``[N]``."""
-    ctx_len = lm.model.positional_embedding.shape[0]
-    ids = tokenize(texts, ctx_len).to(lm.device)
-    f = F.normalize(lm.model.encode_text(ids).float(), dim=-1)
-    return (f * image_features).sum(-1).cpu()
+    Shape:
+        - image_features: :math:`(B, D)`, one unit row per opinion.
+    """
+    texts = [c["text"] for op in opinions for c in op.candidates]
+    counts = torch.tensor([len(op.candidates) for op in opinions], device=image_features.device)
+    scores = iter(rescore_texts(lm, texts, image_features.repeat_interleave(counts, 0)).tolist())
+    return [replace(op, candidates=[{**c, "rescored": round(next(scores), 4)} for c in op.candidates])
+            for op in opinions]
 
 
 def opinion_csv(op: Opinion, tau: float) -> str:
@@ -356,58 +356,41 @@ def opinion_csv(op: Opinion, tau: float) -> str:
     return buf.getvalue()
 
 
-def load_batch(lm: LoadedModel, refs: list[ImageRef], max_side: int) -> tuple[list[ImageRef], torch.Tensor | None, dict[str, str]]:
-    """Decode a batch; returns the refs that decoded, their tensors, and {id: reason} for the rest."""
-    ok, tensors, failed = [], [], {}
-    for ref in refs:
-        try:
-            tensors.append(to_tensor(load_image(ref.path, max_side=max_side), lm.input_resolution))
-            ok.append(ref)
-        except ImageError as err:
-            failed[ref.id] = f"{ref.rel}: {err}"
-    return ok, (torch.stack(tensors) if tensors else None), failed
-
-
-class AscendStage:
+class AscendStage(PerImageStage[AscentConfig]):
     """Thin I/O around ``extract_opinions``: writes ``ascend/<id>.json`` and ``ascend/<id>.csv``."""
 
     name = "ascend"
     needs: tuple[str, ...] = ()
 
-    def batch_size(self, ctx: RunContext) -> int:
-        cfg: AscentConfig = ctx.config.ascend
-        vocab_size = ctx.model.model.token_embedding.weight.shape[0]
-        return batch_size_for(ctx, self.name, cfg.batch_size, cuda=64, cpu=4,
-                              bytes_per_image=ascent_bytes_per_image(cfg, vocab_size))
+    def batch_size(self, ctx: StageContext[AscentConfig]) -> int:
+        vocab_size = ctx.models.clip.model.token_embedding.weight.shape[0]
+        return ctx.batches.size(self.name, ctx.config.batch_size, cuda=64, cpu=4,
+                                bytes_per_image=ascent_bytes_per_image(ctx.config, vocab_size))
 
-    def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
-        cfg: AscentConfig = ctx.config.ascend
-        lm = ctx.model
-        ok, images, failed = load_batch(lm, refs, ctx.config.max_side)
+    def process(self, ctx: StageContext[AscentConfig], refs: list[ImageRef]) -> list[ItemResult]:
+        cfg, lm = ctx.config, ctx.models.clip
+        ok, images, failed = load_batch(lm, refs, ctx.settings.max_side)
         results: dict[str, ItemResult] = {i: ItemResult(error=e) for i, e in failed.items()}
         if ok:
             t = time.time()
-            seeds = [image_seed(ctx.config.seed, r.id) for r in ok]
-            opinions = self._extract(ctx, lm, images, seeds, cfg)
-            feats = encode_images(lm, images)
-            per_image = (time.time() - t) / len(ok)
-            texts = [c["text"] for op in opinions for c in op.candidates]  # one stock encode_text pass per batch
-            owner = feats.repeat_interleave(torch.tensor([len(op.candidates) for op in opinions], device=feats.device), 0)
-            scores = iter(rescore_texts(lm, texts, owner).tolist())
-            for op in opinions:
-                for c in op.candidates:
-                    c["rescored"] = round(next(scores), 4)
-            for b, (ref, op) in enumerate(zip(ok, opinions)):
-                doc = {"image": ref.id, "path": ref.path, "model": lm.name, "seed": seeds[b],
-                       "seconds": round(per_image, 3), "settings": asdict(cfg), "candidates": op.candidates,
-                       "words": op.words, "checkins": op.checkins}
-                jpath, cpath = ctx.run.file("ascend", f"{ref.id}.json"), ctx.run.file("ascend", f"{ref.id}.csv")
-                atomic_write_json(jpath, doc)
-                atomic_write_text(cpath, opinion_csv(op, cfg.gumbel_tau))
-                results[ref.id] = ItemResult(outputs=[ctx.run.rel(jpath), ctx.run.rel(cpath)])
+            seeds = [image_seed(ctx.settings.seed, r.id) for r in ok]
+            opinions = split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg), 0, len(seeds),
+                                    ctx.batches.on_split(self.name))  # results do not depend on batching
+            with torch.no_grad():
+                feats = encode_images(lm, images)
+                per_image = (time.time() - t) / len(ok)
+                opinions = score_candidates(lm, opinions, feats)
+            for ref, seed, op in zip(ok, seeds, opinions):
+                results[ref.id] = ItemResult(outputs=self._write(ctx, ref, seed, op, lm.name, per_image))
         return [results[r.id] for r in refs]
 
-    def _extract(self, ctx, lm, images, seeds, cfg) -> list[Opinion]:
-        """Run the core; on CUDA out-of-memory halve the batch and retry (results do not depend on batching)."""
-        return split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg), 0, len(seeds),
-                            remember_batch_size(ctx, self.name))
+    @staticmethod
+    def _write(ctx: StageContext[AscentConfig], ref: ImageRef, seed: int, op: Opinion, model: str,
+               seconds: float) -> list[str]:
+        doc = {"image": ref.id, "path": ref.path, "model": model, "seed": seed,
+               "seconds": round(seconds, 3), "settings": asdict(ctx.config), "candidates": op.candidates,
+               "words": op.words, "checkins": op.checkins}
+        jpath, cpath = ctx.run.opinion(ref.id), ctx.run.opinion_csv(ref.id)
+        atomic_write_json(jpath, doc)
+        atomic_write_text(cpath, opinion_csv(op, ctx.config.gumbel_tau))
+        return [ctx.run.rel(jpath), ctx.run.rel(cpath)]

@@ -8,14 +8,15 @@ stock CLIP: the cosine between its 85-template prompt-ensemble feature and the i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from pipeline.config import require
+from pipeline.encode import encode_images, load_batch
 from pipeline.images import ImageRef
 from pipeline.rundir import atomic_write_json, read_json
-from pipeline.runner import ItemResult, RunContext
-from stages.ascend import encode_images, load_batch
+from pipeline.runner import ItemResult, PerImageStage, StageContext
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         require(self.min_frequency >= 1, f"decode.min_frequency must be >= 1, got {self.min_frequency}")
         require(self.prompts >= 0, f"decode.prompts must be >= 0, got {self.prompts}")
+
+
+@dataclass
+class Labels:
+    """One image's decode result: labels best-scored first, and the best decoded prompts."""
+
+    labels: list[dict]  # {"word", "frequency", "score", "rank"}
+    prompts: list[dict]  # {"text", "score"}: the candidates with the best stock-CLIP re-score
 
 
 def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[str, ...] = ()) -> list[dict]:
@@ -51,44 +60,63 @@ def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[
     return sorted(labels, key=lambda d: (-d["frequency"], d["word"]))
 
 
-class DecodeStage:
+def label_opinions(opinions: list[dict], image_features: torch.Tensor,
+                   text_features: Callable[[list[str]], torch.Tensor], cfg: DecodeConfig) -> list[Labels]:
+    """Labels for a batch of opinions, each scored by stock CLIP against its image.
+
+    Args:
+        opinions: ``ascend`` outputs, one per image.
+        image_features: unit stock-CLIP features of the images, one row per opinion.
+        text_features: unit prompt-ensemble features of words (one call for the batch's words).
+        cfg: the rule.
+
+    Shape:
+        - image_features: :math:`(B, D)`.
+    """
+    labels_of = [decode_labels(op["words"], cfg, tuple(op.get("settings", {}).get("block_words", ())))
+                 for op in opinions]
+    vocab = list(dict.fromkeys(d["word"] for labels in labels_of for d in labels))
+    text = text_features(vocab)  # [V, D]
+    index = {w: i for i, w in enumerate(vocab)}
+    out = []
+    for b, (opinion, labels) in enumerate(zip(opinions, labels_of)):
+        if labels:
+            rows = torch.tensor([index[d["word"]] for d in labels], device=text.device)
+            scores = (text[rows] @ image_features[b].to(text.device)).cpu()
+            for d, s in zip(labels, scores):
+                d["score"] = round(float(s), 4)
+        labels.sort(key=lambda d: -d["score"])
+        for rank, d in enumerate(labels, 1):
+            d["rank"] = rank
+        prompts = sorted(opinion["candidates"], key=lambda c: -c.get("rescored", float("-inf")))
+        out.append(Labels(labels, [{"text": c["text"], "score": c.get("rescored")} for c in prompts[: cfg.prompts]]))
+    return out
+
+
+class DecodeStage(PerImageStage[DecodeConfig]):
     """Reads ``ascend/<id>.json``, writes ``labels/<id>.json``."""
 
     name = "decode"
     needs = ("ascend",)
 
-    def batch_size(self, ctx: RunContext) -> int:
-        return ctx.config.encode_batch_size
+    def batch_size(self, ctx: StageContext[DecodeConfig]) -> int:
+        return ctx.settings.encode_batch_size
 
-    def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
-        cfg: DecodeConfig = ctx.config.decode
-        lm = ctx.model
-        ok, images, failed = load_batch(lm, refs, ctx.config.max_side)
+    def process(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef]) -> list[ItemResult]:
+        lm = ctx.models.clip
+        ok, images, failed = load_batch(lm, refs, ctx.settings.max_side)
         results = {i: ItemResult(error=e) for i, e in failed.items()}
         if ok:
-            feats = encode_images(lm, images)
-            opinions = [read_json(ctx.run.file("ascend", f"{r.id}.json")) for r in ok]
+            with torch.no_grad():
+                feats = encode_images(lm, images)
+            opinions = [read_json(ctx.run.opinion(r.id)) for r in ok]
             for ref, op in zip(ok, opinions):
                 if op is None:
                     results[ref.id] = ItemResult(error=f"{ref.rel}: ascend/{ref.id}.json is unreadable; rerun ascend with --force")
             keep = [b for b, op in enumerate(opinions) if op is not None]
             ok, feats, opinions = [ok[b] for b in keep], feats[keep], [opinions[b] for b in keep]
-            labels_of = [decode_labels(op["words"], cfg, ctx.config.ascend.block_words) for op in opinions]
-            vocab = list(dict.fromkeys(d["word"] for labels in labels_of for d in labels))
-            text = ctx.text_features(vocab)  # one pass for the batch's new words
-            index = {w: i for i, w in enumerate(vocab)}
-            for b, (ref, opinion, labels) in enumerate(zip(ok, opinions, labels_of)):
-                if labels:
-                    rows = torch.tensor([index[d["word"]] for d in labels], device=text.device)
-                    scores = (text[rows] @ feats[b].to(text.device)).cpu()
-                    for d, s in zip(labels, scores):
-                        d["score"] = round(float(s), 4)
-                labels.sort(key=lambda d: -d["score"])
-                for rank, d in enumerate(labels, 1):
-                    d["rank"] = rank
-                prompts = sorted(opinion["candidates"], key=lambda c: -c.get("rescored", float("-inf")))
-                prompts = [{"text": c["text"], "score": c.get("rescored")} for c in prompts[: cfg.prompts]]
-                path = ctx.run.file("labels", f"{ref.id}.json")
-                atomic_write_json(path, {"image": ref.id, "labels": labels, "prompts": prompts})
+            for ref, labels in zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)):
+                path = ctx.run.labels(ref.id)
+                atomic_write_json(path, {"image": ref.id, "labels": labels.labels, "prompts": labels.prompts})
                 results[ref.id] = ItemResult(outputs=[ctx.run.rel(path)])
         return [results[r.id] for r in refs]

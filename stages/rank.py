@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import require
-from pipeline.rundir import atomic_write_text, read_json
-from pipeline.runner import RunContext
+from pipeline.rundir import LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_json
+from pipeline.runner import StageContext, WholeRunStage
 from pipeline.tokens import vocab
 
 COLUMNS = ("word", "length", "pieces", "known", "images", "score", "best_image", "unusualness")
@@ -77,17 +77,17 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
     return sorted(records, key=lambda r: (-(r[key] if r[key] is not None else float("-inf")), r["word"]))
 
 
-def read_run(root: Path, prefix: str = "") -> tuple[dict[str, dict], dict[str, dict]]:
+def read_run(run: RunDir, prefix: str = "") -> tuple[dict[str, dict], dict[str, dict]]:
     """A run's opinions and labels by image id (``prefix`` + id); unreadable files are skipped."""
     opinions, labels = {}, {}
-    for path in sorted((root / "ascend").glob("*.json")):
-        doc = read_json(path)
+    for image_id in run.stage_ids("ascend"):
+        doc = read_json(run.opinion(image_id))
         if doc is not None:
-            opinions[prefix + path.stem] = doc
-    for path in sorted((root / "labels").glob("*.json")):
-        doc = read_json(path)
+            opinions[prefix + image_id] = doc
+    for image_id in run.stage_ids("labels"):
+        doc = read_json(run.labels(image_id))
         if doc is not None:
-            labels[prefix + path.stem] = doc
+            labels[prefix + image_id] = doc
     return opinions, labels
 
 
@@ -97,23 +97,23 @@ def write_records(folder: Path, records: list[dict], cfg: RankConfig) -> list[st
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(records)
-    atomic_write_text(folder / "records.csv", buf.getvalue())
+    atomic_write_text(folder / RECORDS, buf.getvalue())
     md = ["| # | word | length | pieces | known | images | score | unusualness |", "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records[: cfg.top], 1):
         score = "" if r["score"] is None else f"{r['score']:.3f}"
         md.append(f"| {i} | `{r['word']}` | {r['length']} | {r['pieces']} | {'yes' if r['known'] else 'no'} "
                   f"| {r['images']} | {score} | {r['unusualness']:.3f} |")
-    atomic_write_text(folder / "records.md", "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
+    atomic_write_text(folder / RECORDS_MD, "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
     longest = sorted({r["word"] for r in records if len(r["word"]) > cfg.longest_over}, key=lambda s: (-len(s), s))
-    atomic_write_text(folder / "longest_clip_word_records.txt", "".join(x + "\n" for x in longest))
-    return ["records.csv", "records.md", "longest_clip_word_records.txt"]
+    atomic_write_text(folder / LONGEST, "".join(x + "\n" for x in longest))
+    return [RECORDS, RECORDS_MD, LONGEST]
 
 
 def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[dict]:
     """One leaderboard over several runs, written to ``out``. Images are named ``<run>/<id>``."""
     opinions, labels = {}, {}
     for root in roots:
-        ops, labs = read_run(root, prefix=f"{root.name}/")
+        ops, labs = read_run(RunDir(root), prefix=f"{root.name}/")
         opinions.update(ops)
         labels.update(labs)
     records = rank_unusual_words(opinions, labels, cfg)
@@ -122,12 +122,11 @@ def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[dict]:
     return records
 
 
-class RankStage:
+class RankStage(WholeRunStage[RankConfig]):
     """Writes ``records.csv``, ``records.md`` and ``longest_clip_word_records.txt``."""
 
     name = "rank"
 
-    def run_all(self, ctx: RunContext) -> list[str]:
-        cfg: RankConfig = ctx.config.rank
-        opinions, labels = read_run(ctx.run.root)
-        return write_records(ctx.run.root, rank_unusual_words(opinions, labels, cfg), cfg)
+    def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
+        opinions, labels = read_run(ctx.run)
+        return write_records(ctx.run.root, rank_unusual_words(opinions, labels, ctx.config), ctx.config)

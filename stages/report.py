@@ -3,19 +3,25 @@
 No server and no network: inline CSS and JS, with the run's data embedded as JSON
 and the images referenced by paths relative to the run directory. Cards are drawn
 a page at a time, so the page stays usable at thousands of images.
+
+``build_report_data`` is the pure core: plain data in (each image's outputs, the
+failures, the leaderboard, timings), the page's data out, with every file path taken
+from the stages' outputs. ``read_report_inputs`` reads those from a run directory.
 """
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 
-from pipeline.config import require, to_dict
-from pipeline.rundir import atomic_write_text, read_json
-from pipeline.runner import RunContext
+from pipeline.config import require
+from pipeline.heatmaps import HEATMAP_METHODS
+from pipeline.images import ImageRef
+from pipeline.rundir import REPORT, RunDir, atomic_write_text, read_json
+from pipeline.runner import StageContext, WholeRunStage
 
 
 @dataclass(frozen=True)
@@ -29,48 +35,82 @@ class ReportConfig:
         require(self.page_size >= 1, f"report.page_size must be >= 1, got {self.page_size}")
 
 
-def collect_report_data(ctx: RunContext) -> dict:
-    """Everything the page shows, as plain data."""
-    cfg: ReportConfig = ctx.config.report
+@dataclass
+class ImageOutputs:
+    """One image of a run and what the stages wrote for it (``None`` where a stage has no output)."""
+
+    ref: ImageRef
+    src: str  # the original, relative to the run directory
+    opinion: dict | None
+    labels: dict | None
+    heatmaps: dict | None
+    failures: list[tuple[str, str]]  # (stage, reason) of the stages whose latest record failed
+
+
+@dataclass
+class ReportInputs:
+    """Everything the page shows, read from a run."""
+
+    run_name: str
+    config: dict  # the resolved config as plain data
+    images: list[ImageOutputs]
+    records: list[dict]  # the leaderboard's rows
+    seconds: dict[str, float]  # per stage, summed over the images' finished records
+
+
+def read_report_inputs(run: RunDir, config: dict) -> ReportInputs:
+    """The report's inputs from a run directory; unreadable outputs count as missing."""
     failed_by_image: dict[str, list[tuple[str, str]]] = {}
-    for (image, stage), rec in ctx.run.latest().items():
+    for (image, stage), rec in run.latest().items():
         if image is not None and rec["status"] == "failed":
             failed_by_image.setdefault(image, []).append((stage, rec["error"]))
-    cards, failures = [], []
-    methods: set[str] = set()
-    for ref in ctx.run.load_images():
-        card = {"id": ref.id, "rel": ref.rel, "src": os.path.relpath(os.path.abspath(ref.path), os.path.abspath(ctx.run.root)),
-                "words": [], "labels": [], "prompts": [], "maps": [], "sheet": 0}
-        op_path, lab_path = ctx.run.file("ascend", f"{ref.id}.json"), ctx.run.file("labels", f"{ref.id}.json")
-        if op_path.is_file():
-            words = json.loads(op_path.read_text(encoding="utf-8"))["words"]
-            card["words"] = [[w, d["frequency"]] for w, d in list(words.items())[: cfg.words_per_card]]
-        if lab_path.is_file():
-            lab = json.loads(lab_path.read_text(encoding="utf-8"))
-            card["labels"] = [[d["word"], d["frequency"], d.get("score")] for d in lab["labels"]]
-            card["prompts"] = [[p["text"], p["score"]] for p in lab["prompts"]]
-        surgery = read_json(ctx.run.file("surgery", f"{ref.id}.json"))
-        if surgery:
-            # compact: the page rebuilds the deterministic overlay paths from the id and the slug
-            card["maps"] = [[d["word"], d["slug"], int("mask" in d), _some_points(d, cfg.points_per_map)]
-                            for d in surgery["labels"][: cfg.maps_per_card] if d["overlays"]]
-            card["sheet"] = int("sheet" in surgery)
-            card["size"] = surgery["size"]
-            methods.update(surgery["methods"])
-        for stage, error in failed_by_image.get(ref.id, []):
-            failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
-        cards.append(card)
-    records = []
-    if ctx.run.file("records.csv").is_file():
-        with open(ctx.run.file("records.csv"), encoding="utf-8") as f:
-            records = list(csv.DictReader(f))[:50]
+    images = []
+    for ref in run.load_images():
+        src = os.path.relpath(os.path.abspath(ref.path), os.path.abspath(run.root))
+        images.append(ImageOutputs(ref, src, read_json(run.opinion(ref.id)), read_json(run.labels(ref.id)),
+                                   read_json(run.heatmaps(ref.id)), failed_by_image.get(ref.id, [])))
     seconds: dict[str, float] = {}
-    for rec in ctx.run.manifest_records():
+    for rec in run.manifest_records():
         if rec["status"] == "done":
             seconds[rec["stage"]] = seconds.get(rec["stage"], 0.0) + float(rec.get("seconds") or 0)
-    return {"run": ctx.run.root.name, "model": ctx.config.model, "config": to_dict(ctx.config), "cards": cards,
-            "failures": failures, "records": records, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "page_size": cfg.page_size, "methods": [m for m in ("surgery", "raw", "single") if m in methods]}
+    return ReportInputs(run.root.name, config, images, run.records()[:50], seconds)
+
+
+def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
+    """The page's data: a card per image, the failures, the leaderboard, timings and the config."""
+    cards, failures = [], []
+    methods: set[str] = set()
+    for item in inputs.images:
+        ref = item.ref
+        card = {"id": ref.id, "rel": ref.rel, "src": item.src, "words": [], "labels": [], "prompts": [], "maps": [],
+                "base": "", "sheet": ""}
+        if item.opinion:
+            card["words"] = [[w, d["frequency"]] for w, d in list(item.opinion["words"].items())[: cfg.words_per_card]]
+        if item.labels:
+            card["labels"] = [[d["word"], d["frequency"], d.get("score")] for d in item.labels["labels"]]
+            card["prompts"] = [[p["text"], p["score"]] for p in item.labels["prompts"]]
+        if item.heatmaps:
+            # each map: the word, its overlay per method, its SAM mask ("" without one), its points; the
+            # paths are the stage's own, less the folder they share, which the card holds once as "base"
+            labels = [d for d in item.heatmaps["labels"][: cfg.maps_per_card] if d["overlays"]]
+            paths = [p for d in labels for p in [*d["overlays"].values(), *([d["mask"]] if "mask" in d else [])]]
+            folders = {posixpath.dirname(p) for p in paths}
+            base = card["base"] = f"{folders.pop()}/" if len(folders) == 1 and "" not in folders else ""
+            card["maps"] = [[d["word"], {m: p[len(base):] for m, p in d["overlays"].items()},
+                             d["mask"][len(base):] if "mask" in d else "", _some_points(d, cfg.points_per_map)]
+                            for d in labels]
+            card["sheet"] = item.heatmaps.get("sheet", "")
+            card["size"] = item.heatmaps["size"]
+            methods.update(item.heatmaps["methods"])
+        for stage, error in item.failures:
+            failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
+        cards.append(card)
+    shown = [m for m in HEATMAP_METHODS if m in methods]
+    return {"run": inputs.run_name, "model": inputs.config.get("model"), "config": inputs.config, "cards": cards,
+            "failures": failures, "records": inputs.records,
+            "seconds": {k: round(v, 1) for k, v in inputs.seconds.items()}, "page_size": cfg.page_size,
+            "methods": shown, "method_names": {m: HEATMAP_METHODS[m] for m in shown},
+            "default_method": "surgery" if "surgery" in shown else (shown[0] if shown else None)}
 
 
 def _some_points(label: dict, n: int) -> list[list[int]]:
@@ -82,17 +122,18 @@ def _some_points(label: dict, n: int) -> list[list[int]]:
 
 
 def render_report(data: dict) -> str:
-    """The HTML page for ``collect_report_data``'s output."""
+    """The HTML page for ``build_report_data``'s output."""
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     return _PAGE.replace("__TITLE__", html.escape(data["run"])).replace("__DATA__", payload)
 
 
-class ReportStage:
+class ReportStage(WholeRunStage[ReportConfig]):
     name = "report"
 
-    def run_all(self, ctx: RunContext) -> list[str]:
-        atomic_write_text(ctx.run.file("report.html"), render_report(collect_report_data(ctx)))
-        return ["report.html"]
+    def run_all(self, ctx: StageContext[ReportConfig]) -> list[str]:
+        data = build_report_data(read_report_inputs(ctx.run, ctx.settings.config), ctx.config)
+        atomic_write_text(ctx.run.file(REPORT), render_report(data))
+        return [REPORT]
 
 
 _PAGE = """<!doctype html>
@@ -129,8 +170,8 @@ details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pr
 const D = JSON.parse(document.getElementById('data').textContent);
 const $ = id => document.getElementById(id);
 const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
-let page = 0, shown = D.cards, method = D.methods[0] || null, showPoints = false;
-const names = {surgery: 'surgery', raw: 'raw CLIP', single: 'single-text surgery'};
+let page = 0, shown = D.cards, method = D.default_method, showPoints = false;
+const names = D.method_names;
 function toggle() {
   $('toggle').innerHTML = D.methods.length ? 'heatmaps: ' + D.methods.map(m =>
     `<button data-method="${m}" class="${m === method ? 'on' : ''}">${names[m]}</button>`).join('') +
@@ -151,18 +192,17 @@ function card(c) {
   const chips = c.words.map(([w, n]) => `<span class="chip" data-word="${esc(w)}" title="${n}" style="font-size:${11 + 9 * n / max}px">${esc(w)}</span>`).join('');
   const labels = c.labels.map(([w, n, s]) => `<tr><td>${esc(w)}</td><td>${n}</td><td>${s === null ? '' : s.toFixed(3)}</td></tr>`).join('');
   const prompts = c.prompts.map(([t, s]) => `<li>${esc(t)} <span class="muted">${s === null ? '' : s.toFixed(3)}</span></li>`).join('');
-  const base = `surgery/${c.id}/${c.id}__`;
   const dots = pts => pts.length ? `<svg viewBox="0 0 ${c.size[0]} ${c.size[1]}" preserveAspectRatio="none">` + pts.map(([x, y, l]) =>
     `<circle cx="${x}" cy="${y}" r="${Math.max(c.size[0], c.size[1]) / 30}" fill="${l ? '#22c55e' : '#ef4444'}" stroke="#fff"/>`).join('') + '</svg>' : '';
-  const maps = method ? c.maps.map(([w, slug, mask, pts]) =>
-    `<figure><div class="fig"><img loading="lazy" class="map" data-method="${method}" src="${esc(base + slug + '__' + method + '.png')}" alt="${esc(w)}">` +
+  const maps = method ? c.maps.filter(([w, overlays]) => overlays[method]).map(([w, overlays, mask, pts]) =>
+    `<figure><div class="fig"><img loading="lazy" class="map" data-method="${method}" src="${esc(c.base + overlays[method])}" alt="${esc(w)}">` +
     `${showPoints ? dots(pts) : ''}</div><figcaption>${esc(w)}` +
-    (mask ? ` <a href="${esc(base + slug + '__sam.png')}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
+    (mask ? ` <a href="${esc(c.base + mask)}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
   return `<div class="card" id="${esc(c.id)}"><img loading="lazy" src="${esc(c.src)}" alt="${esc(c.rel)}"><h3>${esc(c.rel)}</h3>` +
     `<div>${chips || '<span class="muted">no opinion</span>'}</div>` +
     (labels ? `<table><tr><th>label</th><th>count</th><th>score</th></tr>${labels}</table>` : '') +
     (maps ? `<div class="maps">${maps}</div>` : '') +
-    (c.sheet ? `<a href="${esc('surgery/' + c.id + '__sheet.png')}">all heatmaps</a>` : '') +
+    (c.sheet ? `<a href="${esc(c.sheet)}">all heatmaps</a>` : '') +
     (prompts ? `<details><summary>best prompts</summary><ol>${prompts}</ol></details>` : '') + '</div>';
 }
 function render() {

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ConfigError, require
-from pipeline.heatmaps import contact_sheet, fit_side, label_slug, map_to_points, overlay_heatmap, upsample_map
+from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_slug, map_to_points, overlay_heatmap,
+                               upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.runner import ItemResult, RunContext, batch_size_for, remember_batch_size, split_on_oom
+from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
 from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map
 
-METHODS: tuple[str, ...] = ("raw", "surgery", "single")
+METHODS: tuple[str, ...] = tuple(HEATMAP_METHODS)
 SAM_TYPES = ("vit_h", "vit_l", "vit_b")
 
 
@@ -83,12 +84,20 @@ class HeatmapResult:
     points: list[tuple[list[list[int]], list[int]]]  # per word: [x, y] points and labels (1 positive, 0 negative)
 
 
+@dataclass
+class DrawnHeatmaps:
+    """One image's maps drawn for people: ``overlays[t][method]`` over ``display``, and each map's peak."""
+
+    display: np.ndarray  # [h, w, 3] uint8: the image scaled to ``overlay_max_side``
+    overlays: list[dict[str, np.ndarray]]  # per word, per method: [h, w, 3] uint8
+    peaks: list[dict[str, list[float]]]  # per word, per method: the argmax cell's centre as (x, y) fractions
+
+
 def _cosine(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """``[B, N, D] x [T, D] -> [B, N, T]`` plain cosine, as the raw CLIP maps use."""
     return F.normalize(tokens.float(), dim=-1) @ text.T
 
 
-@torch.inference_mode()
 def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images: torch.Tensor | None,
                      words: list[list[str]], vocab: list[str], text: torch.Tensor, empty: torch.Tensor,
                      image_sizes: list[tuple[int, int]], cfg: SurgeryConfig) -> list[HeatmapResult]:
@@ -176,6 +185,27 @@ def sam_masks(predictor: Any, image: np.ndarray, points: list[tuple[list[list[in
     return out
 
 
+def draw_heatmaps(image: np.ndarray, hm: HeatmapResult, methods: tuple[str, ...], max_side: int) -> DrawnHeatmaps:
+    """Each of ``methods``' maps upsampled and drawn over the image scaled to ``max_side``, and each map's peak.
+
+    Shape:
+        - image: :math:`(H, W, 3)` RGB uint8.
+    """
+    display = fit_side(image, max_side)
+    overlays, peaks = [], []
+    for t in range(len(hm.words)):
+        drawn, peak = {}, {}
+        for m in methods:
+            maps = hm.maps[m]
+            drawn[m] = overlay_heatmap(display, upsample_map(maps[t], display.shape[:2]))
+            gh, gw = maps[t].shape
+            at = int(np.argmax(maps[t]))
+            peak[m] = [round((at % gw + 0.5) / gw, 4), round((at // gw + 0.5) / gh, 4)]
+        overlays.append(drawn)
+        peaks.append(peak)
+    return DrawnHeatmaps(display, overlays, peaks)
+
+
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -188,34 +218,33 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-class SurgeryStage:
+class SurgeryStage(PerImageStage[SurgeryConfig]):
     """Reads ``labels/<id>.json``; writes ``surgery/<id>.npz``, ``.json``, ``__sheet.png`` and ``surgery/<id>/`` overlays."""
 
     name = "surgery"
     needs = ("decode",)
 
-    def prepare(self, ctx: RunContext) -> None:
+    def prepare(self, ctx: StageContext[SurgeryConfig]) -> None:
         """Before any work: load SAM once if configured, or fail with a clear error."""
-        cfg: SurgeryConfig = ctx.config.surgery
-        if cfg.sam.checkpoint and "sam" not in ctx.cache:
-            ctx.cache["sam"] = load_sam(cfg.sam, ctx.model.device)
+        cfg = ctx.config
+        if cfg.sam.checkpoint and ctx.models.sam is None:
+            ctx.models.sam = load_sam(cfg.sam, ctx.models.clip.device)
             ctx.log.info("loaded SAM %s from %s", cfg.sam.model_type, cfg.sam.checkpoint)
 
-    def batch_size(self, ctx: RunContext) -> int:
-        return batch_size_for(ctx, self.name, ctx.config.surgery.batch_size, cuda=32, cpu=8)
+    def batch_size(self, ctx: StageContext[SurgeryConfig]) -> int:
+        return ctx.batches.size(self.name, ctx.config.batch_size, cuda=32, cpu=8)
 
-    def process(self, ctx: RunContext, refs: list[ImageRef]) -> list[ItemResult]:
-        cfg: SurgeryConfig = ctx.config.surgery
-        lm = ctx.model
+    def process(self, ctx: StageContext[SurgeryConfig], refs: list[ImageRef]) -> list[ItemResult]:
+        cfg, lm = ctx.config, ctx.models.clip
         results: dict[str, ItemResult] = {}
         ok, pictures, words = [], [], []
         for ref in refs:
-            labels = read_json(ctx.run.file("labels", f"{ref.id}.json"))
+            labels = read_json(ctx.run.labels(ref.id))
             if labels is None:
                 results[ref.id] = ItemResult(error=f"{ref.rel}: labels/{ref.id}.json is unreadable; rerun decode with --force")
                 continue
             try:
-                pictures.append(load_image(ref.path, max_side=ctx.config.max_side))
+                pictures.append(load_image(ref.path, max_side=ctx.settings.max_side))
             except ImageError as err:
                 results[ref.id] = ItemResult(error=f"{ref.rel}: {err}")
                 continue
@@ -224,19 +253,23 @@ class SurgeryStage:
             ok.append(ref)
         if ok:
             vocab = list(dict.fromkeys(w for ws in words for w in ws))
-            text = ctx.text_features(vocab)  # one pass for the batch's new words
-            empty = ctx.text_features([""])[0]
+            text = ctx.models.text_features(vocab)  # one pass for the batch's new words
+            empty = ctx.models.text_features([""])[0]
 
             def run(a: int, b: int) -> list[HeatmapResult]:
                 base = self._tensors(lm, pictures[a:b], lm.input_resolution)
                 single = self._tensors(lm, pictures[a:b], cfg.single_resolution) if "single" in cfg.methods else None
                 sizes = [(p.height, p.width) for p in pictures[a:b]]
-                return compute_heatmaps(lm.model, base, single, words[a:b], vocab, text, empty, sizes, cfg)
+                with torch.inference_mode():
+                    return compute_heatmaps(lm.model, base, single, words[a:b], vocab, text, empty, sizes, cfg)
 
-            heatmaps = split_on_oom(run, 0, len(ok), remember_batch_size(ctx, self.name))
+            heatmaps = split_on_oom(run, 0, len(ok), ctx.batches.on_split(self.name))
             for ref, picture, hm in zip(ok, pictures, heatmaps):
+                image = np.asarray(picture)
+                masks = sam_masks(ctx.models.sam, image, hm.points) if ctx.models.sam is not None else [None] * len(hm.words)
                 try:
-                    results[ref.id] = ItemResult(outputs=self._write(ctx, ref, np.asarray(picture), hm))
+                    outputs = self._write(ctx, ref, image, hm, draw_heatmaps(image, hm, cfg.methods, cfg.overlay_max_side), masks)
+                    results[ref.id] = ItemResult(outputs=outputs)
                 except OSError as err:
                     results[ref.id] = ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
         return [results[r.id] for r in refs]
@@ -246,52 +279,43 @@ class SurgeryStage:
         batch = torch.stack([to_tensor(p, resolution) for p in pictures])
         return normalize(batch.to(lm.device)).to(lm.dtype)
 
-    def _write(self, ctx: RunContext, ref: ImageRef, image: np.ndarray, hm: HeatmapResult) -> list[str]:
-        cfg: SurgeryConfig = ctx.config.surgery
-        run = ctx.run
-        folder = run.file("surgery", ref.id)
-        display = fit_side(image, cfg.overlay_max_side)
-        masks = sam_masks(ctx.cache["sam"], image, hm.points) if "sam" in ctx.cache else [None] * len(hm.words)
+    @staticmethod
+    def _write(ctx: StageContext[SurgeryConfig], ref: ImageRef, image: np.ndarray, hm: HeatmapResult,
+               drawn: DrawnHeatmaps, masks: list[np.ndarray | None]) -> list[str]:
+        cfg, run = ctx.config, ctx.run
         outputs: list[str] = []
         entries, sheet_rows = [], []
         for t, word in enumerate(hm.words):
             slug = label_slug(word)
             entry: dict[str, Any] = {"word": word, "slug": slug, "overlays": {},
-                                     "points": hm.points[t][0], "point_labels": hm.points[t][1]}
-            row = []
-            for m in cfg.methods:
-                heat = upsample_map(hm.maps[m][t], display.shape[:2])
-                drawn = overlay_heatmap(display, heat)
-                row.append(drawn)
-                gh, gw = hm.maps[m][t].shape
-                peak = int(np.argmax(hm.maps[m][t]))
-                entry.setdefault("peak", {})[m] = [round((peak % gw + 0.5) / gw, 4), round((peak // gw + 0.5) / gh, 4)]
-                if cfg.overlays:
-                    path = folder / f"{ref.id}__{slug}__{m}.png"
-                    atomic_write_bytes(path, _png(drawn))
+                                     "points": hm.points[t][0], "point_labels": hm.points[t][1], "peak": drawn.peaks[t]}
+            if cfg.overlays:
+                for m in cfg.methods:
+                    path = run.overlay(ref.id, slug, m)
+                    atomic_write_bytes(path, _png(drawn.overlays[t][m]))
                     entry["overlays"][m] = run.rel(path)
                     outputs.append(run.rel(path))
             if masks[t] is not None:
-                path = folder / f"{ref.id}__{slug}__sam.png"
+                path = run.mask(ref.id, slug)
                 atomic_write_bytes(path, _png(masks[t].astype(np.uint8) * 255))
                 entry["mask"] = run.rel(path)
                 outputs.append(run.rel(path))
             entries.append(entry)
-            sheet_rows.append((word, row))
+            sheet_rows.append((word, [drawn.overlays[t][m] for m in cfg.methods]))
         arrays = {f"{m}/{w}": hm.maps[m][t].astype(np.float16) for m in cfg.methods for t, w in enumerate(hm.words)}
         arrays["image_size"] = np.asarray(image.shape[:2], dtype=np.int32)
-        npz = run.file("surgery", f"{ref.id}.npz")
+        npz = run.maps(ref.id)
         atomic_write_bytes(npz, _npz(arrays))
         outputs.insert(0, run.rel(npz))
         doc: dict[str, Any] = {"image": ref.id, "size": [int(image.shape[1]), int(image.shape[0])],
                                "methods": list(cfg.methods), "points_from": cfg.points_from,
                                "surgery_depth": cfg.surgery_depth, "labels": entries}
         if cfg.contact_sheet:
-            sheet = run.file("surgery", f"{ref.id}__sheet.png")
-            atomic_write_bytes(sheet, _png(contact_sheet(display, sheet_rows, list(cfg.methods))))
+            sheet = run.sheet(ref.id)
+            atomic_write_bytes(sheet, _png(contact_sheet(drawn.display, sheet_rows, list(cfg.methods))))
             doc["sheet"] = run.rel(sheet)
             outputs.insert(1, run.rel(sheet))
-        meta = run.file("surgery", f"{ref.id}.json")
+        meta = run.heatmaps(ref.id)
         atomic_write_json(meta, doc)
         outputs.insert(0, run.rel(meta))
         return outputs

@@ -48,8 +48,9 @@ def main() -> None:
     dev = resolve_device(args.device)
     lm = load_model(args.model, dev)
     out: dict = {"model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
-    out["zero_shot"] = {style: zero_shot_accuracy(lm.model, held_out_single_objects(args.scenes, style), dev)
-                        for style in ("train", "alt")}
+    with torch.no_grad():
+        out["zero_shot"] = {style: zero_shot_accuracy(lm.model, held_out_single_objects(args.scenes, style), dev)
+                            for style in ("train", "alt")}
     out["zero_shot"]["scenes"] = args.scenes
     if args.ascent:
         scenes = held_out_single_objects(args.ascent)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.config import to_dict  # noqa: E402
 from pipeline.images import ImageRef  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from stages import RunConfig  # noqa: E402
-from stages.report import collect_report_data, render_report  # noqa: E402
+from stages.report import ReportConfig, build_report_data, read_report_inputs, render_report  # noqa: E402
 
 WORDS = [f"word{i}" for i in range(400)] + ["sprinkorange", "breakfabeatrice", "abhinpassenger"]
 
@@ -40,10 +41,11 @@ def make_run(root: Path, n: int) -> RunDir:
         labels = [{"word": w, "frequency": d["frequency"], "score": 0.2, "rank": r} for r, (w, d) in enumerate(list(words.items())[:10], 1)]
         prompts = [{"text": " ".join(list(words)[:5]), "score": 0.3}] * 5
         (root / "labels" / f"{ref.id}.json").write_text(json.dumps({"labels": labels, "prompts": prompts}))
-        maps = [{"word": d["word"], "slug": d["word"], "overlays": {m: "x" for m in ("raw", "surgery", "single")},
+        maps = [{"word": d["word"], "slug": d["word"],
+                 "overlays": {m: run.rel(run.overlay(ref.id, d["word"], m)) for m in ("raw", "surgery", "single")},
                  "points": [[10 * k, 10 * k] for k in range(16)], "point_labels": [1] * 8 + [0] * 8} for d in labels]
         (root / "surgery" / f"{ref.id}.json").write_text(json.dumps(
-            {"size": [640, 480], "methods": ["raw", "surgery", "single"], "labels": maps, "sheet": "s"}))
+            {"size": [640, 480], "methods": ["raw", "surgery", "single"], "labels": maps, "sheet": run.rel(run.sheet(ref.id))}))
     return run
 
 
@@ -54,9 +56,8 @@ def main() -> None:
     out: dict = {"images": args.images}
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp) / "run", args.images)
-        ctx = type("Ctx", (), {"config": RunConfig(), "run": run})()
         t = time.time()
-        page = render_report(collect_report_data(ctx))
+        page = render_report(build_report_data(read_report_inputs(run, to_dict(RunConfig())), ReportConfig()))
         out["write_seconds"] = round(time.time() - t, 2)
         path = run.file("report.html")
         path.write_text(page, encoding="utf-8")

@@ -59,6 +59,7 @@ def original_like(name: str, dev: torch.device, picture: Image.Image, words: lis
     sync(dev)
 
 
+@torch.inference_mode()  # the library's cores leave the grad mode to their callers
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="toy")

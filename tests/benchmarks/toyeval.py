@@ -103,6 +103,7 @@ def pointing_ceiling(scenes: list[Scene], grid: int) -> float:
     return round(hits / objects, 4)
 
 
+@torch.inference_mode()  # the library's cores leave the grad mode to their callers
 def evaluate_localization(lm: LoadedModel, scenes: list[Scene], cfg: SurgeryConfig = SurgeryConfig(),
                           word: Literal["shape", "colour"] = "shape",
                           texts: Literal["shapes", "words"] = "shapes") -> dict[str, dict[str, float]]:

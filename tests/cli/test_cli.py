@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from pipeline.toyworld import write_scenes
 from runall import app
+from tests.conftest import fast_args
 
-FAST = ["--set", "ascend.iterations=6", "--set", "ascend.candidates=4", "--set", "ascend.bank_size=8",
-        "--set", "ascend.views=4", "--set", "decode.min_frequency=1", "--set", "surgery.single_resolution=64"]
+FAST = fast_args()
 
 
 @pytest.fixture
@@ -140,15 +140,17 @@ def test_toy_train_writes_a_checkpoint_stock_clip_loads(tmp_path):
     r = _run("toy", "train", "--out", str(out), "--steps", "2", "--batch-size", "8", "--device", "cpu")
     assert r.exit_code == 0, r.output
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["recipe"]["name"] == "cpu"  # auto picks the CPU recipe without CUDA
-    assert card["recipe"]["lr"] == RECIPES["cpu"].lr and card["recipe"]["steps"] == 2 and card["recipe"]["batch_size"] == 8
+    assert card["recipe"]["name"] == "fine-cpu"  # auto picks the CPU recipe without CUDA
+    assert card["recipe"]["lr"] == RECIPES["fine-cpu"].lr and card["recipe"]["steps"] == 2 and card["recipe"]["batch_size"] == 8
     assert card["device"].startswith("cpu") and set(card["history"][-1]) >= {"joint36", "colour", "shape"}
     state = torch.load(out)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     model = build_model(state)
-    assert model.visual.input_resolution == 64
+    assert model.visual.input_resolution == 64 and model.visual.conv1.kernel_size == (4, 4)  # a 16x16 grid
     r = _run("toy", "train", "--out", str(out), "--steps", "1", "--batch-size", "4", "--recipe", "gpu", "--device", "cpu")
     assert r.exit_code == 0 and json.loads(out.with_suffix(".json").read_text())["recipe"]["lr"] == RECIPES["gpu"].lr
+    r = _run("toy", "train", "--out", str(out), "--steps", "2", "--recipe", "cpu", "--resume", "--device", "cpu")
+    assert r.exit_code == 2 and "another recipe" in r.output  # the checkpoint beside --out is the gpu recipe's
     assert _run("toy", "train", "--out", str(out), "--recipe", "laptop").exit_code == 2
 
 
@@ -163,10 +165,22 @@ def test_doctor_explains_the_environment(tmp_path):
     assert "ViT-B/16" in r.output  # the cached checkpoint is found
 
 
-@pytest.mark.parametrize("cmd", ["ascend", "decode", "surgery", "rank", "report", "models", "toy", "doctor"])
-def test_every_command_has_help(cmd):
+@pytest.mark.parametrize("cmd, options, words", [
+    ("ascend", ["--run", "--run-dir", "--set", "--force"], "only the ascend stage"),
+    ("decode", ["--run", "--config", "--model"], "only the decode stage"),
+    ("surgery", ["--run", "--device", "--quiet"], "only the surgery stage"),
+    ("report", ["--run", "--set"], "only the report stage"),
+    ("rank", ["--run", "--runs", "--out"], "merge several"),
+    ("models", ["--cache"], "cache"),
+    ("doctor", ["--cache", "--output"], "environment"),
+    ("toy", ["scenes", "train"], "toy world"),
+])
+def test_every_command_has_help(cmd, options, words):
     r = _run(cmd, "--help")
-    assert r.exit_code == 0 and "Usage" in r.output
+    assert r.exit_code == 0 and f" {cmd} [OPTIONS]" in r.output
+    text = " ".join(r.output.split())  # help text is wrapped to the terminal
+    assert words in text and all(o in r.output for o in options), r.output
+    assert cmd in {"rank", "models", "doctor", "toy"} or "--runs" not in r.output  # a stage lists only its own options
 
 
 def test_images_without_labels_still_finish_surgery(tmp_path, images):
@@ -203,3 +217,36 @@ def test_rank_merges_runs(tmp_path, images):
     assert (out / "m" / "records.md").is_file() and (out / "m" / "longest_clip_word_records.txt").is_file()
     assert _run("rank", "--runs", "--out", str(out / "m")).exit_code == 2
     assert _run("rank", "--runs", str(tmp_path)).exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    write_scenes(root / "imgs", 0, 2)
+    (root / "imgs" / "truth.json").unlink()
+    r = _run("--input", str(root / "imgs"), "--model", "random:tiny", "--output", str(root / "out"), "--run-name", "r",
+             "--quiet", *FAST)
+    assert r.exit_code == 0, r.output
+    return root / "out" / "r"
+
+
+@pytest.mark.parametrize("stage, files", [
+    ("ascend", ["ascend/{id}.json", "ascend/{id}.csv"]),
+    ("decode", ["labels/{id}.json"]),
+    ("surgery", ["surgery/{id}.json", "surgery/{id}.npz", "surgery/{id}__sheet.png"]),
+    ("rank", ["records.csv", "records.md", "longest_clip_word_records.txt"]),
+    ("report", ["report.html"]),
+])
+def test_every_stage_command_reruns_its_stage_in_process(small_run, stage, files):
+    ids = [json.loads(x)["id"] for x in (small_run / "images.jsonl").read_text().splitlines()]
+    paths = [small_run / f.format(id=i) for f in files for i in (ids if "{id}" in f else [None])]
+    for p in paths:
+        p.unlink()
+    before = len(_manifest(small_run))
+    args = [stage, "--run", str(small_run), "--quiet"] + (["--force"] if stage != "rank" else [])
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    assert all(p.is_file() for p in paths), [str(p) for p in paths if not p.is_file()]
+    new = _manifest(small_run)[before:]
+    assert {x["stage"] for x in new} == {stage} and all(x["status"] == "done" for x in new)
+    assert len(new) == (len(ids) if stage in ("ascend", "decode", "surgery") else 1)

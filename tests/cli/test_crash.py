@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.toyworld import write_scenes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def _records(run):

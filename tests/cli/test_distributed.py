@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.toyworld import write_scenes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 ARGS = ["--model", "random:tiny", "--quiet", "--set", "ascend.iterations=8", "--set", "ascend.candidates=4",
         "--set", "ascend.bank_size=8", "--set", "ascend.views=4", "--set", "decode.min_frequency=1",
         "--set", "surgery.single_resolution=64", "--set", "ascend.batch_size=2", "--set", "surgery.batch_size=2"]

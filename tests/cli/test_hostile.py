@@ -10,10 +10,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from runall import app
+from tests.conftest import fast_args
 
-FAST = ["--set", "ascend.iterations=4", "--set", "ascend.candidates=2", "--set", "ascend.bank_size=4",
-        "--set", "ascend.views=2", "--set", "decode.min_frequency=1", "--set", "surgery.single_resolution=32",
-        "--set", "surgery.max_labels=2"]
+FAST = fast_args(ascend__iterations=4, ascend__candidates=2, ascend__bank_size=4, ascend__views=2,
+                 surgery__single_resolution=32, surgery__max_labels=2)
 
 
 def _png(img):

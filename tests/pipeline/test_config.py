@@ -1,7 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, build_config, load_yaml, parse_overrides
-from runall import resolve_config
+from pipeline.config import ConfigError, build_config, load_yaml, parse_overrides, resolve_config
 from stages import RunConfig
 
 
@@ -9,7 +8,7 @@ def test_unknown_key_names_key_file_and_valid_keys(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("model: toy\nascend:\n  iterationz: 3\n")
     with pytest.raises(ConfigError) as e:
-        resolve_config(f, {}, {}, [])
+        resolve_config(RunConfig, f, {}, {}, [])
     msg = str(e.value)
     assert "ascend.iterationz" in msg and str(f) in msg and "iterations" in msg
 
@@ -18,7 +17,7 @@ def test_unknown_top_level_key(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("modle: toy\n")
     with pytest.raises(ConfigError, match=r"unknown key 'modle'.*model"):
-        resolve_config(f, {}, {}, [])
+        resolve_config(RunConfig, f, {}, {}, [])
 
 
 @pytest.mark.parametrize("text, match", [
@@ -33,13 +32,13 @@ def test_wrong_types_and_values(tmp_path, text, match):
     f = tmp_path / "c.yaml"
     f.write_text(text)
     with pytest.raises(ConfigError, match=match):
-        resolve_config(f, {}, {}, [])
+        resolve_config(RunConfig, f, {}, {}, [])
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model: toy\nseed: 5\nascend:\n  iterations: 7\n")
-    cfg = resolve_config(f, {}, {"model": "random:tiny"}, ["ascend.iterations=9"])
+    cfg = resolve_config(RunConfig, f, {}, {"model": "random:tiny"}, ["ascend.iterations=9"])
     assert cfg.model == "random:tiny"  # CLI beats YAML
     assert cfg.seed == 5  # YAML beats default
     assert cfg.ascend.iterations == 9  # --set beats YAML
@@ -52,8 +51,32 @@ def test_bad_override_syntax():
 
 
 @pytest.mark.parametrize("name", ["default", "demo", "overnight"])
-def test_shipped_configs_are_valid(name):
+def test_shipped_configs_are_valid_and_say_what_they_set(name):
+    """Every key a shipped config sets reaches the built config, and each keeps the original's ascent settings."""
     from pathlib import Path
 
-    cfg = build_config(RunConfig, load_yaml(Path("configs") / f"{name}.yaml"), name)
-    assert cfg.ascend.iterations == 400 and cfg.ascend.candidates == 16 and cfg.ascend.tokens == 5
+    from pipeline.config import to_dict
+
+    data = load_yaml(Path(__file__).parents[2] / "configs" / f"{name}.yaml")
+    built = to_dict(build_config(RunConfig, data, name))
+
+    def check(section: dict, got: dict, path: str) -> int:
+        n = 0
+        for key, value in section.items():
+            if isinstance(value, dict):
+                n += check(value, got[key], f"{path}{key}.")
+            else:
+                assert got[key] == (list(value) if isinstance(value, tuple) else value), f"{name}: {path}{key}"
+                n += 1
+        return n
+
+    assert check(data, built, "") >= 1  # the file sets something, and all of it arrives
+    assert built["ascend"]["iterations"] == 400 and built["ascend"]["candidates"] == 16 and built["ascend"]["tokens"] == 5
+
+
+def test_a_changed_result_key_is_a_difference_and_a_non_result_key_is_not():
+    from pipeline.config import config_differences, to_dict
+
+    base = to_dict(RunConfig())
+    assert config_differences(base, to_dict(RunConfig(device="cpu", encode_batch_size=4))) == []
+    assert config_differences(base, to_dict(RunConfig(seed=3, model="toy"))) == ["model", "seed"]

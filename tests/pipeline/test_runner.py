@@ -32,42 +32,45 @@ def test_batch_size_keeps_what_fitted_after_a_back_off():
     import logging
     from types import SimpleNamespace
 
-    from pipeline.runner import batch_size_for, remember_batch_size
+    from pipeline.runner import BatchSizer
 
-    ctx = SimpleNamespace(cache={}, model=SimpleNamespace(device=torch.device("cpu")), log=logging.getLogger("t"))
-    assert batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4) == 4
-    assert batch_size_for(ctx, "ascend", 16, cuda=64, cpu=4) == 16
-    remember_batch_size(ctx, "ascend")(8)
-    assert batch_size_for(ctx, "ascend", 16, cuda=64, cpu=4) == 8  # even a configured size gives way
-    assert batch_size_for(ctx, "surgery", 0, cuda=32, cpu=8) == 8  # per stage
+    sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cpu"))), logging.getLogger("t"))
+    assert sizer.size("ascend", 0, cuda=64, cpu=4) == 4
+    assert sizer.size("ascend", 16, cuda=64, cpu=4) == 16
+    sizer.on_split("ascend")(8)
+    assert sizer.size("ascend", 16, cuda=64, cpu=4) == 8  # even a configured size gives way
+    assert sizer.size("surgery", 0, cuda=32, cpu=8) == 8  # per stage
 
 
 def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     import logging
     from types import SimpleNamespace
 
-    from pipeline.runner import batch_size_for, fit_batch
+    from pipeline.runner import BatchSizer, fit_batch
     from stages.ascend import AscentConfig, ascent_bytes_per_image
 
     assert fit_batch(10_000, 100, cap=64) == 50  # half of the free memory
     assert fit_batch(10**12, 100, cap=64) == 64
     assert fit_batch(50, 100, cap=64) == 1  # one image is always tried; the back-off handles the rest
 
-    per = ascent_bytes_per_image(AscentConfig(), 49408)
-    assert per == 6 * 16 * 5 * 49408 * 4
-    assert ascent_bytes_per_image(AscentConfig(method="pez"), 49408) < per
+    from pipeline.tokens import vocab
+
+    size = vocab().size
+    per = ascent_bytes_per_image(AscentConfig(), size)
+    assert per == 6 * 16 * 5 * size * 4
+    assert ascent_bytes_per_image(AscentConfig(method="pez"), size) < per
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (4 * gib, 8 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 0)
-    ctx = SimpleNamespace(cache={}, model=SimpleNamespace(device=torch.device("cuda", 0)), log=logging.getLogger("t"))
-    small = batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4, bytes_per_image=per)
+    sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cuda", 0))), logging.getLogger("t"))
+    small = sizer.size("ascend", 0, cuda=64, cpu=4, bytes_per_image=per)
     assert small == (2 * gib) // per == 22  # a GPU with 4 GiB free starts below 64
-    assert batch_size_for(ctx, "ascend", 48, cuda=64, cpu=4, bytes_per_image=per) == 48  # a configured size is kept
+    assert sizer.size("ascend", 48, cuda=64, cpu=4, bytes_per_image=per) == 48  # a configured size is kept
     # blocks the allocator keeps from the last batch count as free: the size does not shrink batch by batch
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 * gib, 8 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 4 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 1 * gib)
-    assert batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == small
+    assert sizer.size("ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == small
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (70 * gib, 80 * gib))
-    assert batch_size_for(ctx, "ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == 64
+    assert sizer.size("ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == 64

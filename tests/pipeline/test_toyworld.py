@@ -41,12 +41,31 @@ def test_masks_match_drawn_pixels(style):
     assert np.mean(near_all) > 0.95  # inside the masks is the objects' colour
 
 
-def test_write_scenes(tmp_path):
+def test_write_scenes_truth_matches_the_pixels(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from pipeline.toyworld import COLOURS, make_scenes
+
     truth = write_scenes(tmp_path, 0, 3)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["scene_0000.png", "scene_0001.png", "scene_0002.png"]
-    assert truth.is_file() and "objects" in truth.read_text()
+    doc = json.loads(truth.read_text())
+    assert doc["seed"] == 0 and doc["size"] == 64 and len(doc["scenes"]) == 3
+    for entry, scene in zip(doc["scenes"], make_scenes(0, 3)):
+        assert entry["caption"] == scene.caption and len(entry["objects"]) == len(scene.objects)
+        pixels = np.asarray(Image.open(tmp_path / entry["file"]))
+        assert np.array_equal(pixels, scene.image)  # the PNG is the scene, losslessly
+        for obj, truth_obj in zip(scene.objects, entry["objects"]):
+            x0, y0, x1, y1 = truth_obj["bbox"]
+            ys, xs = np.nonzero(obj.mask)
+            assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert truth_obj["colour"] == obj.colour and truth_obj["shape"] == obj.shape
+            inside = pixels[y0:y1, x0:x1][obj.mask[y0:y1, x0:x1]].astype(float).mean(0)
+            assert np.abs(inside - COLOURS[obj.colour]).max() < 80  # the box holds the object's colour
 
 
 def test_shipped_toy_model_zero_shot_accuracy(toy):
-    acc = zero_shot_accuracy(toy.model, held_out_single_objects(200), torch.device("cpu"))
+    with torch.no_grad():
+        acc = zero_shot_accuracy(toy.model, held_out_single_objects(200), torch.device("cpu"))
     assert acc["joint36"] >= 0.95, acc

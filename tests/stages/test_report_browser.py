@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from pipeline.toyworld import write_scenes
 from runall import app
+from tests.conftest import fast_args
 
-FAST = ["--set", "ascend.iterations=20", "--set", "ascend.candidates=8", "--set", "ascend.bank_size=16",
-        "--set", "ascend.views=8", "--set", "decode.min_frequency=1"]
+FAST = fast_args(ascend__iterations=20, ascend__candidates=8, ascend__bank_size=16, ascend__views=8,
+                 surgery__single_resolution=512)  # real labels from the toy; the default single-text size
 
 
 def _chromium() -> str | None:

@@ -13,9 +13,9 @@ from pipeline.config import ConfigError
 from pipeline.toyworld import write_scenes
 from runall import app
 from stages.surgery import SamConfig, load_sam
+from tests.conftest import fast_args
 
-FAST = ["--set", "ascend.iterations=6", "--set", "ascend.candidates=4", "--set", "ascend.bank_size=8",
-        "--set", "ascend.views=4", "--set", "decode.min_frequency=1", "--set", "surgery.single_resolution=64"]
+FAST = fast_args()
 
 
 def test_missing_checkpoint_and_missing_extra_are_clear(tmp_path, monkeypatch):

@@ -1,0 +1,55 @@
+"""Environment checks for ``runall.py doctor``: torch and CUDA, openai-clip, the weights cache, disk, extras."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.models import TOY_CHECKPOINT, cached_file, known_models
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the doctor's table; ``ok`` is True (fine), False (a problem) or None (a note)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+def check_environment(cache: Path, output: Path) -> list[Check]:
+    """Every check, in the order a person reads them."""
+    import torch
+
+    checks = [Check("python", sys.version_info >= (3, 11), sys.version.split()[0]),
+              Check("torch", True, f"{torch.__version__} ({torch.get_num_threads()} CPU threads)")]
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        checks.append(Check("CUDA", True, f"{torch.version.cuda}: {names}"))
+    else:
+        checks.append(Check("CUDA", None, "no GPU visible: runs use the CPU (fine for the toy demo, slow for ViT-B/16)"))
+    try:
+        import clip  # noqa: F401
+
+        checks.append(Check("openai-clip", True, "imports"))
+    except Exception as err:  # e.g. setuptools >= 81 has no pkg_resources
+        checks.append(Check("openai-clip", False, f"{err}; try: pip install 'setuptools>=77,<81'"))
+    present = [n for n in known_models() if not n.startswith("random:") and n != "toy" and cached_file(n, cache).is_file()]
+    checks.append(Check("weights cache", None if not present else True,
+                        f"{cache}: " + (", ".join(present) if present else "no OpenAI checkpoint yet (downloaded on first "
+                                                                           "use; offline, copy the file to the path `models` prints)")))
+    checks.append(Check("toy model", TOY_CHECKPOINT.is_file(), str(TOY_CHECKPOINT)))
+    probe = output if output.exists() else Path(".")
+    free = shutil.disk_usage(probe).free / 2**30
+    checks.append(Check("free disk", free >= 1, f"{free:.1f} GiB free at {probe.resolve()} "
+                                                "(overlay PNGs take most of a run's space)"))
+    for module, extra, use in (("segment_anything", "sam", "SAM masks"), ("playwright", "dev", "the report's browser test")):
+        found = importlib.util.find_spec(module) is not None
+        checks.append(Check(f"extra: {extra}", True if found else None,
+                            f"{module} installed" if found else f"{module} not installed: pip install -e '.[{extra}]' for {use}"))
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    checks.append(Check("browser", True if browser else None, browser or "no Chromium: the report's browser test will skip"))
+    return checks

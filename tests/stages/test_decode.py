@@ -1,0 +1,38 @@
+"""stages.decode: the original's frequency rule, block-lists, stock-CLIP scores and ranks."""
+
+import torch
+import torch.nn.functional as F
+
+from stages.decode import DecodeConfig, decode_labels, label_opinions
+
+
+def test_decode_rule_and_block_list():
+    words = {"Circle": {"frequency": 2}, "circle": {"frequency": 2}, "red": {"frequency": 5}, "odd": {"frequency": 1}}
+    assert [d["word"] for d in decode_labels(words, DecodeConfig())] == ["red"]
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(lowercase=True))] == ["red", "circle"]
+    assert decode_labels(words, DecodeConfig(), ("RE",)) == []
+
+
+def _opinion(words, candidates, block=()):
+    return {"words": {w: {"frequency": n} for w, n in words.items()}, "settings": {"block_words": list(block)},
+            "candidates": [{"text": t} if s is None else {"text": t, "rescored": s} for t, s in candidates]}
+
+
+def test_labels_are_scored_ranked_and_prompts_are_the_best_rescored():
+    axes = {"red": [1.0, 0.0, 0.0], "ring": [0.0, 1.0, 0.0], "odd": [0.0, 0.0, 1.0]}
+    calls = []
+
+    def text_features(words):
+        calls.append(list(words))
+        return F.normalize(torch.tensor([axes[w] for w in words]), dim=-1) if words else torch.empty(0, 3)
+
+    image = F.normalize(torch.tensor([[0.2, 0.9, 0.1], [1.0, 0.0, 0.0]]), dim=-1)
+    ops = [_opinion({"red": 4, "ring": 3, "odd": 1}, [("a", 0.1), ("b", 0.3), ("c", None)]),
+           _opinion({"red": 5, "ring": 9}, [("x", 0.2)], block=("rin",))]
+    out = label_opinions(ops, image, text_features, DecodeConfig(prompts=2))
+    assert len(calls) == 1 and set(calls[0]) == {"red", "ring"}  # one text pass for the batch, only labels
+    first = out[0].labels
+    assert [d["word"] for d in first] == ["ring", "red"]  # by score, not frequency
+    assert [d["rank"] for d in first] == [1, 2] and first[0]["score"] == round(float(image[0, 1]), 4)
+    assert [p["text"] for p in out[0].prompts] == ["b", "a"]  # best re-score first, unscored last, capped at 2
+    assert [d["word"] for d in out[1].labels] == ["red"]  # the opinion's own ascend block-list applies

@@ -1,0 +1,59 @@
+"""stages.report: the page's data from a run's outputs, with no browser: paths come from the data."""
+
+import json
+
+from pipeline.config import to_dict
+from pipeline.images import ImageRef
+from pipeline.rundir import RunDir, atomic_write_json
+from stages import RunConfig
+from stages.report import ReportConfig, ImageOutputs, ReportInputs, build_report_data, read_report_inputs, render_report
+
+
+def _heatmaps(overlays, mask=None):
+    label = {"word": "red", "slug": "red", "overlays": overlays, "points": [[1, 2], [3, 4], [5, 6]],
+             "point_labels": [1, 1, 0], "peak": {}}
+    if mask:
+        label["mask"] = mask
+    return {"image": "a", "size": [64, 48], "methods": list(overlays), "labels": [label], "sheet": "surgery/a__sheet.png"}
+
+
+def test_cards_take_their_paths_from_the_surgery_outputs():
+    inputs = ReportInputs("run", {"model": "toy"}, [
+        ImageOutputs(ImageRef("a", "/x/a.png", "a.png"), "../x/a.png",
+                     {"words": {"red": {"frequency": 3}, "odd": {"frequency": 1}}},
+                     {"labels": [{"word": "red", "frequency": 3, "score": 0.2}], "prompts": [{"text": "red", "score": 0.3}]},
+                     _heatmaps({"raw": "surgery/a/raw.png", "single": "surgery/a/single.png"}, mask="surgery/a/m.png"),
+                     []),
+        ImageOutputs(ImageRef("b", "/x/b.png", "b.png"), "../x/b.png", None, None, None, [("ascend", "b.png: empty")]),
+    ], [{"word": "odd"}], {"ascend": 1.26})
+    data = build_report_data(inputs, ReportConfig(points_per_map=1))
+    a, b = data["cards"]
+    assert a["src"] == "../x/a.png" and a["sheet"] == "surgery/a__sheet.png"
+    word, overlays, mask, points = a["maps"][0]
+    assert a["base"] == "surgery/a/"  # the folder the stage's paths share, held once per card
+    assert word == "red" and overlays == {"raw": "raw.png", "single": "single.png"}
+    assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]]  # one of each kind
+    assert a["words"] == [["red", 3], ["odd", 1]] and a["labels"] == [["red", 3, 0.2]]
+    assert data["methods"] == ["raw", "single"] and data["default_method"] == "raw"  # only what exists, one order
+    assert set(data["method_names"]) == {"raw", "single"}
+    assert b["maps"] == [] and b["sheet"] == "" and data["failures"] == [
+        {"image": "b.png", "id": "b", "stage": "ascend", "error": "b.png: empty"}]
+    assert data["seconds"] == {"ascend": 1.3} and data["model"] == "toy" and data["records"] == [{"word": "odd"}]
+
+
+def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
+    run = RunDir(tmp_path / "r")
+    ref = ImageRef("a", str(tmp_path / "a.png"), "a.png")
+    run.save_images([ref])
+    atomic_write_json(run.heatmaps("a"), _heatmaps({"surgery": "surgery/a/s.png"}))
+    run.append_manifest([{"image": "a", "stage": "surgery", "status": "done", "seconds": 2.0, "outputs": []},
+                         {"image": "a", "stage": "decode", "status": "failed", "error": "bad", "outputs": []}])
+    data = build_report_data(read_report_inputs(run, to_dict(RunConfig(model="toy"))), ReportConfig())
+    card = data["cards"][0]
+    assert card["src"] == "../a.png" and data["default_method"] == "surgery"
+    assert card["base"] + card["maps"][0][1]["surgery"] == "surgery/a/s.png"
+    assert data["failures"][0]["error"] == "bad" and data["seconds"] == {"surgery": 2.0}
+    page = render_report(data)
+    embedded = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
+    assert json.loads(embedded.replace("<\\/", "</")) == data
+    assert "__" not in page.split("<script>")[1]  # the page's code spells no output file name
