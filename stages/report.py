@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import posixpath
 from dataclasses import dataclass
 
 from pipeline.config import require
@@ -91,11 +90,10 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
             card["prompts"] = [[p["text"], p["score"]] for p in item.labels["prompts"]]
         if item.heatmaps:
             # each map: the word, its overlay per method, its SAM mask ("" without one), its points; the
-            # paths are the stage's own, less the folder they share, which the card holds once as "base"
+            # paths are the stage's own, less the prefix they share, which the card holds once as "base"
             labels = [d for d in item.heatmaps["labels"][: cfg.maps_per_card] if d["overlays"]]
             paths = [p for d in labels for p in [*d["overlays"].values(), *([d["mask"]] if "mask" in d else [])]]
-            folders = {posixpath.dirname(p) for p in paths}
-            base = card["base"] = f"{folders.pop()}/" if len(folders) == 1 and "" not in folders else ""
+            base = card["base"] = _shared_prefix(paths)
             card["maps"] = [[d["word"], {m: p[len(base):] for m, p in d["overlays"].items()},
                              d["mask"][len(base):] if "mask" in d else "", _some_points(d, cfg.points_per_map)]
                             for d in labels]
@@ -111,6 +109,15 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
             "seconds": {k: round(v, 1) for k, v in inputs.seconds.items()}, "page_size": cfg.page_size,
             "methods": shown, "method_names": {m: HEATMAP_METHODS[m] for m in shown},
             "default_method": "surgery" if "surgery" in shown else (shown[0] if shown else None)}
+
+
+def _shared_prefix(paths: list[str]) -> str:
+    """The longest prefix of every path that ends at a "/" or "__" and leaves each path a non-empty rest."""
+    prefix = os.path.commonprefix(paths) if paths else ""
+    cut = max(prefix.rfind("/") + 1, prefix.rfind("__") + 2)
+    while cut and any(len(p) <= cut for p in paths):
+        cut = max(prefix.rfind("/", 0, cut - 1) + 1, prefix.rfind("__", 0, cut - 2) + 2)
+    return prefix[:cut]
 
 
 def _some_points(label: dict, n: int) -> list[list[int]]:

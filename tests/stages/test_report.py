@@ -30,7 +30,7 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     a, b = data["cards"]
     assert a["src"] == "../x/a.png" and a["sheet"] == "surgery/a__sheet.png"
     word, overlays, mask, points = a["maps"][0]
-    assert a["base"] == "surgery/a/"  # the folder the stage's paths share, held once per card
+    assert a["base"] == "surgery/a/"  # the prefix the stage's paths share, held once per card
     assert word == "red" and overlays == {"raw": "raw.png", "single": "single.png"}
     assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]]  # one of each kind
     assert a["words"] == [["red", 3], ["odd", 1]] and a["labels"] == [["red", 3, 0.2]]
@@ -57,3 +57,12 @@ def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
     embedded = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
     assert json.loads(embedded.replace("<\\/", "</")) == data
     assert "__" not in page.split("<script>")[1]  # the page's code spells no output file name
+
+
+def test_shared_prefix_always_leaves_a_name():
+    from stages.report import _shared_prefix
+
+    assert _shared_prefix(["s/i/i__red__raw.png", "s/i/i__red__single.png", "s/i/i__ring__raw.png"]) == "s/i/i__"
+    assert _shared_prefix(["s/i/i__red__raw.png"]) == "s/i/i__red__"
+    assert _shared_prefix(["s/i/i__red__raw.png", "s/i/i__red__raw.png.x"]) == "s/i/i__red__"
+    assert _shared_prefix([]) == "" and _shared_prefix(["a.png", "b.png"]) == ""
