@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.toyworld import write_scenes
+from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
@@ -31,8 +32,8 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     (tmp_path / "imgs" / "truth.json").unlink()
     cmd = [sys.executable, str(ROOT / "runall.py"), "--input", str(tmp_path / "imgs"), "--model", "random:tiny",
            "--output", str(tmp_path / "out"), "--run-name", "r", "--quiet",
-           "--set", "ascend.iterations=80", "--set", "ascend.batch_size=1", "--set", "decode.min_frequency=1",
-           "--set", "surgery.single_resolution=64"]
+           *fast_args(ascend__iterations=80, ascend__candidates=16, ascend__bank_size=256, ascend__views=64,
+                      ascend__batch_size=1)]  # slow enough per image to be killed between images
     run = tmp_path / "out" / "r"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

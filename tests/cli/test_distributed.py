@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.toyworld import write_scenes
+from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-ARGS = ["--model", "random:tiny", "--quiet", "--set", "ascend.iterations=8", "--set", "ascend.candidates=4",
-        "--set", "ascend.bank_size=8", "--set", "ascend.views=4", "--set", "decode.min_frequency=1",
-        "--set", "surgery.single_resolution=64", "--set", "ascend.batch_size=2", "--set", "surgery.batch_size=2"]
+ARGS = ["--model", "random:tiny", "--quiet",
+        *fast_args(ascend__iterations=8, ascend__batch_size=2, surgery__batch_size=2)]
 
 
 def _load(run, sub, ext):
