@@ -18,10 +18,10 @@ import pipeline  # noqa: F401  (quiets openai-clip's import warning)
 from pipeline.config import ConfigError, resolve_config
 from pipeline.images import InputError, discover_images, slugify
 from pipeline.models import ModelError, default_cache_dir, model_statuses, resolve_device
-from pipeline.rundir import RunDir
-from pipeline.runner import run_stages, select_stages
-from pipeline.views import checks_table, models_table, outcome_views, top_words_table
-from stages import STAGE_ORDER, STAGES, RunConfig
+from pipeline.rundir import RunDir, RunLocked
+from pipeline.runner import run_stages, select_stages, stage_status
+from pipeline.views import checks_table, models_table, outcome_views, status_table, top_words_table, training_progress
+from stages import RESULT_KEYS, STAGE_ORDER, STAGES, RunConfig
 from stages.rank import merge_runs
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
@@ -49,8 +49,8 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool, images=None) -> int:
     """Run the stages, print the outcome, and return the exit code."""
     try:
-        outcome = run_stages(cfg, run, STAGES, names, images=images, force=force, quiet=quiet, console=console)
-    except (ModelError, ConfigError) as err:
+        outcome = run_stages(cfg, run, STAGES, names, RESULT_KEYS, images=images, force=force, quiet=quiet, console=console)
+    except (ModelError, ConfigError, RunLocked) as err:
         _fail(str(err))
     if outcome.dist.is_main:
         for view in outcome_views(outcome):
@@ -99,7 +99,8 @@ def _open_run(path: Path) -> RunDir:
 def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool) -> int:
     rd = _open_run(run)
     try:
-        cfg = resolve_config(RunConfig, config, rd.load_config(), {"model": model, "device": device}, set_)
+        cfg = resolve_config(RunConfig, config, rd.load_config(), {"model": model, "device": device}, set_,
+                             base_source=str(rd.file("run.yaml")))
     except ConfigError as err:
         _fail(str(err))
     return _run(cfg, rd, [name], force, quiet)
@@ -154,6 +155,18 @@ def rank_command(
     console.print(f"merged {len(runs)} runs: {out / 'records.csv'}")
 
 
+@app.command("status")
+def status_command(run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)]) -> None:
+    """Show, per stage, which images are done, stale (made with other settings), failed, blocked or pending, and why."""
+    rd = _open_run(run)
+    try:
+        cfg = resolve_config(RunConfig, None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))
+    except ConfigError as err:
+        _fail(str(err))
+    for line in status_table(run, stage_status(cfg, rd, STAGES, RESULT_KEYS)):
+        Console().print(line, highlight=False)
+
+
 @app.command("models")
 def models_command(cache: CacheOpt = None) -> None:
     """List the known model names and which OpenAI checkpoints are already in the cache."""
@@ -206,10 +219,6 @@ def toy_train(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the toy CLIP on toy scenes (GPU when present), writing a checkpoint stock openai-clip loads."""
-    import json
-
-    from rich.progress import Progress
-
     from pipeline.toytrain import resolve_recipe, save_toy_checkpoint, train_toy_clip
 
     dev = resolve_device(device or "auto")
@@ -220,14 +229,7 @@ def toy_train(
     ckpt = out.with_suffix(".ckpt")
     console.print(f"recipe {name}: {cfg.steps} steps of {cfg.batch_size} scenes, lr {cfg.lr}, on {dev}; "
                   f"checkpoint {ckpt}" + (" (resuming)" if resume and ckpt.is_file() else ""))
-    with Progress(console=console) as progress:
-        task = progress.add_task("train", total=cfg.steps)
-
-        def on_step(step, loss, metrics):
-            progress.update(task, completed=step + 1, description=f"loss {loss:.3f}")
-            if metrics:
-                progress.console.print(f"step {step + 1}: held-out zero-shot {json.dumps(metrics)}")
-
+    with training_progress(console, cfg.steps) as on_step:
         try:
             state, card = train_toy_clip(cfg, dev, on_step, checkpoint=ckpt, resume=resume)
         except ValueError as err:

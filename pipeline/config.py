@@ -8,10 +8,11 @@ Precedence is the caller's: merge the layers with ``merge`` (later wins), then b
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 
@@ -70,40 +71,52 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def build_config(cls: type, data: dict, source: str, _path: str = "") -> Any:
+def build_config(cls: type, data: dict, source: str, _path: str = "", sources: Mapping[str, str] | None = None) -> Any:
     """Build dataclass ``cls`` from ``data``, checking every key and type.
 
     Args:
         cls: a (frozen) dataclass whose fields may be other dataclasses.
         data: the mapping, e.g. merged YAML and overrides.
         source: where the data came from, for messages (a file name).
+        sources: where each dotted key came from when the layers differ (``"--set ascend.lr"``,
+            ``"configs/demo.yaml"``); a key not in it came from ``source``.
 
     Raises:
-        ConfigError: on an unknown key, a wrong type, or a value ``__post_init__`` rejects.
+        ConfigError: on an unknown key, a wrong type, or a value ``__post_init__`` rejects; the
+            message names the key and where it came from.
     """
+    sources = sources or {}
+
+    def where(key: str) -> str:
+        return sources.get(key, source)
+
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{_path.rstrip('.') or '<top>'}' must be a mapping, got {_describe(data)}")
+        raise ConfigError(f"{where(_path.rstrip('.'))}: '{_path.rstrip('.') or '<top>'}' must be a mapping, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key '{_path}{unknown[0]}'. Valid keys"
+            f"{where(_path + unknown[0])}: unknown key '{_path}{unknown[0]}'. Valid keys"
             f"{' in ' + repr(_path.rstrip('.')) if _path else ''}: {', '.join(fields)}"
         )
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_config(tp, value if value is not None else {}, source, f"{_path}{name}.")
+            kwargs[name] = build_config(tp, value if value is not None else {}, source, f"{_path}{name}.", sources)
         else:
-            kwargs[name] = _coerce(value, tp, source, f"{_path}{name}")
+            kwargs[name] = _coerce(value, tp, where(f"{_path}{name}"), f"{_path}{name}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        named = re.match(r"([\w.]+) ", str(err))  # checks name their key first: "ascend.iterations must be >= 1"
+        raise ConfigError(f"{where(named.group(1)) if named else source}: {err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{source}: in '{_path.rstrip('.') or '<top>'}': {err}") from None
+
+
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _describe(value: Any) -> str:
@@ -146,6 +159,8 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {_describe(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-2 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {_describe(value)}")
         return float(value)
@@ -166,24 +181,33 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def resolve_config(cls: type, config_file: Path | None, base: dict, cli: dict, overrides: list[str] | None) -> Any:
+def resolve_config(cls: type, config_file: Path | None, base: dict, cli: dict, overrides: list[str] | None,
+                   base_source: str = "run.yaml") -> Any:
     """Build ``cls`` from its defaults under ``base`` (a saved run config, or ``{}``), then the YAML
-    file, then CLI options (``None`` values are ignored), then ``--set`` overrides; later layers win."""
-    data = dict(base)
-    source = "defaults"
+    file, then CLI options (``None`` values are ignored), then ``--set`` overrides; later layers win.
+
+    An error names the layer its key came from: ``base_source``, the file, ``--<option>`` or ``--set KEY``.
+    """
+    cli = {k: v for k, v in cli.items() if v is not None}
+    sets = parse_overrides(overrides or [])
+    layers = [(base, lambda k: base_source)]
     if config_file is not None:
-        data = merge(data, load_yaml(config_file))
-        source = str(config_file)
-    data = merge(data, {k: v for k, v in cli.items() if v is not None})
-    data = merge(data, parse_overrides(overrides or []))
-    return build_config(cls, data, source)
+        layers.append((load_yaml(config_file), lambda k: str(config_file)))
+    layers += [(cli, lambda k: f"--{k.replace('_', '-')}"), (sets, lambda k: f"--set {k}")]
+    data: dict = {}
+    sources: dict[str, str] = {}
+    for layer, label in layers:
+        data = merge(data, layer)
+        for key in _dotted(layer):
+            sources[key] = label(key)
+    return build_config(cls, data, "defaults", sources=sources)
 
 
-# Keys whose change does not change results; a resumed run may differ in these.
-NON_RESULT_KEYS = frozenset({"device", "encode_batch_size", "model_cache", "report"})
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    """The top-level keys, other than ``NON_RESULT_KEYS``, in which two plain configs differ, sorted."""
-    keys = (set(old) | set(new)) - NON_RESULT_KEYS
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+def _dotted(data: Mapping, prefix: str = "") -> list[str]:
+    """Every key of a nested mapping, sections included, as dotted paths."""
+    out = []
+    for key, value in data.items():
+        out.append(prefix + key)
+        if isinstance(value, Mapping):
+            out += _dotted(value, f"{prefix}{key}.")
+    return out

@@ -36,11 +36,12 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One input image: its stable id, the path to read, and the path relative to the input root."""
+    """One input image: its stable id, the absolute path to read, its path relative to the input root, and the root."""
 
     id: str
     path: str
     rel: str
+    root: str = ""
 
 
 def slugify(text: str, max_len: int = 60) -> str:
@@ -70,6 +71,7 @@ def discover_images(source: Path, patterns: tuple[str, ...] = ()) -> list[ImageR
     """
     if not os.path.lexists(source):
         raise InputError(f"input not found: {source}")
+    source = Path(os.path.abspath(source))  # absolute, links kept: a run resolves its images from any directory
     if source.is_dir():
         root = source
         rels = []
@@ -95,7 +97,7 @@ def discover_images(source: Path, patterns: tuple[str, ...] = ()) -> list[ImageR
     seen: dict[str, str] = {}
     for rel in rels:
         path = Path(rel) if os.path.isabs(rel) else root / rel
-        ref = ImageRef(id=image_id(rel), path=str(path), rel=rel)
+        ref = ImageRef(id=image_id(rel), path=str(path), rel=rel, root=str(root))
         if ref.id in seen and seen[ref.id] != rel:  # a 48-bit hash collision: refuse rather than mix results
             raise InputError(f"image id collision between {seen[ref.id]!r} and {rel!r}; rename one of them")
         if ref.id not in seen:

@@ -13,10 +13,12 @@ ignored on reading, so "done" always means the files are there.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import socket
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +35,11 @@ RECORDS = "records.csv"
 RECORDS_MD = "records.md"
 LONGEST = "longest_clip_word_records.txt"
 REPORT = "report.html"
+LOCK = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing the run directory."""
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -152,6 +159,10 @@ class RunDir:
         """surgery: one label's SAM mask (PNG)."""
         return self.file("surgery", image_id, f"{image_id}__{slug}__sam.png")
 
+    def thumbnail(self, image_id: str) -> Path:
+        """report: a copy of the original, scaled down, so the report works wherever the run is copied (JPEG)."""
+        return self.file("thumbs", f"{image_id}.jpg")
+
     def stage_ids(self, stage_folder: str) -> list[str]:
         """Ids of the images with a JSON output in ``ascend/`` or ``labels/``, sorted."""
         folder = self.file(stage_folder)
@@ -165,6 +176,37 @@ class RunDir:
         with open(self.file(RECORDS), encoding="utf-8") as f:
             return list(csv.DictReader(f))
 
+    # one writer at a time
+    def lock(self, take: bool = True):
+        """Hold the run directory's advisory lock (``fcntl.flock`` on ``.lock``) for a ``with`` block.
+
+        The kernel releases it when the process exits in any way, ``kill -9`` included, so a
+        stale lock file never blocks a later run. ``take=False`` holds nothing (torchrun's other
+        ranks, which run under rank 0's lock).
+
+        Raises:
+            RunLocked: another process holds it; the message names its PID and host.
+        """
+        return self._locked() if take else nullcontext()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.file(LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                raise RunLocked(f"{self.root} is in use by {holder}; wait for it to finish, or use another "
+                                "--run-name") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     # config and image list
     def has_config(self) -> bool:
         return self.file(CONFIG).is_file()
@@ -176,15 +218,19 @@ class RunDir:
         return yaml.safe_load(self.file(CONFIG).read_text(encoding="utf-8")) or {}
 
     def save_images(self, refs: list[ImageRef]) -> None:
-        lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel}, ensure_ascii=False) for r in refs]
+        """The run's image list: each image's id, absolute path, input root and path relative to the root."""
+        lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root}, ensure_ascii=False) for r in refs]
         atomic_write_text(self.file(IMAGES), "".join(line + "\n" for line in lines))
 
     def load_images(self) -> list[ImageRef]:
+        """The saved image list, each path resolved against the recorded input root."""
         refs = []
         for line in self.file(IMAGES).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 d = json.loads(line)
-                refs.append(ImageRef(id=d["id"], path=d["path"], rel=d["rel"]))
+                root = d.get("root", "")
+                path = os.path.join(root, d["rel"]) if root else d["path"]  # a list file may name absolute paths
+                refs.append(ImageRef(id=d["id"], path=path, rel=d["rel"], root=root))
         return refs
 
     # manifest

@@ -13,6 +13,7 @@ run directory, the models loaded once per run, and a per-stage batch sizer.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,11 +24,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.config import ConfigError, config_differences, to_dict
+from pipeline.config import ConfigError, to_dict
 from pipeline.distributed import DistInfo, agree, init_distributed, shutdown
 from pipeline.images import ImageRef
 from pipeline.models import LoadedModel, ModelError, load_model, resolve_device
 from pipeline.prompts import TextFeatureStore
+from pipeline.provenance import Provenance, Status, run_status
 from pipeline.rundir import LOG, REPORT, RunDir
 
 if TYPE_CHECKING:
@@ -128,6 +130,11 @@ class StageContext(Generic[C]):
     log: logging.Logger
     models: Models
     batches: BatchSizer
+    provenance: Provenance
+
+    def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
+        """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.provenance``)."""
+        return self.provenance.status(self.run, self.run.latest() if latest is None else latest, image, stage)
 
 
 class PerImageStage(Generic[C]):
@@ -150,6 +157,7 @@ class WholeRunStage(Generic[C]):
     """A stage that runs once over the whole run; returns the files it wrote (relative to the run)."""
 
     name: str
+    needs: tuple[str, ...] = ()
 
     def prepare(self, ctx: StageContext[C]) -> None:
         """Up-front checks before the run starts."""
@@ -164,8 +172,9 @@ class StageSummary:
     done: int = 0
     failed: int = 0
     skipped: int = 0
-    blocked: int = 0  # an earlier stage has no output for the image
+    blocked: int = 0  # an earlier stage has no current output for the image
     seconds: float = 0.0
+    redone: int = 0  # of done: images whose earlier output was stale
 
 
 @dataclass
@@ -218,20 +227,31 @@ def _progress(console: Console, quiet: bool) -> Progress:
 
 
 def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef], force: bool,
-                  console: Console, quiet: bool = False) -> StageSummary:
-    """Run ``stage`` on every image that needs it, recording each outcome in the manifest."""
+                  console: Console, quiet: bool = False, on_done: Callable[[], None] | None = None) -> StageSummary:
+    """Run ``stage`` on every image whose output is not done with today's settings, recording each outcome.
+
+    An image whose inputs (the ``needs`` stages' outputs) are not done is recorded as blocked,
+    with the reason. ``on_done`` is called after each batch that finished an image.
+    """
     summary = StageSummary(stage.name)
     latest = ctx.run.latest()
-    todo = []
+    expected = ctx.provenance.expected[stage.name]
+    todo, stale, blocked = [], set(), []
     for ref in refs:
-        if not force and ctx.run.is_done(latest.get((ref.id, stage.name))):
+        st = ctx.status(ref.id, stage.name, latest)
+        if not force and st.state == "done":
             summary.skipped += 1
-        elif not all(ctx.run.is_done(latest.get((ref.id, need))) for need in stage.needs):
-            summary.blocked += 1
-        else:
-            todo.append(ref)
-    if summary.blocked:
-        ctx.log.info("%s: %d images have no output from %s", stage.name, summary.blocked, "/".join(stage.needs))
+            continue
+        reason = ctx.provenance.blocked_reason(ctx.run, latest, ref.id, stage.name)
+        if reason is not None:
+            blocked.append(_record(ctx, ref, stage.name, "blocked", f"{ref.rel}: {reason}"))
+            continue
+        if st.state == "stale":
+            stale.add(ref.id)
+            ctx.log.info("%s: redoing %s, %s", stage.name, ref.rel, st.reason)
+        todo.append(ref)
+    summary.blocked = len(blocked)
+    ctx.run.append_manifest(blocked)
     start = time.time()
     with _progress(console, quiet) as progress:
         task = progress.add_task(stage.name, total=len(todo), rate="")
@@ -247,23 +267,34 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
             per_image = (time.time() - t) / len(batch)
             records = []
             for ref, res in zip(batch, results):
-                rec = {"image": ref.id, "path": ref.path, "stage": stage.name,
-                       "status": "failed" if res.error else "done", "error": res.error,
-                       "seconds": round(per_image, 4), "outputs": res.outputs}
-                if ctx.run.shard is not None:
-                    rec["rank"] = ctx.run.shard
-                records.append(rec)
                 if res.error:
                     summary.failed += 1
                     ctx.log.warning("%s failed for %s: %s", stage.name, ref.rel, res.error)
+                    records.append(_record(ctx, ref, stage.name, "failed", res.error, per_image))
                 else:
                     summary.done += 1
+                    summary.redone += ref.id in stale
+                    records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected))
             ctx.run.append_manifest(records)
+            if on_done is not None and any(r["status"] == "done" for r in records):
+                on_done()
             i += len(batch)
             elapsed = time.time() - start
             progress.update(task, advance=len(batch), rate=f"{i / elapsed:.2f} img/s" if elapsed > 0 else "")
     summary.seconds = time.time() - start
     return summary
+
+
+def _record(ctx: StageContext, ref: ImageRef, stage: str, status: str, error: str | None, seconds: float = 0.0,
+            outputs: list[str] | None = None, provenance: str | None = None) -> dict:
+    """One manifest record; a done record names its outputs and the fingerprint it was made with."""
+    rec = {"image": ref.id, "path": ref.path, "stage": stage, "status": status, "error": error,
+           "seconds": round(seconds, 4), "outputs": outputs or []}
+    if provenance is not None:
+        rec["provenance"] = provenance
+    if ctx.run.shard is not None:
+        rec["rank"] = ctx.run.shard
+    return rec
 
 
 def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
@@ -282,6 +313,13 @@ def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
                               "status": "failed" if error else "done", "error": error,
                               "seconds": round(summary.seconds, 4), "outputs": outputs}])
     return summary
+
+
+def stage_status(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | WholeRunStage],
+                 result_keys: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """Each per-image stage's images by state (done, stale, failed, blocked, pending), with reasons."""
+    prov = Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
+    return run_status(run, prov, [n for n, s in stages.items() if isinstance(s, PerImageStage)])
 
 
 def select_stages(spec: str | None, order: tuple[str, ...]) -> list[str]:
@@ -322,6 +360,7 @@ def run_stages(
     run: RunDir,
     stages: Mapping[str, PerImageStage | WholeRunStage],
     names: list[str],
+    result_keys: Mapping[str, tuple[str, ...]],
     *,
     images: list[ImageRef] | None = None,
     force: bool = False,
@@ -330,15 +369,22 @@ def run_stages(
 ) -> RunOutcome:
     """Run the named stages over a run directory, under torchrun or in one process.
 
+    Each image's output of a stage is redone when it is not done with today's settings
+    (``pipeline.provenance``): changed settings of a stage redo that stage and, through the
+    chained fingerprints, every stage after it, and nothing before it. ``run.yaml`` is written
+    once a per-image stage has finished an image with this config. One process at a time holds
+    the run directory's lock (rank 0 for all ranks under torchrun). A run that fails before
+    producing anything leaves no directory behind if it made one.
+
     Args:
         config: the resolved run config (``stages.RunConfig``); each stage gets the section
             named like it, e.g. ``config.ascend``.
         run: the run directory.
         stages: every stage by name, in run order.
         names: the stages to run.
-        images: a new run's images (from ``--input``): the run's saved config must agree with
-            ``config`` in every key that changes results, unless ``force``, and the image list is
-            saved. ``None`` reruns stages of an existing run on its saved image list.
+        result_keys: for each stage, the config keys that change its results.
+        images: a new run's images (from ``--input``), saved as the run's image list; ``None``
+            reruns stages of an existing run on its saved list.
         force: redo finished work.
         quiet: no progress bars.
         console: where progress goes.
@@ -348,31 +394,31 @@ def run_stages(
         failures are in the manifest and rank 0's outcome covers the whole run.
 
     Raises:
-        ConfigError, ModelError: a problem found before any image was processed (the run's
-            config differs, a missing SAM checkpoint, model weights that cannot be loaded).
+        ConfigError, ModelError: a problem found before any image was processed (another
+            process holds the run, a missing SAM checkpoint, model weights that cannot be loaded).
     """
     console = console or Console(stderr=True)
-    if images is not None and run.has_config() and not force:
-        diff = config_differences(run.load_config(), to_dict(config))
-        if diff:
-            raise ConfigError(f"{run.root} was made with a different config (differs in: {', '.join(diff)}). "
-                              f"Use --force to redo it, or --run-name for a new run.")
     info = init_distributed(config.device)
+    created = info.is_main and not run.root.exists()
     try:
-        if info.is_main:
-            run.root.mkdir(parents=True, exist_ok=True)
-            run.merge_manifest_shards()  # a killed distributed run may have left some
-            run.save_config(to_dict(config))
-            if images is not None:
-                run.save_images(images)
-        info.barrier()
-        return _execute(config, run, stages, names, force, quiet, console, info)
+        with run.lock(info.is_main):
+            if info.is_main:
+                run.merge_manifest_shards()  # a killed distributed run may have left some
+                if images is not None:
+                    run.save_images(images)
+            info.barrier()
+            return _execute(config, run, stages, names, result_keys, force, quiet, console, info)
+    except (ModelError, ConfigError):
+        if created and not any(r["status"] == "done" for r in run.manifest_records()):
+            shutil.rmtree(run.root, ignore_errors=True)  # a failed start leaves nothing behind
+        raise
     finally:
         shutdown(info)
 
 
 def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | WholeRunStage], names: list[str],
-             force: bool, quiet: bool, console: Console, info: DistInfo) -> RunOutcome:
+             result_keys: Mapping[str, tuple[str, ...]], force: bool, quiet: bool, console: Console,
+             info: DistInfo) -> RunOutcome:
     shard = RunDir(run.root, shard=info.rank) if info.enabled else run
     log = run_logger(run)
 
@@ -384,9 +430,19 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
     models = Models(load, shard, log)
     batches = BatchSizer(models, log)
     settings = _settings(config)
+    provenance = Provenance(settings.config, result_keys, {n: s.needs for n, s in stages.items()})
 
     def context(name: str, where: RunDir) -> StageContext:
-        return StageContext(getattr(config, name), settings, where, log, models, batches)
+        return StageContext(getattr(config, name), settings, where, log, models, batches, provenance)
+
+    saved = False
+
+    def produced() -> None:  # results now exist that were made with this config: record it
+        nonlocal saved
+        if info.is_main and not saved:
+            run.save_config(settings.config)
+            provenance.record(run)
+            saved = True
 
     refs = info.shard(run.load_images())
     log.info("run %s: %d images%s, stages %s", run.root, len(refs),
@@ -408,11 +464,13 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
         for name in names:
             stage = stages[name]
             if isinstance(stage, PerImageStage):
-                summaries.append(run_per_image(stage, context(name, shard), refs, force, console, quiet))
+                summaries.append(run_per_image(stage, context(name, shard), refs, force, console, quiet, produced))
         info.barrier()
         if not info.is_main:
             return RunOutcome(run, [], [], [], None, 0, info)
         run.merge_manifest_shards()
+        if any(r.get("provenance") in provenance.expected.values() for r in run.manifest_records()):
+            produced()  # another rank's results
         for name in names:
             stage = stages[name]
             if isinstance(stage, WholeRunStage):
@@ -421,10 +479,10 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
         log.error("%s", err)
         raise
     latest = run.latest()
-    failures = [r for r in latest.values() if r["status"] == "failed"]
-    if info.enabled:
+    failures = [r for r in latest.values() if r["status"] in ("failed", "blocked")]
+    if info.enabled:  # rank 0 cannot see the other ranks' summaries: the merged manifest speaks for them
         code = 1 if failures else 0
     else:
-        code = 1 if any(s.failed for s in summaries) else 0
+        code = 1 if any(s.failed or s.blocked for s in summaries) else 0
     report = run.file(REPORT)
     return RunOutcome(run, summaries, failures, run.records(), str(report) if report.is_file() else None, code, info)

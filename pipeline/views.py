@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
+from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
@@ -60,3 +65,34 @@ def models_table(rows: list[tuple[str, str]], cache: Path) -> Table:
     for name, status in rows:
         table.add_row(name, status)
     return table
+
+
+def status_table(run: Path, status: dict[str, dict[str, list[tuple[str, str]]]], reasons: int = 3) -> list:
+    """Per stage, how many images are done, stale, failed, blocked or pending, then the first reasons of each."""
+    table = Table(title=f"status of {run}")
+    states = ("done", "stale", "failed", "blocked", "pending")
+    for col in ("stage", *states):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    lines: list = [table]
+    for stage, by_state in status.items():
+        table.add_row(stage, *(str(len(by_state.get(s, []))) for s in states))
+        for state in states[1:]:
+            for rel, reason in by_state.get(state, [])[:reasons]:
+                lines.append(Text(f"{stage} {state}: {rel}" + (f": {reason}" if reason else "")))
+            if len(by_state.get(state, [])) > reasons:
+                lines.append(Text(f"{stage} {state}: ... and {len(by_state[state]) - reasons} more"))
+    return lines
+
+
+@contextmanager
+def training_progress(console: Console, steps: int) -> Iterator[Callable[[int, float, dict | None], None]]:
+    """A progress bar for ``toy train``; yields the ``on_step`` that moves it and prints each evaluation."""
+    with Progress(console=console) as progress:
+        task = progress.add_task("train", total=steps)
+
+        def on_step(step: int, loss: float, metrics: dict | None) -> None:
+            progress.update(task, completed=step + 1, description=f"loss {loss:.3f}")
+            if metrics:
+                progress.console.print(f"step {step + 1}: held-out zero-shot {json.dumps(metrics)}")
+
+        yield on_step

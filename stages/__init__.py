@@ -51,6 +51,17 @@ class RunConfig:
         require(self.max_side >= 32, f"max_side must be >= 32, got {self.max_side}")
 
 
+# The config keys that change each stage's results, in one place (see pipeline.provenance): a change to
+# one of them redoes that stage, and every stage after it, for every image. A section named here counts
+# whole, less the keys pipeline.provenance.NOT_RESULT lists (batch sizes).
+RESULT_KEYS: dict[str, tuple[str, ...]] = {
+    "ascend": ("model", "precision", "seed", "max_side", "ascend"),
+    "decode": ("model", "precision", "max_side", "decode"),
+    "surgery": ("model", "precision", "max_side", "surgery"),
+    "rank": ("rank",),
+    "report": ("report",),
+}
+
 STAGES: dict[str, PerImageStage | WholeRunStage] = {
     s.name: s for s in (AscendStage(), DecodeStage(), SurgeryStage(), RankStage(), ReportStage())
 }

@@ -17,7 +17,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from pipeline.config import require
 from pipeline.rundir import LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_json
@@ -77,15 +77,19 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
     return sorted(records, key=lambda r: (-(r[key] if r[key] is not None else float("-inf")), r["word"]))
 
 
-def read_run(run: RunDir, prefix: str = "") -> tuple[dict[str, dict], dict[str, dict]]:
-    """A run's opinions and labels by image id (``prefix`` + id); unreadable files are skipped."""
+def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | None = None
+             ) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A run's opinions and labels by image id (``prefix`` + id); unreadable files are skipped.
+
+    ``keep(image_id, stage)`` chooses the outputs to read (e.g. only those made with today's settings).
+    """
     opinions, labels = {}, {}
     for image_id in run.stage_ids("ascend"):
-        doc = read_json(run.opinion(image_id))
+        doc = read_json(run.opinion(image_id)) if keep is None or keep(image_id, "ascend") else None
         if doc is not None:
             opinions[prefix + image_id] = doc
     for image_id in run.stage_ids("labels"):
-        doc = read_json(run.labels(image_id))
+        doc = read_json(run.labels(image_id)) if keep is None or keep(image_id, "decode") else None
         if doc is not None:
             labels[prefix + image_id] = doc
     return opinions, labels
@@ -126,7 +130,9 @@ class RankStage(WholeRunStage[RankConfig]):
     """Writes ``records.csv``, ``records.md`` and ``longest_clip_word_records.txt``."""
 
     name = "rank"
+    needs = ("ascend", "decode")
 
     def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
-        opinions, labels = read_run(ctx.run)
+        latest = ctx.run.latest()
+        opinions, labels = read_run(ctx.run, keep=lambda i, stage: ctx.status(i, stage, latest).state == "done")
         return write_records(ctx.run.root, rank_unusual_words(opinions, labels, ctx.config), ctx.config)

@@ -15,16 +15,21 @@ import html
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from PIL import Image
 
 from pipeline.config import require
 from pipeline.heatmaps import HEATMAP_METHODS
-from pipeline.images import ImageRef
-from pipeline.rundir import REPORT, RunDir, atomic_write_text, read_json
+from pipeline.images import ImageError, ImageRef, load_image
+from pipeline.provenance import Status
+from pipeline.rundir import REPORT, RunDir, atomic_path, atomic_write_text, read_json
 from pipeline.runner import StageContext, WholeRunStage
 
 
 @dataclass(frozen=True)
 class ReportConfig:
+    thumbnail_side: int = 512  # originals are copied into thumbs/ at most this size, so a copied run shows them; 0 links the originals
     page_size: int = 60  # cards per page
     words_per_card: int = 24  # opinion chips shown per card
     maps_per_card: int = 8  # label heatmaps shown per card (the contact sheet has them all)
@@ -32,6 +37,8 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         require(self.page_size >= 1, f"report.page_size must be >= 1, got {self.page_size}")
+        require(self.thumbnail_side == 0 or self.thumbnail_side >= 16,
+                f"report.thumbnail_side must be 0 (link the originals) or >= 16, got {self.thumbnail_side}")
 
 
 @dataclass
@@ -39,11 +46,11 @@ class ImageOutputs:
     """One image of a run and what the stages wrote for it (``None`` where a stage has no output)."""
 
     ref: ImageRef
-    src: str  # the original, relative to the run directory
-    opinion: dict | None
+    src: str  # the picture to show, relative to the run directory (its thumbnail, or the original)
+    opinion: dict | None  # each output only when it is done with the run's settings
     labels: dict | None
     heatmaps: dict | None
-    failures: list[tuple[str, str]]  # (stage, reason) of the stages whose latest record failed
+    failures: list[tuple[str, str]]  # (stage, reason) of the stages that failed, were blocked or are stale
 
 
 @dataclass
@@ -57,22 +64,50 @@ class ReportInputs:
     seconds: dict[str, float]  # per stage, summed over the images' finished records
 
 
-def read_report_inputs(run: RunDir, config: dict) -> ReportInputs:
-    """The report's inputs from a run directory; unreadable outputs count as missing."""
-    failed_by_image: dict[str, list[tuple[str, str]]] = {}
-    for (image, stage), rec in run.latest().items():
-        if image is not None and rec["status"] == "failed":
-            failed_by_image.setdefault(image, []).append((stage, rec["error"]))
+def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Mapping], Status],
+                       thumbnail: Callable[[ImageRef], str | None] = lambda ref: None) -> ReportInputs:
+    """The report's inputs from a run directory.
+
+    Args:
+        run: the run.
+        config: the config to show (the one its results were made with).
+        status: ``status(image, stage, latest)``, each output's state; only done outputs are read,
+            and a failed, blocked or stale one is listed with its reason.
+        thumbnail: the run-relative path of an image's copy in the run, or ``None`` to link the original.
+    """
+    latest = run.latest()
+    readers = {"ascend": run.opinion, "decode": run.labels, "surgery": run.heatmaps}
     images = []
     for ref in run.load_images():
-        src = os.path.relpath(os.path.abspath(ref.path), os.path.abspath(run.root))
-        images.append(ImageOutputs(ref, src, read_json(run.opinion(ref.id)), read_json(run.labels(ref.id)),
-                                   read_json(run.heatmaps(ref.id)), failed_by_image.get(ref.id, [])))
+        docs, failures = {}, []
+        for stage, path in readers.items():
+            st = status(ref.id, stage, latest)
+            docs[stage] = read_json(path(ref.id)) if st.state == "done" else None
+            if st.state in ("failed", "blocked"):
+                failures.append((stage, st.reason))
+            elif st.state == "stale":
+                failures.append((stage, f"{ref.rel}: stale, {st.reason}; rerun {stage}"))
+        src = thumbnail(ref) or os.path.relpath(os.path.abspath(ref.path), os.path.abspath(run.root))
+        images.append(ImageOutputs(ref, src, docs["ascend"], docs["decode"], docs["surgery"], failures))
     seconds: dict[str, float] = {}
     for rec in run.manifest_records():
         if rec["status"] == "done":
             seconds[rec["stage"]] = seconds.get(rec["stage"], 0.0) + float(rec.get("seconds") or 0)
     return ReportInputs(run.root.name, config, images, run.records()[:50], seconds)
+
+
+def write_thumbnail(run: RunDir, ref: ImageRef, side: int, max_side: int) -> str | None:
+    """Copy an original into the run at most ``side`` pixels (once); its run-relative path, or ``None`` if unreadable."""
+    path = run.thumbnail(ref.id)
+    if not path.is_file():
+        try:
+            picture = load_image(ref.path, max_side=max_side)
+        except ImageError:
+            return None
+        picture.thumbnail((side, side), Image.LANCZOS)
+        with atomic_path(path) as tmp:
+            picture.save(tmp, format="JPEG", quality=88)
+    return run.rel(path)
 
 
 def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
@@ -136,10 +171,14 @@ def render_report(data: dict) -> str:
 
 class ReportStage(WholeRunStage[ReportConfig]):
     name = "report"
+    needs = ("ascend", "decode", "surgery")
 
     def run_all(self, ctx: StageContext[ReportConfig]) -> list[str]:
-        data = build_report_data(read_report_inputs(ctx.run, ctx.settings.config), ctx.config)
-        atomic_write_text(ctx.run.file(REPORT), render_report(data))
+        side, run = ctx.config.thumbnail_side, ctx.run
+        config = run.load_config() if run.has_config() else ctx.settings.config  # what the results were made with
+        thumbnail = (lambda ref: write_thumbnail(run, ref, side, ctx.settings.max_side)) if side else (lambda ref: None)
+        data = build_report_data(read_report_inputs(run, config, ctx.status, thumbnail), ctx.config)
+        atomic_write_text(run.file(REPORT), render_report(data))
         return [REPORT]
 
 

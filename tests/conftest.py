@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.models import load_model
+from pipeline.toyworld import write_scenes
 
 # The one set of fast run settings the CLI-level tests share: a few ascent steps, every word a label,
 # small single-text maps. A test that needs more passes its own keys, which win.
@@ -27,3 +28,12 @@ def toy():
 @pytest.fixture(scope="session")
 def tiny():
     return load_model("random:tiny", torch.device("cpu"), seed=0)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A folder of three toy scenes (no truth file), as a user's input."""
+    d = tmp_path / "imgs"
+    write_scenes(d, 0, 3)
+    (d / "truth.json").unlink()
+    return d

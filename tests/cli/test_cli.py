@@ -12,14 +12,6 @@ from tests.conftest import fast_args
 FAST = fast_args()
 
 
-@pytest.fixture
-def images(tmp_path):
-    d = tmp_path / "imgs"
-    write_scenes(d, 0, 3)
-    (d / "truth.json").unlink()
-    return d
-
-
 def _run(*args):
     return CliRunner().invoke(app, [*args], catch_exceptions=False)
 
@@ -112,15 +104,6 @@ def test_usage_errors_exit_2(tmp_path, images):
     assert r.exit_code == 2 and "no images found" in r.output
     r = _run("--input", str(tmp_path / "missing"), "--output", str(tmp_path))
     assert r.exit_code == 2 and "input not found" in r.output
-
-
-def test_changed_config_refuses_to_mix_results(tmp_path, images):
-    out = tmp_path / "out"
-    args = ["--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet",
-            "--stages", "ascend", *FAST]
-    assert _run(*args).exit_code == 0
-    r = _run(*args, "--set", "seed=9")
-    assert r.exit_code == 2 and "seed" in r.output
 
 
 def test_models_and_toy_scenes_commands(tmp_path):

@@ -93,7 +93,8 @@ def test_hostile_folder(tmp_path, hostile):
     for name, reason in reasons.items():
         rec = latest[(images[name], "ascend")]
         assert rec["status"] == "failed" and reason in rec["error"] and name in rec["error"], (name, rec["error"])
-        assert (images[name], "decode") not in latest  # blocked, not attempted
+        blocked = latest[(images[name], "decode")]  # blocked with its reason, not attempted
+        assert blocked["status"] == "blocked" and "ascend is failed" in blocked["error"] and not blocked["outputs"]
     meta = json.loads((run / "surgery" / f"{images['rotated.jpg']}.json").read_text())
     assert meta["size"] == [40, 50]  # EXIF rotation applied: 50x40 stored, 40x50 shown
     meta = json.loads((run / "surgery" / f"{images['huge.jpg']}.json").read_text())

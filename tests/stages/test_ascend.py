@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.images import to_tensor
-from pipeline.tokens import tokenize, vocab
+from pipeline.tokens import vocab
 from pipeline.toytrain import held_out_single_objects
 from stages.ascend import AscentConfig, extract_opinions, learned_text_features, opinion_csv
 from stages.decode import DecodeConfig, decode_labels  # recall is measured on the labels a user sees
@@ -48,7 +48,7 @@ def test_readout_feature_equals_stock_encode_text(toy, prefix):
     ids[ids >= v.sot] = 320  # never SOT/EOT, as ascent guarantees
     prefix_ids = v.encode(prefix) if prefix else []
     ours = learned_text_features(toy, toy.model.token_embedding.weight[ids], prefix_ids, "eot")
-    full = torch.zeros(6, 77, dtype=torch.long)
+    full = torch.zeros(6, toy.model.positional_embedding.shape[0], dtype=torch.long)
     for i, row in enumerate(ids.tolist()):
         seq = [v.sot, *prefix_ids, *row, v.eot]
         full[i, : len(seq)] = torch.tensor(seq)

@@ -5,7 +5,8 @@ import json
 from pipeline.config import to_dict
 from pipeline.images import ImageRef
 from pipeline.rundir import RunDir, atomic_write_json
-from stages import RunConfig
+from pipeline.provenance import Provenance
+from stages import RESULT_KEYS, STAGES, RunConfig
 from stages.report import ReportConfig, ImageOutputs, ReportInputs, build_report_data, read_report_inputs, render_report
 
 
@@ -46,13 +47,20 @@ def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
     ref = ImageRef("a", str(tmp_path / "a.png"), "a.png")
     run.save_images([ref])
     atomic_write_json(run.heatmaps("a"), _heatmaps({"surgery": "surgery/a/s.png"}))
-    run.append_manifest([{"image": "a", "stage": "surgery", "status": "done", "seconds": 2.0, "outputs": []},
+    run.append_manifest([{"image": "a", "stage": "surgery", "status": "done", "seconds": 2.0, "outputs": [],
+                          "provenance": "made-with-other-settings"},
                          {"image": "a", "stage": "decode", "status": "failed", "error": "bad", "outputs": []}])
-    data = build_report_data(read_report_inputs(run, to_dict(RunConfig(model="toy"))), ReportConfig())
+    prov = Provenance(to_dict(RunConfig(model="toy")), RESULT_KEYS, {n: st.needs for n, st in STAGES.items()})
+    atomic_write_json(run.labels("a"), {"labels": [], "prompts": []})
+    run.append_manifest([{"image": "a", "stage": "ascend", "status": "done", "outputs": [],
+                          "provenance": prov.expected["ascend"]}])
+    status = lambda image, stage, latest: prov.status(run, latest, image, stage)  # noqa: E731
+    data = build_report_data(read_report_inputs(run, {"model": "toy"}, status), ReportConfig())
     card = data["cards"][0]
-    assert card["src"] == "../a.png" and data["default_method"] == "surgery"
-    assert card["base"] + card["maps"][0][1]["surgery"] == "surgery/a/s.png"
-    assert data["failures"][0]["error"] == "bad" and data["seconds"] == {"surgery": 2.0}
+    assert card["src"] == "../a.png" and card["labels"] == [] and card["maps"] == []  # failed and stale: not shown
+    assert [(f["stage"], f["error"]) for f in data["failures"]] == [
+        ("decode", "bad"), ("surgery", "a.png: stale, made with settings this run does not know; rerun surgery")]
+    assert data["seconds"] == {"ascend": 0.0, "surgery": 2.0}
     page = render_report(data)
     embedded = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
     assert json.loads(embedded.replace("<\\/", "</")) == data
