@@ -13,8 +13,9 @@ caller chooses the grad mode.
   original path's ``ln_1`` output and skips the MLP. Both attentions run in one
   ``scaled_dot_product_attention`` call. Token 0 comes from the original path, and
   ``ln_post`` and ``proj`` are applied to every token.
-* ModifiedResNet (RN50 ...): the attention pool becomes v-v attention with
-  L2-normalised keys and 8x the scale; its ``c_proj`` is the projection. Token 0 is
+* ModifiedResNet (RN50 ...): the attention pool becomes plain v-v attention, as the
+  paper's released code runs it (the normalised-key, 8x-scale branch it carries but
+  never switches on is ``resnet_surgery="normalised"``); its ``c_proj`` is the projection. Token 0 is
   the mean token through the stock q-k pool, i.e. exactly ``encode_image``. Any
   ``surgery_depth >= 1`` turns the pool's surgery on; 0 gives the raw tokens.
 
@@ -111,7 +112,7 @@ def _vit_tokens(visual: nn.Module, images: torch.Tensor, depth: int) -> ImageTok
     return ImageTokens(raw=raw, surgery=surgery, grid=(gh, gw))
 
 
-def _resnet_tokens(visual: nn.Module, images: torch.Tensor, depth: int) -> ImageTokens:
+def _resnet_tokens(visual: nn.Module, images: torch.Tensor, depth: int, variant: str = "official") -> ImageTokens:
     x = images.to(visual.conv1.weight.dtype)
     x = visual.relu1(visual.bn1(visual.conv1(x)))
     x = visual.relu2(visual.bn2(visual.conv2(x)))
@@ -139,13 +140,19 @@ def _resnet_tokens(visual: nn.Module, images: torch.Tensor, depth: int) -> Image
     raw = merge(F.scaled_dot_product_attention(q, k, v))
     if not depth:
         return ImageTokens(raw=raw, surgery=raw, grid=(gh, gw))
-    kn = v / (v.norm(dim=-1, keepdim=True) + 1e-6)
-    surgery = merge(F.scaled_dot_product_attention(kn, kn, v, scale=8 * hd**-0.5))
+    if variant == "normalised":  # the paper code's switchable branch: unit keys, 8x the scale
+        kn = v / (v.norm(dim=-1, keepdim=True) + 1e-6)
+        surgery = merge(F.scaled_dot_product_attention(kn, kn, v, scale=8 * hd**-0.5))
+    elif variant == "official":  # what the released code runs: plain v-v attention
+        surgery = merge(F.scaled_dot_product_attention(v, v, v))
+    else:
+        raise ValueError(f"resnet_surgery must be 'official' or 'normalised', got {variant!r}")
     surgery = torch.cat([raw[:, :1], surgery[:, 1:]], dim=1)
     return ImageTokens(raw=raw, surgery=surgery, grid=(gh, gw))
 
 
-def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: int = 6) -> ImageTokens:
+def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: int = 6,
+                        resnet_surgery: str = "official") -> ImageTokens:
     """Raw and surgery image tokens of stock CLIP in one forward, at any input size.
 
     The first ``L - surgery_depth`` ViT blocks are shared by both paths. A depth
@@ -155,6 +162,8 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: i
         model: a stock openai-clip ``CLIP`` (or its ``visual``), ViT or ModifiedResNet.
         images: CLIP-normalised images. Sides need not match the model's resolution.
         surgery_depth: how many of the last blocks run the dual path.
+        resnet_surgery: ResNet only: ``"official"``, plain v-v attention as the released code runs it,
+            or ``"normalised"``, L2-normalised keys with 8x the scale (the code's unused branch).
 
     Shape:
         - images: :math:`(B, 3, H, W)`.
@@ -172,7 +181,7 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: i
     if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
         return _vit_tokens(visual, images, surgery_depth)
     if hasattr(visual, "attnpool"):
-        return _resnet_tokens(visual, images, surgery_depth)
+        return _resnet_tokens(visual, images, surgery_depth, resnet_surgery)
     raise TypeError(f"expected an openai-clip VisionTransformer or ModifiedResNet, got {type(visual).__name__}")
 
 

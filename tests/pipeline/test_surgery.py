@@ -95,7 +95,7 @@ def _reference_vit(visual, x, depth):
     return torch.stack(out)
 
 
-def _reference_resnet(visual, x, pos):
+def _reference_resnet(visual, x, pos, normalised=False):
     x = visual.relu1(visual.bn1(visual.conv1(x)))
     x = visual.relu2(visual.bn2(visual.conv2(x)))
     x = visual.relu3(visual.bn3(visual.conv3(x)))
@@ -111,8 +111,8 @@ def _reference_resnet(visual, x, pos):
         cls = torch.cat([torch.softmax(q[:1, h * hd : (h + 1) * hd] @ k[:, h * hd : (h + 1) * hd].T * hd**-0.5, -1)
                          @ v[:, h * hd : (h + 1) * hd] for h in range(heads)], -1)
         cls = pool.c_proj(cls)  # the stock q-k pool at token 0
-        s = _vv_attention(img, pool.v_proj.weight, pool.v_proj.bias, heads, 8 * hd**-0.5,
-                          pool.c_proj.weight, pool.c_proj.bias, normalise_keys=True)
+        s = _vv_attention(img, pool.v_proj.weight, pool.v_proj.bias, heads, (8 if normalised else 1) * hd**-0.5,
+                          pool.c_proj.weight, pool.c_proj.bias, normalise_keys=normalised)
         out.append(torch.cat([cls, s[1:]]))
     return torch.stack(out)
 
@@ -126,15 +126,18 @@ def test_vit_dual_path_matches_the_reference(tiny, toy):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_resnet_vv_pool_matches_the_reference(tiny_rn):
+@pytest.mark.parametrize("variant", ["official", "normalised"])
+def test_resnet_vv_pool_matches_the_reference(tiny_rn, variant):
+    """Official: plain v-v attention, as the released code runs it; normalised: unit keys, 8x the scale."""
     pos = tiny_rn.model.visual.attnpool.positional_embedding
     side = math.isqrt(pos.shape[0] - 1)
     for image_side, grid in ((64, 2), (96, 3)):  # native, and another size whose positions are interpolated
         x = _images(tiny_rn, side=image_side)
         with torch.no_grad():
-            got = encode_image_tokens(tiny_rn.model, x, surgery_depth=1)
+            got = encode_image_tokens(tiny_rn.model, x, surgery_depth=1, resnet_surgery=variant)
             patch = F.interpolate(pos[1:].T.reshape(1, -1, side, side), size=(grid, grid), mode="bilinear", align_corners=False)
-            want = _reference_resnet(tiny_rn.model.visual, x, torch.cat([pos[:1], patch.reshape(-1, grid * grid).T]))
+            want = _reference_resnet(tiny_rn.model.visual, x, torch.cat([pos[:1], patch.reshape(-1, grid * grid).T]),
+                                     normalised=variant == "normalised")
         assert got.grid == (grid, grid)
         torch.testing.assert_close(got.surgery, want, atol=1e-4, rtol=1e-4)
 

@@ -1,0 +1,220 @@
+"""Training-free heatmap methods on one block runner over a stock openai-clip model.
+
+Every method here changes only how the last block(s) of CLIP's image encoder attend,
+and reads the stock model's parameters and submodules without copying, swapping or
+changing them. One forward runs the unchanged blocks once for all methods; each method
+then supplies its attention ``A`` for the changed block, and the runner combines
+``out_proj(A v)`` by the method's mode:
+
+* ``replace``: the block's output is ``out_proj(A v)`` alone (ClearCLIP, NACLIP, ResCLIP);
+* ``residual``: ``x + out_proj(A v)``, then the block's MLP (MaskCLIP, SCLIP);
+* ``dual``: CLIP Surgery's second path over the last ``surgery_depth`` blocks (see
+  ``pipeline.surgery``), with the class token from the stock path.
+
+``ln_post`` and ``proj`` are then applied to every token. With ``s = head_dim ** -0.5``:
+
+| method | attention of the last block | mode | paper |
+|---|---|---|---|
+| ``maskclip`` | identity: each token keeps its own ``v`` | residual | Zhou et al., ECCV 2022 |
+| ``sclip`` | ``softmax(s q qᵀ) + softmax(s k kᵀ)`` | residual | Wang et al., ECCV 2024 |
+| ``clearclip`` | ``softmax(s q qᵀ)`` | replace | Lan et al., ECCV 2024 |
+| ``naclip`` | ``softmax(s k kᵀ + Ω)``, Ω a Gaussian over grid distance (σ patches), 0 on the class row and column | replace | Hajimiri et al., WACV 2025 |
+| ``resclip`` | ``2 [0.7 A_naclip + 0.3 mean of the stock softmax(s q kᵀ) of the middle blocks]`` | replace | Yang et al., CVPR 2025 |
+| ``gem`` | the mean over ``v, k, q`` of a self-self attention of unit vectors, refined once, at temperature ``s`` × the mean token norm, applied to ``v``, in each of the last ``surgery_depth`` blocks | dual | Bousselham et al., CVPR 2024 |
+
+ResNets have ``raw``, ``surgery`` and ``maskclip`` (``c_proj(v_proj(x))`` at every position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.surgery import _check_images, _interpolate_positions, encode_image_tokens
+
+# method -> mode of the changed last block; "surgery" and "raw" are computed by the runner itself
+LAST_BLOCK_MODES: dict[str, str] = {"maskclip": "residual", "sclip": "residual", "clearclip": "replace",
+                                    "naclip": "replace", "resclip": "replace"}
+VIT_METHODS: tuple[str, ...] = ("raw", "surgery", "maskclip", "sclip", "clearclip", "naclip", "resclip", "gem")
+RESNET_METHODS: tuple[str, ...] = ("raw", "surgery", "maskclip")
+
+
+@dataclass(frozen=True)
+class MethodTokens:
+    """Projected tokens per method, class token first, patches in row-major order of ``grid``."""
+
+    tokens: dict[str, torch.Tensor]  # method -> [B, 1 + gh * gw, D]
+    grid: tuple[int, int]
+
+
+def resclip_blocks(layers: int) -> range:
+    """The blocks whose stock attention ResCLIP averages: 0-based 5..8 of 12, scaled to ``layers``."""
+    first, stop = round(5 * layers / 12), round(9 * layers / 12)
+    return range(min(first, layers - 2), max(min(stop, layers - 1), min(first, layers - 2) + 1))
+
+
+def neighbourhood_bias(grid: tuple[int, int], sigma: float, device=None) -> torch.Tensor:
+    """NACLIP's Ω ``[1 + gh*gw, 1 + gh*gw]``: ``exp(-d² / 2σ²)`` over patch-grid distance, 0 for the class token."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], -1).float()  # [P, 2]
+    d2 = torch.cdist(pos, pos).pow(2)
+    omega = torch.zeros(1 + gh * gw, 1 + gh * gw, device=device)
+    omega[1:, 1:] = torch.exp(-d2 / (2 * sigma**2))
+    return omega
+
+
+def _attention(method: str, q, k, v, scale: float, omega: torch.Tensor | None, recorded: torch.Tensor | None):
+    """A method's attention ``[B, heads, N, N]`` from the last block's ``q, k, v`` ``[B, heads, N, hd]``."""
+    if method == "maskclip":
+        return torch.eye(q.shape[-2], device=q.device, dtype=q.dtype).expand(*q.shape[:2], -1, -1)
+    if method == "qk":  # stock attention: the runner's own check
+        return (scale * q @ k.transpose(-1, -2)).softmax(-1)
+    if method == "sclip":
+        return (scale * q @ q.transpose(-1, -2)).softmax(-1) + (scale * k @ k.transpose(-1, -2)).softmax(-1)
+    if method == "clearclip":
+        return (scale * q @ q.transpose(-1, -2)).softmax(-1)
+    naclip = (scale * k @ k.transpose(-1, -2) + omega).softmax(-1)
+    if method == "naclip":
+        return naclip
+    if method == "resclip":
+        return 2 * (0.7 * naclip + 0.3 * recorded)
+    raise ValueError(f"unknown heatmap method {method!r}")
+
+
+def _gem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, scale: float, iters: int = 1) -> torch.Tensor:
+    """GEM's output ``[B, heads, N, hd]`` (before ``out_proj``) from ``q, k, v`` and the block's ``ln_1`` input ``h``."""
+    inv_temp = h.norm(dim=-1).mean(-1).view(-1, 1, 1, 1) * scale  # [B, 1, 1, 1]
+    out = torch.zeros_like(v)
+    for xs in (v, k, q):
+        for _ in range(iters):  # self-self refinement
+            xs = F.normalize(xs, dim=-1)
+            xs = (xs @ xs.transpose(-1, -2) * inv_temp).softmax(-1) @ xs
+        xs = F.normalize(xs, dim=-1)
+        out = out + (xs @ xs.transpose(-1, -2) * inv_temp).softmax(-1) @ v
+    return out / 3
+
+
+def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)  # [B, heads, N, hd]
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * hd)  # [B, N, C]
+
+
+def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surgery_depth: int, sigma: float,
+         extra: dict[str, str]) -> MethodTokens:
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # [B, width, gh, gw]
+    b, width, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(b, 1, width), x], dim=1)  # [B, N, width]
+    x = visual.ln_pre(x + _interpolate_positions(visual.positional_embedding, (gh, gw)).to(x.dtype))
+    blocks = list(visual.transformer.resblocks)
+    layers = len(blocks)
+    last = {m: mode for m, mode in {**LAST_BLOCK_MODES, **extra}.items() if m in methods}
+    record = set(resclip_blocks(layers)) if "resclip" in last else set()
+    dual_from = layers - min(surgery_depth, layers) if "gem" in methods else layers
+    recorded, x_gem = [], None
+    for i, blk in enumerate(blocks):  # the stock path, once for every method
+        if i in record or i >= dual_from:
+            heads = blk.attn.num_heads
+            h = blk.ln_1(x)
+            q, k, v = (_split(t, heads) for t in F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1))
+            scale = q.shape[-1] ** -0.5
+            if i in record:
+                recorded.append((q @ k.transpose(-1, -2) * scale).softmax(-1))
+            if i >= dual_from:  # GEM's path adds its attention of the stock path's ln_1 output, with no MLP
+                o = F.linear(_merge(_gem(q, k, v, h, scale)), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
+                x_gem = (x if x_gem is None else x_gem) + o
+        if i == layers - 1:
+            break  # the last block is each method's own
+        x = blk(x.permute(1, 0, 2)).permute(1, 0, 2)  # stock blocks take [N, B, C]
+    blk = blocks[-1]
+
+    def project(t: torch.Tensor) -> torch.Tensor:
+        t = visual.ln_post(t)
+        return t @ visual.proj if visual.proj is not None else t
+
+    out: dict[str, torch.Tensor] = {}
+    if last:
+        heads = blk.attn.num_heads
+        h = blk.ln_1(x)
+        q, k, v = (_split(t, heads) for t in F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1))
+        scale = q.shape[-1] ** -0.5
+        omega = neighbourhood_bias((gh, gw), sigma, x.device).to(q.dtype) if {"naclip", "resclip"} & set(last) else None
+        mean_recorded = torch.stack(recorded).mean(0) if recorded else None
+        for m, mode in last.items():
+            a = _attention(m, q, k, v, scale, omega, mean_recorded)
+            o = F.linear(_merge(a @ v), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
+            if mode == "replace":
+                out[m] = project(o)
+            else:
+                t = x + o
+                out[m] = project(t + blk.mlp(blk.ln_2(t)))
+    if "raw" in methods or "gem" in methods:
+        stock = blk(x.permute(1, 0, 2)).permute(1, 0, 2)
+        if "raw" in methods:
+            out["raw"] = project(stock)
+        if "gem" in methods:
+            out["gem"] = project(torch.cat([stock[:, :1], x_gem[:, 1:]], 1))  # class token from the stock path
+    return MethodTokens(out, (gh, gw))
+
+
+def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surgery_depth: int = 6,
+                         naclip_sigma: float = 5.0, resnet_surgery: str = "official",
+                         _extra: dict[str, str] | None = None) -> MethodTokens:
+    """Every requested method's projected tokens from one forward of a stock CLIP image encoder.
+
+    Args:
+        model: a stock openai-clip ``CLIP`` (or its ``visual``), ViT or ModifiedResNet.
+        images: CLIP-normalised images, any size.
+        methods: names from ``VIT_METHODS`` (ViT) or ``RESNET_METHODS`` (ResNet).
+        surgery_depth: CLIP Surgery's dual-path depth.
+        naclip_sigma: NACLIP's (and ResCLIP's) neighbourhood σ in patches.
+        resnet_surgery: ``"official"`` (plain v-v, as the released code runs) or ``"normalised"``
+            (L2-normalised keys and 8x the scale, as the paper's code can be switched to).
+
+    Shape:
+        - images: :math:`(B, 3, H, W)`; each output: :math:`(B, 1 + gh \\cdot gw, D)`.
+
+    Raises:
+        ValueError: a method this architecture has no form of, naming both.
+    """
+    _check_images(images)
+    visual = getattr(model, "visual", model)
+    vit = hasattr(visual, "transformer") and hasattr(visual, "conv1")
+    valid = VIT_METHODS if vit else RESNET_METHODS
+    bad = [m for m in methods if m not in valid and m not in (_extra or {})]
+    if bad:
+        kind = "ViT" if vit else "ResNet"
+        raise ValueError(f"heatmap method {bad[0]!r} has no {kind} form; {kind} models offer: {', '.join(valid)}")
+    if not vit:
+        return _resnet(visual, images, methods, resnet_surgery)
+    tokens = _vit(visual, images, tuple(m for m in methods if m != "surgery"), surgery_depth, naclip_sigma, _extra or {})
+    if "surgery" in methods:
+        tokens.tokens["surgery"] = encode_image_tokens(visual, images, surgery_depth).surgery
+    return MethodTokens({m: tokens.tokens[m] for m in methods}, tokens.grid)
+
+
+def _resnet(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], resnet_surgery: str) -> MethodTokens:
+    base = encode_image_tokens(visual, images, 1 if "surgery" in methods else 0, resnet_surgery=resnet_surgery)
+    out = {"raw": base.raw}
+    if "surgery" in methods:
+        out["surgery"] = base.surgery
+    if "maskclip" in methods:
+        pool = visual.attnpool
+        x = visual.relu3(visual.bn3(visual.conv3(visual.relu2(visual.bn2(visual.conv2(
+            visual.relu1(visual.bn1(visual.conv1(images.to(visual.conv1.weight.dtype))))))))))
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.avgpool(x)))))
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], 1)
+        x = x + _interpolate_positions(pool.positional_embedding, (gh, gw)).to(x.dtype)
+        out["maskclip"] = torch.cat([base.raw[:, :1], pool.c_proj(pool.v_proj(x))[:, 1:]], 1)
+    return MethodTokens({m: out[m] for m in methods}, base.grid)
