@@ -24,6 +24,12 @@ HEATMAP_METHODS: dict[str, str] = {
     "raw": "raw CLIP",
     "surgery": "surgery",
     "single": "single-text surgery",
+    "maskclip": "MaskCLIP",
+    "sclip": "SCLIP",
+    "clearclip": "ClearCLIP",
+    "naclip": "NACLIP",
+    "resclip": "ResCLIP",
+    "gem": "GEM",
 }
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.surgery import _check_images, _interpolate_positions, encode_image_tokens
+from pipeline.surgery import _check_images, _dual_attention, _interpolate_positions, encode_image_tokens
 
 # method -> mode of the changed last block; "surgery" and "raw" are computed by the runner itself
 LAST_BLOCK_MODES: dict[str, str] = {"maskclip": "residual", "sclip": "residual", "clearclip": "replace",
@@ -119,10 +119,12 @@ def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surg
     layers = len(blocks)
     last = {m: mode for m, mode in {**LAST_BLOCK_MODES, **extra}.items() if m in methods}
     record = set(resclip_blocks(layers)) if "resclip" in last else set()
-    dual_from = layers - min(surgery_depth, layers) if "gem" in methods else layers
-    recorded, x_gem = [], None
+    dual_from = layers - min(surgery_depth, layers)  # the stock path runs as pipeline.surgery runs it, bit for bit
+    recorded, x_s, x_gem, x_last = [], None, None, x
     for i, blk in enumerate(blocks):  # the stock path, once for every method
-        if i in record or i >= dual_from:
+        if i == layers - 1:
+            x_last = x  # the input of the last block, which last-block methods change
+        if i in record or (i >= dual_from and "gem" in methods):
             heads = blk.attn.num_heads
             h = blk.ln_1(x)
             q, k, v = (_split(t, heads) for t in F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1))
@@ -132,20 +134,30 @@ def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surg
             if i >= dual_from:  # GEM's path adds its attention of the stock path's ln_1 output, with no MLP
                 o = F.linear(_merge(_gem(q, k, v, h, scale)), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
                 x_gem = (x if x_gem is None else x_gem) + o
-        if i == layers - 1:
-            break  # the last block is each method's own
-        x = blk(x.permute(1, 0, 2)).permute(1, 0, 2)  # stock blocks take [N, B, C]
-    blk = blocks[-1]
+        if i < dual_from:
+            x = blk(x.permute(1, 0, 2)).permute(1, 0, 2)  # stock blocks take [N, B, C]
+        else:  # CLIP Surgery's dual path: v-v and the stock q-k attention in one call
+            a_s, a_o = _dual_attention(blk.attn, blk.ln_1(x))
+            x_s = (x if x_s is None else x_s) + a_s
+            x = x + a_o
+            x = x + blk.mlp(blk.ln_2(x))
 
     def project(t: torch.Tensor) -> torch.Tensor:
         t = visual.ln_post(t)
         return t @ visual.proj if visual.proj is not None else t
 
     out: dict[str, torch.Tensor] = {}
+    if "raw" in methods:
+        out["raw"] = project(x)
+    if "surgery" in methods:
+        out["surgery"] = project(torch.cat([x[:, :1], x_s[:, 1:]], 1)) if x_s is not None else project(x)
+    if "gem" in methods:
+        out["gem"] = project(torch.cat([x[:, :1], x_gem[:, 1:]], 1)) if x_gem is not None else project(x)
     if last:
+        blk = blocks[-1]
         heads = blk.attn.num_heads
-        h = blk.ln_1(x)
-        q, k, v = (_split(t, heads) for t in F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1))
+        q, k, v = (_split(t, heads) for t in F.linear(blk.ln_1(x_last), blk.attn.in_proj_weight,
+                                                      blk.attn.in_proj_bias).chunk(3, -1))
         scale = q.shape[-1] ** -0.5
         omega = neighbourhood_bias((gh, gw), sigma, x.device).to(q.dtype) if {"naclip", "resclip"} & set(last) else None
         mean_recorded = torch.stack(recorded).mean(0) if recorded else None
@@ -155,14 +167,8 @@ def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surg
             if mode == "replace":
                 out[m] = project(o)
             else:
-                t = x + o
+                t = x_last + o
                 out[m] = project(t + blk.mlp(blk.ln_2(t)))
-    if "raw" in methods or "gem" in methods:
-        stock = blk(x.permute(1, 0, 2)).permute(1, 0, 2)
-        if "raw" in methods:
-            out["raw"] = project(stock)
-        if "gem" in methods:
-            out["gem"] = project(torch.cat([stock[:, :1], x_gem[:, 1:]], 1))  # class token from the stock path
     return MethodTokens(out, (gh, gw))
 
 
@@ -196,9 +202,7 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
         raise ValueError(f"heatmap method {bad[0]!r} has no {kind} form; {kind} models offer: {', '.join(valid)}")
     if not vit:
         return _resnet(visual, images, methods, resnet_surgery)
-    tokens = _vit(visual, images, tuple(m for m in methods if m != "surgery"), surgery_depth, naclip_sigma, _extra or {})
-    if "surgery" in methods:
-        tokens.tokens["surgery"] = encode_image_tokens(visual, images, surgery_depth).surgery
+    tokens = _vit(visual, images, methods, surgery_depth, naclip_sigma, _extra or {})
     return MethodTokens({m: tokens.tokens[m] for m in methods}, tokens.grid)
 
 

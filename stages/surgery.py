@@ -33,6 +33,7 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
+from pipeline.maps import RESNET_METHODS, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map
 
 METHODS: tuple[str, ...] = tuple(HEATMAP_METHODS)
@@ -49,8 +50,11 @@ class SamConfig:
 class SurgeryConfig:
     """Settings of the surgery stage (defaults are the original's)."""
 
-    surgery_depth: int = 6  # last ViT blocks that run the dual path; more than the model has = all
-    methods: tuple[str, ...] = METHODS
+    surgery_depth: int = 6  # last ViT blocks that run the dual path (surgery, gem); more than the model has = all
+    methods: tuple[str, ...] = ("raw", "surgery", "single")  # any of pipeline.heatmaps.HEATMAP_METHODS
+    feature_surgery: Literal["multi", "single", "off"] = "multi"  # for methods other than raw, surgery and single
+    naclip_sigma: float = 5.0  # NACLIP's and ResCLIP's neighbourhood, in patches
+    resnet_surgery: Literal["official", "normalised"] = "official"  # the released code's plain v-v, or its unused branch
     single_resolution: int = 512  # input side for the single-text maps
     max_labels: int = 0  # highest-scoring labels mapped per image; 0 = all
     points_from: Literal["single", "surgery", "raw"] = "single"  # the map that gives SAM its points
@@ -68,6 +72,7 @@ class SurgeryConfig:
         require(not bad and len(self.methods) > 0,
                 f"surgery.methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
         require(self.single_resolution >= 32, f"surgery.single_resolution must be >= 32, got {self.single_resolution}")
+        require(self.naclip_sigma > 0, f"surgery.naclip_sigma must be > 0, got {self.naclip_sigma}")
         require(self.max_labels >= 0, f"surgery.max_labels must be >= 0, got {self.max_labels}")
         require(0 < self.point_threshold <= 1, f"surgery.point_threshold must be in (0, 1], got {self.point_threshold}")
         require(self.point_downsample >= 1, f"surgery.point_downsample must be >= 1, got {self.point_downsample}")
@@ -103,6 +108,10 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
                      image_sizes: list[tuple[int, int]], cfg: SurgeryConfig) -> list[HeatmapResult]:
     """Every label's maps for a batch of images, and the points for SAM.
 
+    ``raw`` is plain cosine; ``surgery`` uses feature surgery over the image's labels (the
+    single-text form for one label); ``single`` is single-text surgery at ``single_resolution``;
+    every other method's tokens (``pipeline.maps``) go through ``cfg.feature_surgery``.
+
     Args:
         model: a stock openai-clip ``CLIP``.
         images: CLIP-normalised images at the model's resolution.
@@ -119,23 +128,30 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
     """
     index = {w: i for i, w in enumerate(vocab)}
     text, empty = text.float(), empty.float()
-    if {"raw", "surgery"} & set(cfg.methods):
-        base = encode_image_tokens(model, images, cfg.surgery_depth)
-        raw_all = _cosine(base.raw, text)  # [B, N, V]: one product for the whole batch
+    native = tuple(m for m in cfg.methods if m != "single")
+    if native:
+        base = encode_method_tokens(model, images, native, cfg.surgery_depth, cfg.naclip_sigma, cfg.resnet_surgery)
+    if "raw" in cfg.methods:
+        raw_all = _cosine(base.tokens["raw"], text)  # [B, N, V]: one product for the whole batch
     if "single" in cfg.methods:
-        single = encode_image_tokens(model, single_images, cfg.surgery_depth)
+        single = encode_image_tokens(model, single_images, cfg.surgery_depth, cfg.resnet_surgery)
         single_all = feature_surgery(single.surgery, text, redundant=empty)  # [B, N, V]; columns are independent
     results = []
     for b, image_words in enumerate(words):
         rows = torch.tensor([index[w] for w in image_words], dtype=torch.long, device=text.device)
+        redundant = None if len(image_words) >= 2 else empty  # one label: the single-text form
         sims = {}  # method -> ([1, N, T] similarities, grid)
-        if "raw" in cfg.methods:
-            sims["raw"] = raw_all[b : b + 1, :, rows], base.grid
-        if "surgery" in cfg.methods:
-            redundant = None if len(image_words) >= 2 else empty  # one label: the single-text form
-            sims["surgery"] = feature_surgery(base.surgery[b : b + 1], text[rows], redundant), base.grid
-        if "single" in cfg.methods:
-            sims["single"] = single_all[b : b + 1, :, rows], single.grid
+        for m in cfg.methods:
+            if m == "raw":
+                sims[m] = raw_all[b : b + 1, :, rows], base.grid
+            elif m == "single":
+                sims[m] = single_all[b : b + 1, :, rows], single.grid
+            elif m == "surgery" or cfg.feature_surgery == "multi":
+                sims[m] = feature_surgery(base.tokens[m][b : b + 1], text[rows], redundant), base.grid
+            elif cfg.feature_surgery == "single":
+                sims[m] = feature_surgery(base.tokens[m][b : b + 1], text[rows], redundant=empty), base.grid
+            else:
+                sims[m] = _cosine(base.tokens[m][b : b + 1], text[rows]), base.grid
         maps = {m: similarity_map(sim, grid, grid)[0].permute(2, 0, 1).cpu().numpy() for m, (sim, grid) in sims.items()}
         source = maps[cfg.points_from] if cfg.points_from in maps else maps[cfg.methods[0]]  # [T, gh, gw]
         points = [map_to_points(torch.from_numpy(m), image_sizes[b], cfg.point_threshold, cfg.point_downsample)
@@ -225,8 +241,12 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
     needs = ("decode",)
 
     def prepare(self, ctx: StageContext[SurgeryConfig]) -> None:
-        """Before any work: load SAM once if configured, or fail with a clear error."""
+        """Before any work: refuse a ViT-only method on a ResNet; load SAM once if configured, or fail clearly."""
         cfg = ctx.config
+        vit_only = [m for m in cfg.methods if m not in (*RESNET_METHODS, "single")]
+        if vit_only and not ctx.models.clip.is_vit:
+            raise ConfigError(f"surgery.methods: {vit_only[0]!r} has no ResNet form, and model {ctx.models.clip.name} is a "
+                              f"ResNet; its methods are: {', '.join((*RESNET_METHODS, 'single'))}")
         if cfg.sam.checkpoint and ctx.models.sam is None:
             ctx.models.sam = load_sam(cfg.sam, ctx.models.clip.device)
             ctx.log.info("loaded SAM %s from %s", cfg.sam.model_type, cfg.sam.checkpoint)

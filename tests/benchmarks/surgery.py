@@ -1,6 +1,7 @@
 """Surgery speed: the stage's core against a loop like the original's, in one run; prints JSON.
 
     python tests/benchmarks/surgery.py [--model toy] [--device auto] [--images 16] [--labels 8]
+    python tests/benchmarks/surgery.py --models toy random:ViT-B/16 --compare-methods   # every method against the default three
 
 Both compute the same maps (raw CLIP and surgery at the model's resolution, single-text
 surgery at ``--single-resolution``) for ``--labels`` words per image; neither writes files.
@@ -70,7 +71,13 @@ def main() -> None:
     ap.add_argument("--single-resolution", type=int, default=512)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--original-images", type=int, default=4, help="images timed with the original-like loop")
+    ap.add_argument("--compare-methods", action="store_true",
+                    help="instead: time the stage core with the default methods and with every method, per model")
+    ap.add_argument("--models", nargs="+", help="with --compare-methods: the models, timed in this one run")
     args = ap.parse_args()
+    if args.compare_methods:
+        print(json.dumps([compare_methods(m, args) for m in args.models or [args.model]], indent=1))
+        return
     dev = resolve_device(args.device)
     cfg = SurgeryConfig(surgery_depth=args.depth, single_resolution=args.single_resolution)
     batch = args.batch or (32 if dev.type == "cuda" else 8)
@@ -109,6 +116,39 @@ def main() -> None:
         "seconds_per_image": {"original_like": round(original, 4), "stage": round(stage, 4)},
         "speedup": round(original / stage, 2),
     }, indent=1))
+
+
+def compare_methods(name: str, args) -> dict:
+    """Stage-core seconds per image with the default methods and with every method, same images and labels."""
+    from pipeline.heatmaps import HEATMAP_METHODS
+
+    dev = resolve_device(args.device)
+    lm = load_model(name, dev)
+    side = args.single_resolution
+    pictures = [Image.fromarray(s.image) for s in held_out_scenes(args.images, objects=2)]
+    words = [[WORDS[(i + k) % len(WORDS)] for k in range(args.labels)] for i in range(args.images)]
+    store = TextFeatureStore(lm.model)
+    vocab = list(dict.fromkeys(w for x in words for w in x))
+    text, empty = store(vocab), store([""])[0]
+    base = normalize(torch.stack([to_tensor(p, lm.input_resolution) for p in pictures]).to(dev)).to(lm.dtype)
+    big = normalize(torch.stack([to_tensor(p, side) for p in pictures]).to(dev)).to(lm.dtype)
+    sizes = [(p.height, p.width) for p in pictures]
+    out = {"model": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "images": args.images, "labels_per_image": args.labels, "single_resolution": side, "surgery_depth": args.depth}
+    for label, methods in (("default", ("raw", "surgery", "single")), ("all", tuple(HEATMAP_METHODS))):
+        cfg = SurgeryConfig(surgery_depth=args.depth, single_resolution=side, methods=methods)
+        compute_heatmaps(lm.model, base[:1], big[:1], words[:1], vocab, text, empty, sizes[:1], cfg)  # warm-up
+        sync(dev)
+        t = time.time()
+        batch = args.batch or (32 if dev.type == "cuda" else 8)
+        for start in range(0, args.images, batch):
+            compute_heatmaps(lm.model, base[start : start + batch], big[start : start + batch], words[start : start + batch],
+                             vocab, text, empty, sizes[start : start + batch], cfg)
+        sync(dev)
+        out[f"{label}_seconds_per_image"] = round((time.time() - t) / args.images, 4)
+        out[f"{label}_methods"] = list(methods)
+    out["all_over_default"] = round(out["all_seconds_per_image"] / out["default_seconds_per_image"], 3)
+    return out
 
 
 if __name__ == "__main__":

@@ -233,3 +233,33 @@ def test_every_stage_command_reruns_its_stage_in_process(small_run, stage, files
     new = _manifest(small_run)[before:]
     assert {x["stage"] for x in new} == {stage} and all(x["status"] == "done" for x in new)
     assert len(new) == (len(ids) if stage in ("ascend", "decode", "surgery") else 1)
+
+
+def test_every_heatmap_method_through_the_cli(tmp_path, images):
+    from pipeline.heatmaps import HEATMAP_METHODS
+
+    methods = list(HEATMAP_METHODS)
+    out = tmp_path / "out"
+    r = _run("--input", str(images), "--model", "toy", "--output", str(out), "--run-name", "r", "--quiet", *FAST,
+             "--set", f"surgery.methods=[{','.join(methods)}]", "--set", "surgery.surgery_depth=2")
+    assert r.exit_code == 0, r.output
+    run = out / "r"
+    for meta_path in (run / "surgery").glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        words = [d["word"] for d in meta["labels"]]
+        assert meta["methods"] == methods and words
+        with np.load(run / "surgery" / f"{meta['image']}.npz") as npz:
+            assert set(npz.files) == {"image_size"} | {f"{m}/{w}" for m in methods for w in words}
+            for m in methods:
+                grid = npz[f"{m}/{words[0]}"]
+                assert grid.shape == (8, 8) and 0 <= grid.min() <= grid.max() <= 1, m  # the toy's grid, at 64 px
+        assert all(set(d["overlays"]) == set(methods) and all((run / p).is_file() for p in d["overlays"].values())
+                   for d in meta["labels"])
+    assert '"methods": ["raw", "surgery", "single", "maskclip"' in (run / "report.html").read_text()
+
+
+def test_a_vit_only_method_on_a_resnet_is_a_config_error(tmp_path, images):
+    r = _run("--input", str(images), "--model", "random:tiny-rn", "--output", str(tmp_path / "out"), "--quiet", *FAST,
+             "--set", "surgery.methods=[raw,naclip]")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "'naclip' has no ResNet form" in said and "random:tiny-rn" in said, said

@@ -53,5 +53,8 @@ def test_upsampled_map_keeps_its_range_and_peak():
 
 
 def test_one_method_list_with_names():
-    assert list(HEATMAP_METHODS) == ["raw", "surgery", "single"]
+    from pipeline.maps import VIT_METHODS
+
+    assert list(HEATMAP_METHODS)[:3] == ["raw", "surgery", "single"]  # the original's three, in its order
+    assert set(HEATMAP_METHODS) == set(VIT_METHODS) | {"single"}  # every method the runner computes, and no other
     assert all(isinstance(v, str) and v for v in HEATMAP_METHODS.values())
