@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--localization", type=int, default=0, help="two-object scenes for the heatmap measures (0 = skip)")
     ap.add_argument("--depth", type=int, nargs="+", default=[2], help="surgery depths to compare")
     ap.add_argument("--single-resolution", type=int, default=64)
+    ap.add_argument("--maps", nargs="+", default=["raw", "surgery", "single"],
+                    help="heatmap methods to score (any of pipeline.heatmaps.HEATMAP_METHODS)")
+    ap.add_argument("--feature-surgery", default="multi", choices=["multi", "single", "off"],
+                    help="feature surgery for the methods beyond raw, surgery and single")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default="toy", help="'toy' (the shipped checkpoint) or a toy checkpoint's path, e.g. from 'toy train'")
     args = ap.parse_args()
@@ -64,12 +68,14 @@ def main() -> None:
         scenes = held_out_scenes(args.localization, objects=2)
         rows = []
         for depth in args.depth:
-            cfg = SurgeryConfig(surgery_depth=depth, single_resolution=args.single_resolution)
+            cfg = SurgeryConfig(surgery_depth=depth, single_resolution=args.single_resolution, methods=tuple(args.maps),
+                                feature_surgery=args.feature_surgery)
             for texts in ("shapes", "words"):
                 for word in ("shape", "colour"):
                     if texts == "shapes" and word == "colour":
                         continue
                     rows.append({"surgery_depth": depth, "single_resolution": args.single_resolution, "labels": texts,
+                                 "feature_surgery": args.feature_surgery,
                                  "map_of": word, **evaluate_localization(lm, scenes, cfg, word=word, texts=texts)})
         grid = lm.input_resolution // lm.model.visual.conv1.stride[0]
         out["localization"] = {"scenes": len(scenes), "objects_per_scene": 2, "target": "surgery pointing >= 0.85 "
