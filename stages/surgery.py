@@ -33,7 +33,7 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
-from pipeline.maps import RESNET_METHODS, encode_method_tokens
+from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map
 
 METHODS: tuple[str, ...] = tuple(HEATMAP_METHODS)
@@ -55,6 +55,7 @@ class SurgeryConfig:
     feature_surgery: Literal["multi", "single", "off"] = "multi"  # for methods other than raw, surgery and single
     naclip_sigma: float = 5.0  # NACLIP's and ResCLIP's neighbourhood, in patches
     resnet_surgery: Literal["official", "normalised"] = "official"  # the released code's plain v-v, or its unused branch
+    window_side: int = 0  # > 0: resize to this side and average maps over native-size windows at half-window stride
     single_resolution: int = 512  # input side for the single-text maps
     max_labels: int = 0  # highest-scoring labels mapped per image; 0 = all
     points_from: Literal["single", "surgery", "raw"] = "single"  # the map that gives SAM its points
@@ -73,6 +74,7 @@ class SurgeryConfig:
                 f"surgery.methods must be a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
         require(self.single_resolution >= 32, f"surgery.single_resolution must be >= 32, got {self.single_resolution}")
         require(self.naclip_sigma > 0, f"surgery.naclip_sigma must be > 0, got {self.naclip_sigma}")
+        require(self.window_side >= 0, f"surgery.window_side must be >= 0 (0 = off), got {self.window_side}")
         require(self.max_labels >= 0, f"surgery.max_labels must be >= 0, got {self.max_labels}")
         require(0 < self.point_threshold <= 1, f"surgery.point_threshold must be in (0, 1], got {self.point_threshold}")
         require(self.point_downsample >= 1, f"surgery.point_downsample must be >= 1, got {self.point_downsample}")
@@ -129,10 +131,17 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
     index = {w: i for i, w in enumerate(vocab)}
     text, empty = text.float(), empty.float()
     native = tuple(m for m in cfg.methods if m != "single")
+    resolution = getattr(model, "visual", model).input_resolution
+    windows = window_offsets(images.shape[-1], resolution) if cfg.window_side else [(0, 0)]
     if native:
-        base = encode_method_tokens(model, images, native, cfg.surgery_depth, cfg.naclip_sigma, cfg.resnet_surgery)
+        tiles = torch.cat([images[..., y : y + resolution, x : x + resolution] for y, x in windows]) if cfg.window_side else images
+        base = encode_method_tokens(model, tiles, native, cfg.surgery_depth, cfg.naclip_sigma, cfg.resnet_surgery)
+        if cfg.window_side:  # [W*B, N, D] window-major -> per image, its W windows
+            n = len(windows)
+            base = MethodTokens({m: t.view(n, len(words), *t.shape[1:]).transpose(0, 1).reshape(-1, *t.shape[1:])
+                                 for m, t in base.tokens.items()}, base.grid)
     if "raw" in cfg.methods:
-        raw_all = _cosine(base.tokens["raw"], text)  # [B, N, V]: one product for the whole batch
+        raw_all = _cosine(base.tokens["raw"], text)  # [B (x windows), N, V]: one product for the whole batch
     if "single" in cfg.methods:
         single = encode_image_tokens(model, single_images, cfg.surgery_depth, cfg.resnet_surgery)
         single_all = feature_surgery(single.surgery, text, redundant=empty)  # [B, N, V]; columns are independent
@@ -141,17 +150,20 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
         rows = torch.tensor([index[w] for w in image_words], dtype=torch.long, device=text.device)
         redundant = None if len(image_words) >= 2 else empty  # one label: the single-text form
         sims = {}  # method -> ([1, N, T] similarities, grid)
+        w = slice(b * len(windows), (b + 1) * len(windows))  # this image's windows (one without windows)
         for m in cfg.methods:
-            if m == "raw":
-                sims[m] = raw_all[b : b + 1, :, rows], base.grid
-            elif m == "single":
+            if m == "single":
                 sims[m] = single_all[b : b + 1, :, rows], single.grid
+                continue
+            if m == "raw":
+                sim = raw_all[w, :, rows]
             elif m == "surgery" or cfg.feature_surgery == "multi":
-                sims[m] = feature_surgery(base.tokens[m][b : b + 1], text[rows], redundant), base.grid
+                sim = feature_surgery(base.tokens[m][w], text[rows], redundant)
             elif cfg.feature_surgery == "single":
-                sims[m] = feature_surgery(base.tokens[m][b : b + 1], text[rows], redundant=empty), base.grid
+                sim = feature_surgery(base.tokens[m][w], text[rows], redundant=empty)
             else:
-                sims[m] = _cosine(base.tokens[m][b : b + 1], text[rows]), base.grid
+                sim = _cosine(base.tokens[m][w], text[rows])
+            sims[m] = stitch_windows(sim, windows, base.grid, images.shape[-1], resolution) if cfg.window_side else (sim, base.grid)
         maps = {m: similarity_map(sim, grid, grid)[0].permute(2, 0, 1).cpu().numpy() for m, (sim, grid) in sims.items()}
         source = maps[cfg.points_from] if cfg.points_from in maps else maps[cfg.methods[0]]  # [T, gh, gw]
         points = [map_to_points(torch.from_numpy(m), image_sizes[b], cfg.point_threshold, cfg.point_downsample)
@@ -199,6 +211,36 @@ def sam_masks(predictor: Any, image: np.ndarray, points: list[tuple[list[list[in
                                                  point_labels=np.asarray(labels), multimask_output=True)
             out.append(np.asarray(masks[int(np.argmax(scores))], dtype=bool))
     return out
+
+
+def window_offsets(side: int, window: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(y, x)`` of ``window``-sized windows over a ``side``-sized square at half-window stride,
+    the last flush with the edge; one window when the image is no larger."""
+    if side <= window:
+        return [(0, 0)]
+    starts = list(range(0, side - window + 1, max(1, window // 2)))
+    if starts[-1] != side - window:
+        starts.append(side - window)
+    return [(y, x) for y in starts for x in starts]
+
+
+def stitch_windows(sim: torch.Tensor, windows: list[tuple[int, int]], grid: tuple[int, int], side: int, window: int
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+    r"""Per-window patch similarities averaged into one grid over the whole image.
+
+    Shape:
+        - sim: :math:`(W, 1 + gh \cdot gw, T)`, one row block per window of ``windows``.
+        - Output: :math:`(1, GH \cdot GW, T)` patches only, and ``(GH, GW)``.
+    """
+    gh, gw = grid
+    patch = min(window, side) // gw  # pixels per grid cell
+    big = (side // patch, side // patch)
+    total = sim.new_zeros(big[0], big[1], sim.shape[-1])
+    count = sim.new_zeros(big[0], big[1], 1)
+    for (y, x), s in zip(windows, sim[:, 1:].reshape(len(windows), gh, gw, -1)):
+        total[y // patch : y // patch + gh, x // patch : x // patch + gw] += s
+        count[y // patch : y // patch + gh, x // patch : x // patch + gw] += 1
+    return (total / count.clamp_min(1)).reshape(1, -1, sim.shape[-1]), big
 
 
 def draw_heatmaps(image: np.ndarray, hm: HeatmapResult, methods: tuple[str, ...], max_side: int) -> DrawnHeatmaps:
@@ -277,7 +319,7 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
             empty = ctx.models.text_features([""])[0]
 
             def run(a: int, b: int) -> list[HeatmapResult]:
-                base = self._tensors(lm, pictures[a:b], lm.input_resolution)
+                base = self._tensors(lm, pictures[a:b], cfg.window_side or lm.input_resolution)
                 single = self._tensors(lm, pictures[a:b], cfg.single_resolution) if "single" in cfg.methods else None
                 sizes = [(p.height, p.width) for p in pictures[a:b]]
                 with torch.inference_mode():

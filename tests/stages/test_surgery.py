@@ -26,3 +26,41 @@ def test_drawn_overlays_and_peaks_follow_each_map():
     assert drawn.peaks[0]["raw"] == [0.125, 0.875] and drawn.peaks[0]["surgery"] == [0.125, 0.125]
     red = drawn.overlays[0]["raw"][..., 0].astype(int) - drawn.overlays[0]["raw"][..., 2]
     assert red[-1, 0] > 0 > red[0, -1]  # hot where the map peaks, cold elsewhere
+
+
+def test_windows_tile_at_half_stride_and_stitch_back():
+    import torch
+
+    from stages.surgery import stitch_windows, window_offsets
+
+    assert window_offsets(64, 64) == [(0, 0)]
+    starts = [0, 32, 64, 96, 128, 136]  # half-window stride, the last flush with the edge
+    assert window_offsets(200, 64) == [(y, x) for y in starts for x in starts]
+    # two windows' similarities of a 4x4 grid (16 px cells) over a 64x96 strip, stitched by averaging
+    wins = [(0, 0), (0, 32)]
+    sim = torch.zeros(2, 1 + 16, 1)
+    sim[0, 1:, 0], sim[1, 1:, 0] = 1.0, 3.0
+    got, grid = stitch_windows(sim, wins, (4, 4), side=96, window=64)
+    assert grid == (6, 6)
+    rows = got.reshape(6, 6)[0]
+    assert rows.tolist() == [1, 1, 2, 2, 3, 3]  # the overlap averages both windows
+
+
+def test_windowed_maps_cover_the_whole_image(toy):
+    import torch
+
+    from pipeline.images import normalize
+    from pipeline.prompts import prompt_ensemble
+    from stages.surgery import compute_heatmaps
+
+    scene = held_out_scenes(1, objects=2)[0]
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None] / 255
+    big = normalize(torch.nn.functional.interpolate(image, size=(128, 128), mode="bilinear"))
+    words = [o.shape for o in scene.objects]
+    with torch.inference_mode():
+        text, empty = prompt_ensemble(toy.model, words), prompt_ensemble(toy.model, [""])[0]
+        res = compute_heatmaps(toy.model, big, None, [words], words, text, empty, [(64, 64)],
+                               SurgeryConfig(methods=("raw", "surgery", "clearclip"), window_side=128, surgery_depth=2))
+    for m in ("raw", "surgery", "clearclip"):
+        assert res[0].maps[m].shape == (2, 16, 16)  # 3x3 windows of 8x8 cells over 128 px
+        assert 0 <= res[0].maps[m].min() and res[0].maps[m].max() <= 1
