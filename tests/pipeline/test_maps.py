@@ -35,6 +35,14 @@ def test_stock_attention_in_residual_mode_reproduces_encode_image(tiny):
     assert _rel(got, stock) <= 1e-5 and _rel(got[:, 0], image) <= 1e-5
 
 
+def _qkv(blk, x):
+    """The block's q, k, v of ``ln_1(x)`` by its in-projection, and its head size. x: [N, C]."""
+    c = x.shape[-1]
+    h = blk.ln_1(x)
+    w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
+    return h, h @ w[:c].T + b[:c], h @ w[c : 2 * c].T + b[c : 2 * c], h @ w[2 * c :].T + b[2 * c :], c // blk.attn.num_heads
+
+
 def _reference(visual, image, method, sigma=5.0):
     """One image, the last block by the method's equations, one head at a time. image: [3, H, W]."""
     x = visual.conv1(image[None]).flatten(2).transpose(1, 2)[0]  # [P, C]
@@ -45,22 +53,14 @@ def _reference(visual, image, method, sigma=5.0):
     recorded = []
     for i, blk in enumerate(blocks[:-1]):
         if i in resclip_blocks(len(blocks)):
-            c = x.shape[-1]
-            h = blk.ln_1(x)[:, 0]
-            w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
-            q, k = h @ w[:c].T + b[:c], h @ w[c : 2 * c].T + b[c : 2 * c]
-            hd = c // blk.attn.num_heads
+            _, q, k, _, hd = _qkv(blk, x[:, 0])
             recorded.append(torch.stack([torch.softmax(q[:, j * hd : (j + 1) * hd] @ k[:, j * hd : (j + 1) * hd].T / hd**0.5, -1)
                                          for j in range(blk.attn.num_heads)]))
         x = blk(x)
     blk = blocks[-1]
     x = x[:, 0]
-    c = x.shape[-1]
     heads = blk.attn.num_heads
-    hd = c // heads
-    h = blk.ln_1(x)
-    w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
-    q, k, v = h @ w[:c].T + b[:c], h @ w[c : 2 * c].T + b[c : 2 * c], h @ w[2 * c :].T + b[2 * c :]
+    _, q, k, v, hd = _qkv(blk, x)
     n = x.shape[0]
     omega = torch.zeros(n, n)
     for i in range(1, n):
@@ -92,12 +92,8 @@ def _reference_gem(visual, image, depth):
     gem = None
     for i, blk in enumerate(blocks):
         if i >= len(blocks) - depth:
-            c = x.shape[-1]
             heads = blk.attn.num_heads
-            hd = c // heads
-            h = blk.ln_1(x)
-            w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
-            q, k, v = h @ w[:c].T + b[:c], h @ w[c : 2 * c].T + b[c : 2 * c], h @ w[2 * c :].T + b[2 * c :]
+            h, q, k, v, hd = _qkv(blk, x)
             t = h.norm(dim=-1).mean() / hd**0.5  # the temperature: scale x the mean token norm
             outs = []
             for j in range(heads):
