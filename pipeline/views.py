@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,8 +38,9 @@ def outcome_views(outcome: RunOutcome) -> list:
     return views
 
 
-def top_words_table(records: list[dict], top: int = 10) -> Table:
-    """The leaderboard's first rows."""
+def top_words_table(records: list, top: int = 10) -> Table:
+    """The leaderboard's first rows: ``records.csv`` rows, or the rank stage's records."""
+    records = [asdict(r) if is_dataclass(r) else r for r in records[:top]]
     table = Table(title="CLIP's most unusual words")
     for col in ("word", "length", "pieces", "images", "score", "unusualness"):
         table.add_column(col, justify="left" if col == "word" else "right")

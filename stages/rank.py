@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -24,7 +24,23 @@ from pipeline.rundir import LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_t
 from pipeline.runner import StageContext, WholeRunStage
 from pipeline.tokens import vocab
 
-COLUMNS = ("word", "length", "pieces", "known", "images", "score", "best_image", "unusualness")
+
+
+@dataclass(frozen=True)
+class WordRecord:
+    """One word of the leaderboard; its fields are the columns of ``records.csv``, in order."""
+
+    word: str
+    length: int
+    pieces: int  # BPE pieces the tokenizer splits it into
+    known: bool  # a single vocabulary token
+    images: int  # images whose opinion holds it
+    score: float | None  # its best label score, if it was ever a label
+    best_image: str  # where that score was, else the first image that produced it
+    unusualness: float
+
+
+COLUMNS = tuple(f.name for f in fields(WordRecord))
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,7 @@ def unusualness(length: int, pieces: int, known: bool, images: int) -> float:
     return (pieces + length / 10 + (0 if known else 1)) / (1 + math.log2(max(images, 1)))
 
 
-def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: RankConfig) -> list[dict]:
+def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: RankConfig) -> list[WordRecord]:
     """Records for every word of a run, best first.
 
     Args:
@@ -68,13 +84,14 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
         pieces = len(v.encode(word))
         known = pieces == 1
         score, where = best.get(word, (None, None))
-        records.append({
-            "word": word, "length": len(word), "pieces": pieces, "known": known, "images": len(images),
-            "score": score, "best_image": where or sorted(images)[0],
-            "unusualness": round(unusualness(len(word), pieces, known, len(images)), 4),
-        })
-    key = cfg.sort_by
-    return sorted(records, key=lambda r: (-(r[key] if r[key] is not None else float("-inf")), r["word"]))
+        records.append(WordRecord(word, len(word), pieces, known, len(images), score, where or sorted(images)[0],
+                                  round(unusualness(len(word), pieces, known, len(images)), 4)))
+
+    def order(r: WordRecord) -> tuple:
+        value = getattr(r, cfg.sort_by)
+        return -(value if value is not None else float("-inf")), r.word
+
+    return sorted(records, key=order)
 
 
 def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | None = None
@@ -95,25 +112,25 @@ def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | N
     return opinions, labels
 
 
-def write_records(folder: Path, records: list[dict], cfg: RankConfig) -> list[str]:
+def write_records(folder: Path, records: list[WordRecord], cfg: RankConfig) -> list[str]:
     """``records.csv``, ``records.md`` and ``longest_clip_word_records.txt`` in ``folder``; returns their names."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
-    w.writerows(records)
+    w.writerows(asdict(r) for r in records)
     atomic_write_text(folder / RECORDS, buf.getvalue())
     md = ["| # | word | length | pieces | known | images | score | unusualness |", "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records[: cfg.top], 1):
-        score = "" if r["score"] is None else f"{r['score']:.3f}"
-        md.append(f"| {i} | `{r['word']}` | {r['length']} | {r['pieces']} | {'yes' if r['known'] else 'no'} "
-                  f"| {r['images']} | {score} | {r['unusualness']:.3f} |")
+        score = "" if r.score is None else f"{r.score:.3f}"
+        md.append(f"| {i} | `{r.word}` | {r.length} | {r.pieces} | {'yes' if r.known else 'no'} "
+                  f"| {r.images} | {score} | {r.unusualness:.3f} |")
     atomic_write_text(folder / RECORDS_MD, "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
-    longest = sorted({r["word"] for r in records if len(r["word"]) > cfg.longest_over}, key=lambda s: (-len(s), s))
+    longest = sorted({r.word for r in records if len(r.word) > cfg.longest_over}, key=lambda s: (-len(s), s))
     atomic_write_text(folder / LONGEST, "".join(x + "\n" for x in longest))
     return [RECORDS, RECORDS_MD, LONGEST]
 
 
-def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[dict]:
+def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[WordRecord]:
     """One leaderboard over several runs, written to ``out``. Images are named ``<run>/<id>``."""
     opinions, labels = {}, {}
     for root in roots:
