@@ -165,3 +165,24 @@ def contact_sheet(image: np.ndarray, rows: list[tuple[str, list[np.ndarray]]], c
         for c, ov in enumerate(overlays, 1):
             paste(ov, c, r)
     return np.asarray(sheet)
+
+
+def map_atlas(maps: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple[int, int], dict[str, list[int]]]:
+    """Every map of an image in one grayscale picture, so a page can draw any of them without a file each.
+
+    Args:
+        maps: per method, ``[T, gh, gw]`` maps in [0, 1] (grids may differ between methods).
+
+    Returns:
+        The atlas ``[T * H, M * W]`` uint8, a cell ``(H, W)`` per label (row) and method (column, in
+        the order of ``maps``) holding the map at its top left; the cell size; each method's grid.
+    """
+    grids = {m: list(a.shape[1:]) for m, a in maps.items()}
+    cell = (max(g[0] for g in grids.values()), max(g[1] for g in grids.values()))
+    t = next(iter(maps.values())).shape[0]
+    atlas = np.zeros((max(t, 1) * cell[0], len(maps) * cell[1]), np.uint8)
+    for col, a in enumerate(maps.values()):
+        for row in range(t):
+            gh, gw = a.shape[1:]
+            atlas[row * cell[0] : row * cell[0] + gh, col * cell[1] : col * cell[1] + gw] = np.round(a[row] * 255)
+    return atlas, cell, grids

@@ -147,6 +147,10 @@ class RunDir:
         """surgery: every method's maps at grid resolution, keyed ``<method>/<word>`` (npz)."""
         return self.file("surgery", f"{image_id}.npz")
 
+    def atlas(self, image_id: str) -> Path:
+        """surgery: every map of the image as one grayscale PNG, a cell per label (row) and method (column)."""
+        return self.file("surgery", f"{image_id}__maps.png")
+
     def sheet(self, image_id: str) -> Path:
         """surgery: the contact sheet of every label's maps (PNG)."""
         return self.file("surgery", f"{image_id}__sheet.png")

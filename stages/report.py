@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from pipeline.config import require
@@ -124,14 +126,19 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
             card["labels"] = [[d["word"], d["frequency"], d.get("score")] for d in item.labels["labels"]]
             card["prompts"] = [[p["text"], p["score"]] for p in item.labels["prompts"]]
         if item.heatmaps:
-            # each map: the word, its overlay per method, its SAM mask ("" without one), its points; the
-            # paths are the stage's own, less the prefix they share, which the card holds once as "base"
-            labels = [d for d in item.heatmaps["labels"][: cfg.maps_per_card] if d["overlays"]]
-            paths = [p for d in labels for p in [*d["overlays"].values(), *([d["mask"]] if "mask" in d else [])]]
+            # each map: the word, its overlay per method, its SAM mask ("" without one), its points, its row in
+            # the atlas; the paths are the stage's own, less the prefix they share, which the card holds once as "base"
+            atlas = item.heatmaps.get("atlas")
+            labels = [(row, d) for row, d in enumerate(item.heatmaps["labels"][: cfg.maps_per_card])
+                      if d["overlays"] or atlas]
+            paths = [p for _, d in labels for p in [*d["overlays"].values(), *([d["mask"]] if "mask" in d else [])]]
             base = card["base"] = _shared_prefix(paths)
             card["maps"] = [[d["word"], {m: p[len(base):] for m, p in d["overlays"].items()},
-                             d["mask"][len(base):] if "mask" in d else "", _some_points(d, cfg.points_per_map)]
-                            for d in labels]
+                             d["mask"][len(base):] if "mask" in d else "", _some_points(d, cfg.points_per_map), row]
+                            for row, d in labels]
+            if atlas:  # every map in one grayscale picture: the page colours a method's map where it has no overlay
+                card["atlas"] = {"src": atlas["path"], "cell": atlas["cell"], "grids": atlas["grids"],
+                                 "cols": item.heatmaps["methods"], "rows": len(item.heatmaps["labels"])}
             card["sheet"] = item.heatmaps.get("sheet", "")
             card["size"] = item.heatmaps["size"]
             methods.update(item.heatmaps["methods"])
@@ -166,7 +173,12 @@ def _some_points(label: dict, n: int) -> list[list[int]]:
 def render_report(data: dict) -> str:
     """The HTML page for ``build_report_data``'s output."""
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
-    return _PAGE.replace("__TITLE__", html.escape(data["run"])).replace("__DATA__", payload)
+    ramp = cv2.applyColorMap(np.linspace(0, 255, 17).round().astype(np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]
+    tables = {f"__JET{c}__": " ".join(f"{v / 255:.3f}" for v in ramp[:, i]) for i, c in enumerate("RGB")}
+    page = _PAGE.replace("__TITLE__", html.escape(data["run"]))
+    for key, values in tables.items():  # the overlays' colour map, for maps the page draws from the atlas
+        page = page.replace(key, values)
+    return page.replace("__DATA__", payload)
 
 
 class ReportStage(WholeRunStage[ReportConfig]):
@@ -200,8 +212,11 @@ details{background:#fff;border-radius:8px;padding:8px 12px;margin-bottom:12px}pr
 .fail{color:#b91c1c}.muted{color:#78716c}button{padding:4px 10px}
 .maps{display:grid;grid-template-columns:repeat(4,1fr);gap:4px;margin-top:6px}.maps figure{margin:0;font-size:11px;text-align:center}
 .maps img{width:100%;height:auto;max-height:none;border-radius:3px;display:block}.maps .fig{position:relative}
-.maps svg{position:absolute;inset:0;width:100%;height:100%;pointer-events:none}.toggle button.on{background:#1c1917;color:#fff}
+.maps svg{position:absolute;inset:0;width:100%;height:100%;pointer-events:none}.maps svg.atl{opacity:.6}.toggle button.on{background:#1c1917;color:#fff}
 </style></head><body>
+<svg width="0" height="0" style="position:absolute" aria-hidden="true"><filter id="jet" color-interpolation-filters="sRGB">
+<feComponentTransfer><feFuncR type="table" tableValues="__JETR__"/><feFuncG type="table" tableValues="__JETG__"/>
+<feFuncB type="table" tableValues="__JETB__"/></feComponentTransfer></filter></svg>
 <header><h1>clipsight report: __TITLE__</h1><div id="summary" class="muted"></div></header>
 <main>
 <details id="failures-box"><summary id="failures-title"></summary><table id="failures"></table></details>
@@ -240,8 +255,18 @@ function card(c) {
   const prompts = c.prompts.map(([t, s]) => `<li>${esc(t)} <span class="muted">${s === null ? '' : s.toFixed(3)}</span></li>`).join('');
   const dots = pts => pts.length ? `<svg viewBox="0 0 ${c.size[0]} ${c.size[1]}" preserveAspectRatio="none">` + pts.map(([x, y, l]) =>
     `<circle cx="${x}" cy="${y}" r="${Math.max(c.size[0], c.size[1]) / 30}" fill="${l ? '#22c55e' : '#ef4444'}" stroke="#fff"/>`).join('') + '</svg>' : '';
-  const maps = method ? c.maps.filter(([w, overlays]) => overlays[method]).map(([w, overlays, mask, pts]) =>
-    `<figure><div class="fig"><img loading="lazy" class="map" data-method="${method}" src="${esc(c.base + overlays[method])}" alt="${esc(w)}">` +
+  const fromAtlas = (w, row) => {  // the map's cell of the grayscale atlas, coloured by the JET filter, over the picture
+    const a = c.atlas, [H, W] = a.cell, [gh, gw] = a.grids[method], col = a.cols.indexOf(method);
+    return `<img loading="lazy" class="map" data-method="${method}" src="${esc(c.src)}" alt="${esc(w)}">` +
+      `<svg class="atl" viewBox="0 0 ${gw} ${gh}" preserveAspectRatio="none"><image href="${esc(a.src)}" x="${-col * W}" ` +
+      `y="${-row * H}" width="${a.cols.length * W}" height="${a.rows * H}" filter="url(#jet)"/></svg>`;
+  };
+  const drawn = (w, overlays, row) => overlays[method] ?
+    `<img loading="lazy" class="map" data-method="${method}" src="${esc(c.base + overlays[method])}" alt="${esc(w)}">` :
+    fromAtlas(w, row);
+  const maps = method ? c.maps.filter(([w, overlays]) => overlays[method] || (c.atlas && c.atlas.grids[method]))
+    .map(([w, overlays, mask, pts, row]) =>
+    `<figure><div class="fig">${drawn(w, overlays, row)}` +
     `${showPoints ? dots(pts) : ''}</div><figcaption>${esc(w)}` +
     (mask ? ` <a href="${esc(c.base + mask)}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
   return `<div class="card" id="${esc(c.id)}"><img loading="lazy" src="${esc(c.src)}" alt="${esc(c.rel)}"><h3>${esc(c.rel)}</h3>` +

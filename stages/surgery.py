@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ConfigError, require
-from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_slug, map_to_points, overlay_heatmap,
-                               upsample_map)
+from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_slug, map_atlas, map_to_points,
+                               overlay_heatmap, upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
@@ -61,7 +61,7 @@ class SurgeryConfig:
     points_from: Literal["single", "surgery", "raw"] = "single"  # the map that gives SAM its points
     point_threshold: float = 0.8
     point_downsample: int = 2
-    overlays: bool = True  # one PNG per label and method
+    overlays: bool = True  # one PNG per label and method; off, the report draws every map from the one atlas per image
     contact_sheet: bool = True  # one PNG per image with every label's maps
     overlay_max_side: int = 512  # overlays are drawn on the image scaled to this side
     batch_size: int = 0  # images per forward; 0 = 32 on CUDA, 8 on CPU
@@ -364,6 +364,10 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
                 outputs.append(run.rel(path))
             entries.append(entry)
             sheet_rows.append((word, [drawn.overlays[t][m] for m in cfg.methods]))
+        atlas, cell, grids = map_atlas({m: hm.maps[m] for m in cfg.methods})
+        atlas_path = run.atlas(ref.id)
+        atomic_write_bytes(atlas_path, _png(atlas))
+        outputs.append(run.rel(atlas_path))
         arrays = {f"{m}/{w}": hm.maps[m][t].astype(np.float16) for m in cfg.methods for t, w in enumerate(hm.words)}
         arrays["image_size"] = np.asarray(image.shape[:2], dtype=np.int32)
         npz = run.maps(ref.id)
@@ -371,7 +375,8 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
         outputs.insert(0, run.rel(npz))
         doc: dict[str, Any] = {"image": ref.id, "size": [int(image.shape[1]), int(image.shape[0])],
                                "methods": list(cfg.methods), "points_from": cfg.points_from,
-                               "surgery_depth": cfg.surgery_depth, "labels": entries}
+                               "surgery_depth": cfg.surgery_depth, "labels": entries,
+                               "atlas": {"path": run.rel(atlas_path), "cell": list(cell), "grids": grids}}
         if cfg.contact_sheet:
             sheet = run.sheet(ref.id)
             atomic_write_bytes(sheet, _png(contact_sheet(drawn.display, sheet_rows, list(cfg.methods))))

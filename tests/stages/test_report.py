@@ -30,10 +30,10 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     data = build_report_data(inputs, ReportConfig(points_per_map=1))
     a, b = data["cards"]
     assert a["src"] == "../x/a.png" and a["sheet"] == "surgery/a__sheet.png"
-    word, overlays, mask, points = a["maps"][0]
+    word, overlays, mask, points, row = a["maps"][0]
     assert a["base"] == "surgery/a/"  # the prefix the stage's paths share, held once per card
     assert word == "red" and overlays == {"raw": "raw.png", "single": "single.png"}
-    assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]]  # one of each kind
+    assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]] and row == 0  # one point of each kind
     assert a["words"] == [["red", 3], ["odd", 1]] and a["labels"] == [["red", 3, 0.2]]
     assert data["methods"] == ["raw", "single"] and data["default_method"] == "raw"  # only what exists, one order
     assert set(data["method_names"]) == {"raw", "single"}
@@ -74,3 +74,18 @@ def test_shared_prefix_always_leaves_a_name():
     assert _shared_prefix(["s/i/i__red__raw.png"]) == "s/i/i__red__"
     assert _shared_prefix(["s/i/i__red__raw.png", "s/i/i__red__raw.png.x"]) == "s/i/i__red__"
     assert _shared_prefix([]) == "" and _shared_prefix(["a.png", "b.png"]) == ""
+
+
+def test_maps_without_overlay_files_are_drawn_from_the_atlas():
+    doc = _heatmaps({})  # surgery.overlays off: no PNG per map
+    doc["methods"] = ["raw", "naclip"]
+    doc["atlas"] = {"path": "surgery/a__maps.png", "cell": [4, 4], "grids": {"raw": [4, 4], "naclip": [4, 4]}}
+    inputs = ReportInputs("run", {}, [ImageOutputs(ImageRef("a", "/x/a.png", "a.png"), "thumbs/a.jpg", None, None, doc, [])],
+                          [], {})
+    data = build_report_data(inputs, ReportConfig())
+    card = data["cards"][0]
+    assert card["maps"][0][:2] == ["red", {}] and card["maps"][0][4] == 0
+    assert card["atlas"] == {"src": "surgery/a__maps.png", "cell": [4, 4], "grids": {"raw": [4, 4], "naclip": [4, 4]},
+                             "cols": ["raw", "naclip"], "rows": 1}
+    page = render_report(data)
+    assert 'filter id="jet"' in page and "__JET" not in page  # the colour map's tables are filled in

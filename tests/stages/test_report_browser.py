@@ -100,3 +100,35 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     loaded = page.eval_on_selector_all("img.map", "els => els.map(e => e.complete && e.naturalWidth > 0)")
     assert all(loaded), "an overlay did not load"
     assert errors == [], errors
+
+
+def test_maps_without_overlay_files_are_drawn_from_the_atlas(browser, tmp_path):
+    """surgery.overlays off: one atlas per image, and the page colours every method's map from it."""
+    write_scenes(tmp_path / "imgs", 3, 2)
+    (tmp_path / "imgs" / "truth.json").unlink()
+    r = CliRunner().invoke(app, ["--input", str(tmp_path / "imgs"), "--config", "configs/demo.yaml", "--output",
+                                 str(tmp_path / "out"), "--quiet", *FAST, "--set", "surgery.overlays=false",
+                                 "--set", "surgery.methods=[surgery,naclip]"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "out" / "imgs"
+    assert not list((run / "surgery").glob("*/*.png"))  # no file per label and method
+    page = browser.new_page(viewport={"width": 1600, "height": 4000})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((run / "report.html").as_uri())
+    for method in ("surgery", "naclip"):
+        page.click(f'#toggle button[data-method="{method}"]')
+        n = page.locator(".maps svg.atl image").count()
+        assert n > 0 and n == page.locator("img.map").count()
+        hrefs = page.eval_on_selector_all(".maps svg.atl image", "els => els.map(e => e.getAttribute('href'))")
+        assert all(h.endswith("__maps.png") and (run / h).is_file() for h in hrefs)
+    shot = page.locator(".maps .fig").first.screenshot()  # the drawn map: coloured, not the grey atlas
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(BytesIO(shot)).convert("RGB")).astype(int)
+    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean() > 0.2  # JET: red or blue, far from grey
+    assert errors == [], errors
