@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.surgery import _check_images, _dual_attention, _interpolate_positions, encode_image_tokens
+from pipeline.surgery import (_check_images, _dual_attention, _interpolate_positions, _resnet_tokens, resnet_pool_tokens,
+                              resnet_trunk)
 
 # method -> mode of the changed last block; "surgery" and "raw" are computed by the runner itself
 LAST_BLOCK_MODES: dict[str, str] = {"maskclip": "residual", "sclip": "residual", "clearclip": "replace",
@@ -207,18 +208,12 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
 
 
 def _resnet(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], resnet_surgery: str) -> MethodTokens:
-    base = encode_image_tokens(visual, images, 1 if "surgery" in methods else 0, resnet_surgery=resnet_surgery)
+    trunk = resnet_trunk(visual, images)  # the unchanged layers, once for every method
+    base = _resnet_tokens(visual, images, 1 if "surgery" in methods else 0, resnet_surgery, trunk=trunk)
     out = {"raw": base.raw}
     if "surgery" in methods:
         out["surgery"] = base.surgery
-    if "maskclip" in methods:
+    if "maskclip" in methods:  # each position's own value through the pool's projections; the class token stays stock
         pool = visual.attnpool
-        x = visual.relu3(visual.bn3(visual.conv3(visual.relu2(visual.bn2(visual.conv2(
-            visual.relu1(visual.bn1(visual.conv1(images.to(visual.conv1.weight.dtype))))))))))
-        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.avgpool(x)))))
-        gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], 1)
-        x = x + _interpolate_positions(pool.positional_embedding, (gh, gw)).to(x.dtype)
-        out["maskclip"] = torch.cat([base.raw[:, :1], pool.c_proj(pool.v_proj(x))[:, 1:]], 1)
+        out["maskclip"] = torch.cat([base.raw[:, :1], pool.c_proj(pool.v_proj(resnet_pool_tokens(visual, trunk)))[:, 1:]], 1)
     return MethodTokens({m: out[m] for m in methods}, base.grid)

@@ -112,18 +112,39 @@ def _vit_tokens(visual: nn.Module, images: torch.Tensor, depth: int) -> ImageTok
     return ImageTokens(raw=raw, surgery=surgery, grid=(gh, gw))
 
 
-def _resnet_tokens(visual: nn.Module, images: torch.Tensor, depth: int, variant: str = "official") -> ImageTokens:
+def resnet_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A ModifiedResNet's stem and four stages, before its attention pool.
+
+    Shape:
+        - images: :math:`(B, 3, H, W)`; Output: :math:`(B, C, H / 32, W / 32)`.
+    """
     x = images.to(visual.conv1.weight.dtype)
     x = visual.relu1(visual.bn1(visual.conv1(x)))
     x = visual.relu2(visual.bn2(visual.conv2(x)))
     x = visual.relu3(visual.bn3(visual.conv3(x)))
     x = visual.avgpool(x)
-    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # [B, C, gh, gw]
+    return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # [B, C, gh, gw]
+
+
+def resnet_pool_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention pool's input tokens from the trunk's output: the mean token, then the grid, with positions.
+
+    Shape:
+        - x: :math:`(B, C, gh, gw)`; Output: :math:`(B, 1 + gh \\cdot gw, C)`.
+    """
     pool = visual.attnpool
-    b, c, gh, gw = x.shape
+    gh, gw = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, C]
     x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1+gh*gw, C]
-    x = x + _interpolate_positions(pool.positional_embedding, (gh, gw)).to(x.dtype)
+    return x + _interpolate_positions(pool.positional_embedding, (gh, gw)).to(x.dtype)
+
+
+def _resnet_tokens(visual: nn.Module, images: torch.Tensor, depth: int, variant: str = "official",
+                   trunk: torch.Tensor | None = None) -> ImageTokens:
+    x = resnet_trunk(visual, images) if trunk is None else trunk  # [B, C, gh, gw]
+    pool = visual.attnpool
+    b, c, gh, gw = x.shape
+    x = resnet_pool_tokens(visual, x)
     heads = pool.num_heads
     hd = c // heads
 
