@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from pipeline.rundir import RunDir, atomic_write_json, read_json
@@ -70,6 +71,7 @@ class Provenance:
 
     def __init__(self, config: Mapping, result_keys: Mapping[str, tuple[str, ...]], needs: Mapping[str, tuple[str, ...]]):
         self.needs = needs
+        self._known: dict[Path, dict] = {}  # provenance.json per run root, read once
         self.settings: dict[str, dict] = {}
         self.expected: dict[str, str] = {}
         for stage, keys in result_keys.items():  # run order: a stage's needs come before it
@@ -78,11 +80,18 @@ class Provenance:
 
     def record(self, run: RunDir) -> None:
         """Add today's fingerprints and their settings to ``provenance.json`` (kept for every fingerprint ever used)."""
-        known = read_json(run.file(PROVENANCE)) or {}
+        known = self.known(run)
         new = {fp: {"stage": s, "settings": self.settings[s], "upstream": [self.expected[n] for n in self.needs.get(s, ())]}
                for s, fp in self.expected.items()}
         if any(fp not in known for fp in new):
-            atomic_write_json(run.file(PROVENANCE), {**known, **new})
+            self._known[run.root] = {**known, **new}
+            atomic_write_json(run.file(PROVENANCE), self._known[run.root])
+
+    def known(self, run: RunDir) -> dict:
+        """The run's ``provenance.json``: the settings behind every fingerprint it has used (read once)."""
+        if run.root not in self._known:
+            self._known[run.root] = read_json(run.file(PROVENANCE)) or {}
+        return self._known[run.root]
 
     def status(self, run: RunDir, latest: Mapping, image: str, stage: str) -> Status:
         """The status of one image's output of ``stage``."""
@@ -102,7 +111,7 @@ class Provenance:
         """Why an output made with fingerprint ``made`` is not today's: which settings or upstream changed."""
         if made is None:
             return "made before outputs recorded their settings"
-        then = (read_json(run.file(PROVENANCE)) or {}).get(made)
+        then = self.known(run).get(made)
         if then is None:
             return "made with settings this run does not know"
         changed = _changed(then["settings"], self.settings[stage])
