@@ -215,6 +215,7 @@ def toy_train(
     batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
     workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    teacher: Annotated[Optional[Path], typer.Option(help="A toy checkpoint for the distill- recipes: its text tower is copied and frozen, its image embedding distilled.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out (OUT.ckpt), written every few steps.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -223,7 +224,8 @@ def toy_train(
 
     dev = resolve_device(device or "auto")
     try:
-        name, cfg = resolve_recipe(recipe, dev, steps=steps, batch_size=batch_size, workers=workers, seed=seed)
+        name, cfg = resolve_recipe(recipe, dev, steps=steps, batch_size=batch_size, workers=workers, seed=seed,
+                                   teacher=str(teacher.resolve()) if teacher else None)
     except ValueError as err:
         _fail(str(err))
     ckpt = out.with_suffix(".ckpt")

@@ -71,6 +71,8 @@ class ToyTrainConfig:
     arch: ToyArch = field(default_factory=ToyArch)
     dense_weight: float = 0.0  # weight of the patch-token term; 0 trains the global contrastive loss only
     checkpoint_every: int = 100
+    teacher: str | None = None  # a toy checkpoint whose text tower is copied and frozen, and whose image embedding is distilled
+    distill_weight: float = 0.0  # weight of 1 - cos(student image embedding, teacher image embedding)
 
 
 FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
@@ -85,7 +87,15 @@ RECIPES: dict[str, ToyTrainConfig] = {
     "fine-gpu": ToyTrainConfig(steps=8000, batch_size=256, noise_captions=128, lr=5e-4, arch=FINE, dense_weight=1.0),
     "fine-cpu": ToyTrainConfig(steps=4000, batch_size=64, noise_captions=32, lr=1e-3, arch=FINE, dense_weight=1.0,
                                warmup=150),
+    # The 16x16-grid vision tower trained against a teacher (``--teacher``, the 8x8-grid toy): its text tower is
+    # copied and frozen, so only the vision tower learns, from the teacher's image embedding, the captions and
+    # the patch term. Sized for a 2-core CPU.
+    "distill-cpu": ToyTrainConfig(steps=2500, batch_size=64, noise_captions=32, lr=1e-3, arch=FINE, dense_weight=1.0,
+                                  warmup=100, distill_weight=4.0, eval_every=250),
 }
+
+TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
+
 
 
 def build_toy_model(arch: ToyArch = ToyArch()) -> CLIP:
@@ -179,6 +189,27 @@ class _Batches(torch.utils.data.IterableDataset):
             yield _batch(self.cfg.seed, k, self.cfg, self.spec, self.context_length)
 
 
+def _load_teacher(cfg: ToyTrainConfig, model: CLIP, device: torch.device) -> CLIP | None:
+    """The recipe's teacher, in eval mode, after copying its text tower into ``model`` and freezing it there."""
+    if cfg.teacher is None:
+        return None
+    from clip.model import build_model
+
+    state = torch.load(cfg.teacher, map_location="cpu", weights_only=True)
+    teacher = build_model(state).float().to(device).eval().requires_grad_(False)
+    if teacher.visual.input_resolution != cfg.arch.image_resolution:
+        raise ValueError(f"teacher {cfg.teacher} sees {teacher.visual.input_resolution} px, the recipe {cfg.arch.image_resolution} px")
+    mine = model.state_dict()
+    text = {k: v.float() for k, v in teacher.state_dict().items() if k.startswith(TEXT_TOWER)}
+    if any(mine[k].shape != v.shape for k, v in text.items()):
+        raise ValueError(f"teacher {cfg.teacher}'s text tower does not fit the recipe's architecture")
+    model.load_state_dict(text, strict=False)
+    for n, p in model.named_parameters():
+        if n.startswith(TEXT_TOWER):
+            p.requires_grad_(False)
+    return teacher
+
+
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -221,8 +252,10 @@ def train_toy_clip(
     model = build_toy_model(arch).to(device).train()
     spec = SceneSpec(size=arch.image_resolution)
     null = torch.zeros((), device=device, requires_grad=True)  # the "nothing" logit of background patches
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    teacher = _load_teacher(cfg, model, device)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest + [null], "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -250,7 +283,8 @@ def train_toy_clip(
             group["lr"] = _lr_at(step, cfg)
         x = normalize(images.to(device).permute(0, 3, 1, 2).float() / 255)
         texts = [tokens, noise] + ([dense_text] if dense_text is not None else [])
-        txt = F.normalize(encode_tokens(model, torch.cat(texts).to(device)), dim=-1)  # [B+N(+K), D]
+        with torch.set_grad_enabled(teacher is None):
+            txt = F.normalize(encode_tokens(model, torch.cat(texts).to(device)), dim=-1)  # [B+N(+K), D]
         if cfg.dense_weight:
             tokens_all = encode_image_tokens(model, x, surgery_depth=0).raw  # [B, 1+G*G, D]
             img = F.normalize(tokens_all[:, 0], dim=-1)  # [B, D], equal to encode_image
@@ -267,6 +301,10 @@ def train_toy_clip(
         loss_i = -(torch.cat([target, pad], 1) * logits.log_softmax(1)).sum(1).mean()
         loss_t = -(target * logits[:, :b].T.log_softmax(1)).sum(1).mean()
         loss = (loss_i + loss_t) / 2
+        if teacher is not None and cfg.distill_weight:
+            with torch.no_grad():
+                target_img = F.normalize(teacher.encode_image(x).float(), dim=-1)
+            loss = loss + cfg.distill_weight * (1 - (img * target_img).sum(-1)).mean()
         if cfg.dense_weight:
             patches = F.normalize(tokens_all[:, 1:], dim=-1)  # [B, G*G, D]
             dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
@@ -347,7 +385,12 @@ def resolve_recipe(recipe: str, device: torch.device, **overrides) -> tuple[str,
     name = ("fine-gpu" if device.type == "cuda" else "fine-cpu") if recipe == "auto" else recipe
     if name not in RECIPES:
         raise ValueError(f"unknown --recipe {recipe!r}; choose one of: auto, {', '.join(RECIPES)}")
-    return name, replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.distill_weight and cfg.teacher is None:
+        raise ValueError(f"recipe {name} distils a teacher: pass --teacher, a toy checkpoint such as the 8x8-grid toy")
+    if cfg.teacher is not None and not Path(cfg.teacher).is_file():
+        raise ValueError(f"--teacher {cfg.teacher}: no such file")
+    return name, cfg
 
 
 def save_toy_checkpoint(out: Path, state: dict[str, torch.Tensor], card: dict) -> Path:
