@@ -2,60 +2,166 @@
 
 This module only parses options, prints and sets the exit code; the run itself is
 ``pipeline.runner.run_stages``. Exit codes: 0 all succeeded, 1 some image failed,
-2 usage or config error.
+2 usage or config error, 130 interrupted.
+
+Results and paths go to stdout; logs, progress and errors to stderr. Torch and the
+stages are imported only when a command starts work, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
+import enum
+import json
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 
 import pipeline  # noqa: F401  (quiets openai-clip's import warning)
-from pipeline.config import ConfigError, resolve_config
-from pipeline.images import InputError, discover_images, slugify
-from pipeline.models import ModelError, default_cache_dir, model_statuses, resolve_device
-from pipeline.rundir import RunDir, RunLocked
-from pipeline.runner import run_stages, select_stages, stage_status
-from pipeline.views import checks_table, models_table, outcome_views, status_table, top_words_table, training_progress
-from stages import RESULT_KEYS, STAGE_ORDER, STAGES, RunConfig
-from stages.rank import merge_runs
+from pipeline.config import STAGE_NAMES, ConfigError, resolve_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode=None,
+if TYPE_CHECKING:
+    from pipeline.rundir import RunDir
+    from pipeline.runner import RunOutcome
+    from stages import RunConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Show what CLIP sees in a folder of images: opinions, labels, word records and a report.")
-toy_app = typer.Typer(add_completion=False, help="The toy world: synthetic scenes and the shipped toy CLIP.")
+toy_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="The toy world: synthetic scenes and the shipped toy CLIP.")
 app.add_typer(toy_app, name="toy")
-console = Console(stderr=True)
+# soft_wrap: a long path or URL stays on one line, so it can be pasted from a log or a pipe
+out = Console(soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True)
+
+INTERRUPTED = "interrupted — rerun the same command to resume"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Preset(str, enum.Enum):  # stages.PRESETS
+    fast = "fast"
+    classic = "classic"
+    best = "best"
+
+
+class SceneStyle(str, enum.Enum):  # pipeline.toyworld.Style
+    train = "train"
+    alt = "alt"
+
+
+class Recipe(str, enum.Enum):  # "auto" and pipeline.toytrain.RECIPES
+    auto = "auto"
+    fine_gpu = "fine-gpu"
+    fine_cpu = "fine-cpu"
+    distill_cpu = "distill-cpu"
+    gpu = "gpu"
+    cpu = "cpu"
+
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set ascend.iterations=50. Repeatable.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")]
+DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to run (default: the config's, else auto).", show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model: an openai-clip name, 'toy', 'random:<arch>' or a checkpoint path.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo finished work instead of resuming.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for logs).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout instead of tables.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="openai-clip cache folder (default: $CLIPSIGHT_CACHE or ~/.cache/clip).")]
 # torchrun's own parser rejects "--run" as an abbreviation of its "--run-path"; "--run-dir" passes through.
 RUN_HELP = "An existing run directory (under torchrun, spell it --run-dir)."
 
 
+def _version() -> str:
+    try:
+        return package_version("clipsight")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 
-def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool, images=None) -> int:
-    """Run the stages, print the outcome, and return the exit code."""
+def _interrupted() -> NoReturn:
+    console.print(INTERRUPTED, highlight=False)
+    raise typer.Exit(130)
+
+
+def _value(option: enum.Enum | None) -> str | None:
+    return None if option is None else option.value
+
+
+def _resolve(config: Path | None, base: dict, cli: dict, set_: list[str] | None, **kw) -> RunConfig:
+    from stages import PRESETS, RunConfig
+
     try:
-        outcome = run_stages(cfg, run, STAGES, names, RESULT_KEYS, images=images, force=force, quiet=quiet, console=console)
+        return resolve_config(RunConfig, config, base, cli, set_, presets=PRESETS, **kw)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _summary_json(outcome: RunOutcome) -> dict:
+    """The run's outcome as plain data: what ``--json`` prints."""
+    from dataclasses import asdict
+
+    return {"run": str(outcome.run.root), "exit_code": outcome.exit_code,
+            "stages": [asdict(s) for s in outcome.summaries],
+            "failures": [{k: r.get(k) for k in ("image", "path", "stage", "status", "error")} for r in outcome.failures],
+            "report": outcome.report,
+            "images_csv": str(outcome.run.file("images.csv")) if outcome.run.file("images.csv").is_file() else None,
+            "top_words": outcome.records[:10]}
+
+
+def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool, as_json: bool = False,
+         images=None) -> int:
+    """Run the stages, print the outcome, and return the exit code."""
+    from pipeline.models import ModelError
+    from pipeline.rundir import RunLocked
+    from pipeline.runner import run_stages
+    from pipeline.views import outcome_views
+    from stages import RESULT_KEYS, STAGES
+
+    try:
+        outcome = run_stages(cfg, run, STAGES, names, RESULT_KEYS, images=images, force=force, quiet=quiet,
+                             console=console)
     except (ModelError, ConfigError, RunLocked) as err:
         _fail(str(err))
+    except KeyboardInterrupt:  # the runner has logged it; finished images are in the manifest
+        _interrupted()
     if outcome.dist.is_main:
-        for view in outcome_views(outcome):
-            console.print(view, highlight=False)
+        if as_json:
+            print(json.dumps(_summary_json(outcome), indent=1, default=str))
+        else:
+            for view in outcome_views(outcome):
+                out.print(view, highlight=False)
     return outcome.exit_code
+
+
+def _dry_run(cfg: RunConfig, run: RunDir, names: list[str], refs: list, as_json: bool) -> None:
+    """List the images and estimate the time from this run's own finished images, without running anything."""
+    from pipeline.views import dry_run_plan, dry_run_views
+
+    plan = dry_run_plan(cfg, run, names, refs)
+    if as_json:
+        print(json.dumps(plan, indent=1))
+        return
+    for view in dry_run_views(plan):
+        out.print(view, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"clipsight {_version()}")
+        raise typer.Exit()
 
 
 @app.callback(invoke_without_command=True)
@@ -63,14 +169,18 @@ def main(
     ctx: typer.Context,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Folder (recursive), one image, or a text file listing paths.")] = None,
     config: ConfigOpt = None,
+    preset: Annotated[Optional[Preset], typer.Option(help="Ascend's speed: fast, classic (the original's; the default) or best. Keys a config or --set gives win.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Folder that holds run directories.")] = Path("outputs"),
     run_name: Annotated[Optional[str], typer.Option(help="Run directory name (default: the input's name).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
-    stages: Annotated[Optional[str], typer.Option(help=f"Comma-separated subset of: {','.join(STAGE_ORDER)}.")] = None,
+    stages: Annotated[Optional[str], typer.Option(help=f"Comma-separated subset of: {','.join(STAGE_NAMES)}.")] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the images and estimate the time; run nothing.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Run every stage over --input and write a run directory under --output."""
     if ctx.invoked_subcommand is not None:
@@ -78,32 +188,38 @@ def main(
     if input is None:
         console.print(ctx.get_help())
         _fail("--input is required (a folder, an image, or a list file)")
+    from pipeline.images import InputError, discover_images, slugify
+    from pipeline.rundir import RunDir
+    from pipeline.runner import select_stages
+
+    cfg = _resolve(config, {}, {"model": model, "device": _value(device), "preset": _value(preset)}, set_)
     try:
-        names = select_stages(stages, STAGE_ORDER)
-        cfg = resolve_config(RunConfig, config, {}, {"model": model, "device": device}, set_)
+        names = select_stages(stages, STAGE_NAMES)
         refs = discover_images(input, cfg.input.patterns)
     except (ConfigError, InputError) as err:
         _fail(str(err))
     if not refs:
         _fail(f"no images found in {input} (looked for .jpg .jpeg .png .webp .bmp .tif .tiff .gif)")
     run = RunDir(output / (run_name or slugify(input.stem if input.is_file() else input.resolve().name)))
-    raise typer.Exit(_run(cfg, run, names, force, quiet, images=refs))
+    if dry_run:
+        _dry_run(cfg, run, names, refs, as_json)
+        raise typer.Exit(0)
+    raise typer.Exit(_run(cfg, run, names, force, quiet, as_json, images=refs))
 
 
 def _open_run(path: Path) -> RunDir:
+    from pipeline.rundir import RunDir
+
     if not RunDir(path).has_config():
         _fail(f"{path} is not a run directory (no run.yaml)")
     return RunDir(path)
 
 
-def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool) -> int:
+def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool, as_json: bool = False) -> int:
     rd = _open_run(run)
-    try:
-        cfg = resolve_config(RunConfig, config, rd.load_config(), {"model": model, "device": device}, set_,
-                             base_source=str(rd.file("run.yaml")))
-    except ConfigError as err:
-        _fail(str(err))
-    return _run(cfg, rd, [name], force, quiet)
+    cfg = _resolve(config, rd.load_config(), {"model": model, "device": _value(device)}, set_,
+                   base_source=str(rd.file("run.yaml")))
+    return _run(cfg, rd, [name], force, quiet, as_json)
 
 
 def _stage_command(name: str):
@@ -115,14 +231,15 @@ def _stage_command(name: str):
         set_: SetOpt = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        as_json: JsonOpt = False,
     ) -> None:
-        raise typer.Exit(_run_stage(name, run, config, model, device, set_, force, quiet))
+        raise typer.Exit(_run_stage(name, run, config, model, device, set_, force, quiet, as_json))
 
     command.__doc__ = f"Run only the {name} stage on an existing run, with its saved config (options override it)."
     return command
 
 
-for _name in STAGE_ORDER:
+for _name in STAGE_NAMES:
     if _name != "rank":
         app.command(_name)(_stage_command(_name))
 
@@ -132,45 +249,66 @@ def rank_command(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="With --runs: the run directories to merge.", show_default=False)] = None,
     run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help=RUN_HELP)] = None,
     merge_: Annotated[bool, typer.Option("--runs", help="Merge the run directories given as arguments into one leaderboard.")] = False,
-    out: Annotated[Path, typer.Option(help="With --runs: the folder for the merged leaderboard.")] = Path("outputs/merged"),
+    out_dir: Annotated[Path, typer.Option("--out", help="With --runs: the folder for the merged leaderboard.")] = Path("outputs/merged"),
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Rank CLIP's words in one run (--run DIR), or merge several (--runs A B C --out DIR)."""
     if not merge_:
         if run is None or runs:
             _fail("use --run DIR for one run, or --runs A B C [--out DIR] to merge runs")
-        raise typer.Exit(_run_stage("rank", run, config, None, None, set_, True, quiet))
+        raise typer.Exit(_run_stage("rank", run, config, None, None, set_, True, quiet, as_json))
     if not runs or run is not None:
         _fail("--runs needs the run directories as arguments: rank --runs outputs/a outputs/b --out outputs/merged")
+    from dataclasses import asdict
+
+    from pipeline.rundir import RunDir, atomic_write_text
+    from pipeline.views import top_words_table
+    from stages.rank import merge_runs
+    from stages.report import leaderboard_page
+
     first = [_open_run(r) for r in runs][0]
-    try:
-        cfg = resolve_config(RunConfig, config, first.load_config(), {}, set_)
-    except ConfigError as err:
-        _fail(str(err))
-    records = merge_runs(list(runs), out, cfg.rank)
+    cfg = _resolve(config, first.load_config(), {}, set_)
+    records = merge_runs(list(runs), out_dir, cfg.rank)
+    pictures = {}
+    for root in runs:  # each word's best image, by the thumbnail its run's report made
+        rd = RunDir(root)
+        for ref in rd.load_images():
+            if rd.thumbnail(ref.id).is_file():
+                pictures[f"{root.name}/{ref.id}"] = os.path.relpath(rd.thumbnail(ref.id), out_dir)
+    page = out_dir / "leaderboard.html"
+    atomic_write_text(page, leaderboard_page(f"{len(runs)} runs merged", [asdict(r) for r in records], pictures))
+    if as_json:
+        print(json.dumps({"runs": [str(r) for r in runs], "records_csv": str(out_dir / "records.csv"),
+                          "leaderboard": str(page), "top_words": [asdict(r) for r in records[:10]]}, indent=1))
+        return
     if records:
-        console.print(top_words_table(records))
-    console.print(f"merged {len(runs)} runs: {out / 'records.csv'}")
+        out.print(top_words_table(records))
+    out.print(f"merged {len(runs)} runs: {out_dir / 'records.csv'}\nleaderboard: {page}", highlight=False)
 
 
 @app.command("status")
 def status_command(run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)]) -> None:
     """Show, per stage, which images are done, stale (made with other settings), failed, blocked or pending, and why."""
+    from pipeline.runner import stage_status
+    from pipeline.views import status_table
+    from stages import RESULT_KEYS, STAGES
+
     rd = _open_run(run)
-    try:
-        cfg = resolve_config(RunConfig, None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))
-    except ConfigError as err:
-        _fail(str(err))
+    cfg = _resolve(None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))
     for line in status_table(run, stage_status(cfg, rd, STAGES, RESULT_KEYS)):
-        Console().print(line, highlight=False)
+        out.print(line, highlight=False)
 
 
 @app.command("models")
 def models_command(cache: CacheOpt = None) -> None:
     """List the known model names and which OpenAI checkpoints are already in the cache."""
-    Console().print(models_table(model_statuses(cache or default_cache_dir()), cache or default_cache_dir()))
+    from pipeline.models import default_cache_dir, model_statuses
+    from pipeline.views import models_table
+
+    out.print(models_table(model_statuses(cache or default_cache_dir()), cache or default_cache_dir()))
 
 
 @app.command("doctor")
@@ -180,70 +318,77 @@ def doctor(
 ) -> None:
     """Check and explain the environment: torch and CUDA, the weights cache, free disk, optional extras."""
     from pipeline.doctor import check_environment
+    from pipeline.models import default_cache_dir
+    from pipeline.views import checks_table
 
     checks = check_environment(cache or default_cache_dir(), output)
-    Console().print(checks_table(checks))
+    out.print(checks_table(checks))
     raise typer.Exit(1 if any(c.ok is False for c in checks) else 0)
 
 
 @toy_app.command("scenes")
 def toy_scenes(
-    out: Annotated[Path, typer.Option(help="Folder for the PNGs and truth.json.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and truth.json.")],
     count: Annotated[int, typer.Option(help="How many scenes.")] = 12,
     seed: Annotated[int, typer.Option(help="Scene stream seed.")] = 7,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     min_objects: Annotated[int, typer.Option(help="Fewest objects per scene.")] = 1,
     max_objects: Annotated[int, typer.Option(help="Most objects per scene (up to 3).")] = 3,
-    style: Annotated[str, typer.Option(help="train (hard-edged) or alt (anti-aliased, other backgrounds).")] = "train",
+    style: Annotated[SceneStyle, typer.Option(help="train (hard-edged) or alt (anti-aliased, other backgrounds).")] = SceneStyle.train,
 ) -> None:
-    """Write toy scenes as PNGs plus truth.json (objects, words, boxes, captions)."""
+    """Write toy scenes (coloured shapes with known truth) and truth.json."""
     from pipeline.toyworld import SceneSpec, write_scenes
 
     try:
-        spec = SceneSpec(size=size, min_objects=min_objects, max_objects=max_objects, style=style)  # type: ignore[arg-type]
+        spec = SceneSpec(size=size, min_objects=min_objects, max_objects=max_objects, style=style.value)  # type: ignore[arg-type]
     except ValueError as err:
         _fail(str(err))
-    truth = write_scenes(out, seed, count, spec)
-    console.print(f"wrote {count} scenes and {truth}")
+    truth = write_scenes(out_dir, seed, count, spec)
+    out.print(f"wrote {count} scenes and {truth}", highlight=False)
 
 
 @toy_app.command("train")
 def toy_train(
-    out: Annotated[Path, typer.Option(help="Where to write the fp16 state dict; a .json card goes beside it.")],
-    recipe: Annotated[str, typer.Option(help="'fine-gpu' (the shipped 16x16-grid checkpoint's), 'fine-cpu' (the same model, sized for a 2-core CPU), 'gpu' and 'cpu' (the older 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = "auto",
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the fp16 state dict; a .json card goes beside it.")],
+    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the recipe's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
     workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     teacher: Annotated[Optional[Path], typer.Option(help="A toy checkpoint for the distill- recipes: its text tower is copied and frozen, its image embedding distilled.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out (OUT.ckpt), written every few steps.")] = False,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
 ) -> None:
     """Train the toy CLIP on toy scenes (GPU when present), writing a checkpoint stock openai-clip loads."""
+    from pipeline.models import resolve_device
     from pipeline.toytrain import resolve_recipe, save_toy_checkpoint, train_toy_clip
+    from pipeline.views import training_progress
 
-    dev = resolve_device(device or "auto")
+    dev = resolve_device(_value(device) or "auto")
     try:
-        name, cfg = resolve_recipe(recipe, dev, steps=steps, batch_size=batch_size, workers=workers, seed=seed,
+        name, cfg = resolve_recipe(recipe.value, dev, steps=steps, batch_size=batch_size, workers=workers, seed=seed,
                                    teacher=str(teacher.resolve()) if teacher else None)
     except ValueError as err:
         _fail(str(err))
-    ckpt = out.with_suffix(".ckpt")
+    ckpt = out_file.with_suffix(".ckpt")
     console.print(f"recipe {name}: {cfg.steps} steps of {cfg.batch_size} scenes, lr {cfg.lr}, on {dev}; "
-                  f"checkpoint {ckpt}" + (" (resuming)" if resume and ckpt.is_file() else ""))
+                  f"checkpoint {ckpt}" + (" (resuming)" if resume and ckpt.is_file() else ""), highlight=False)
     with training_progress(console, cfg.steps) as on_step:
         try:
             state, card = train_toy_clip(cfg, dev, on_step, checkpoint=ckpt, resume=resume)
         except ValueError as err:
             _fail(f"{err}; drop --resume to start over")
-    console.print(f"wrote {out} and {save_toy_checkpoint(out, state, {**card, 'recipe': {**card['recipe'], 'name': name}})}")
+        except KeyboardInterrupt:  # the checkpoint holds the last finished hundred steps
+            _interrupted()
+    card_path = save_toy_checkpoint(out_file, state, {**card, "recipe": {**card["recipe"], "name": name}})
+    out.print(f"wrote {out_file} and {card_path}", highlight=False)
 
 
 def run() -> None:
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("interrupted; finished work is kept, rerun the same command to resume")
+    except KeyboardInterrupt:  # outside a command's own handling (e.g. while imports load)
+        console.print(INTERRUPTED, highlight=False)
         sys.exit(130)
 
 

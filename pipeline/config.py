@@ -17,6 +17,11 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 
 
+# The stages in run order. It lives here, beside the config, so that the command line can name them
+# without importing the stages (and torch); ``stages.STAGES`` is checked against it.
+STAGE_NAMES: tuple[str, ...] = ("ascend", "decode", "surgery", "rank", "report")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message says which key, where, and what is valid."""
 
@@ -182,11 +187,13 @@ def require(condition: bool, message: str) -> None:
 
 
 def resolve_config(cls: type, config_file: Path | None, base: dict, cli: dict, overrides: list[str] | None,
-                   base_source: str = "run.yaml") -> Any:
+                   base_source: str = "run.yaml", presets: Mapping[str, dict] | None = None) -> Any:
     """Build ``cls`` from its defaults under ``base`` (a saved run config, or ``{}``), then the YAML
     file, then CLI options (``None`` values are ignored), then ``--set`` overrides; later layers win.
 
     An error names the layer its key came from: ``base_source``, the file, ``--<option>`` or ``--set KEY``.
+    When the merged layers name a ``preset`` (one of ``presets``), its values sit between the
+    defaults and every layer: a preset fills only the keys no layer sets.
     """
     cli = {k: v for k, v in cli.items() if v is not None}
     sets = parse_overrides(overrides or [])
@@ -200,6 +207,15 @@ def resolve_config(cls: type, config_file: Path | None, base: dict, cli: dict, o
         data = merge(data, layer)
         for key in _dotted(layer):
             sources[key] = label(key)
+    preset = data.get("preset")
+    if presets and preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"{sources.get('preset', 'defaults')}: unknown preset {preset!r}; "
+                              f"choose one of: {', '.join(presets)}")
+        named = f"preset {preset} (from {sources.get('preset')})"
+        for key in _dotted(presets[preset]):
+            sources.setdefault(key, named)
+        data = merge(presets[preset], data)  # a preset fills only the keys no layer sets
     return build_config(cls, data, "defaults", sources=sources)
 
 

@@ -81,6 +81,15 @@ def agree(info: DistInfo, ok: bool) -> bool:
     return bool(flag.item())
 
 
+def from_main(info: DistInfo, value: T) -> T:
+    """Rank 0's ``value`` on every rank (a picklable object); the value itself in one process."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

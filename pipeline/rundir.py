@@ -34,6 +34,7 @@ LOG = "run.log"
 RECORDS = "records.csv"
 RECORDS_MD = "records.md"
 LONGEST = "longest_clip_word_records.txt"
+IMAGES_CSV = "images.csv"
 REPORT = "report.html"
 LOCK = ".lock"
 

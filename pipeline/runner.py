@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.config import ConfigError, to_dict
-from pipeline.distributed import DistInfo, agree, init_distributed, shutdown
+from pipeline.distributed import DistInfo, agree, from_main, init_distributed, shutdown
 from pipeline.images import ImageRef
 from pipeline.models import LoadedModel, ModelError, load_model, resolve_device
 from pipeline.prompts import TextFeatureStore
@@ -131,6 +131,9 @@ class StageContext(Generic[C]):
     models: Models
     batches: BatchSizer
     provenance: Provenance
+    # called by a stage with the fraction of the current batch it has done, so progress moves within a batch
+    progress: Callable[[float], None] = field(default=lambda fraction: None)
+    session: str = ""  # when this command started (UTC, ISO 8601): every manifest record it writes carries it
 
     def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
         """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.provenance``)."""
@@ -259,6 +262,7 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
         while i < len(todo):
             batch = todo[i : i + max(1, stage.batch_size(ctx))]
             t = time.time()
+            ctx.progress = _within(progress, task, i, len(batch))
             try:
                 results = stage.process(ctx, batch)
             except Exception as err:  # a bug or resource failure in one batch must not end the run
@@ -280,9 +284,21 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
                 on_done()
             i += len(batch)
             elapsed = time.time() - start
-            progress.update(task, advance=len(batch), rate=f"{i / elapsed:.2f} img/s" if elapsed > 0 else "")
+            progress.update(task, completed=i, rate=f"{i / elapsed:.2f} img/s" if elapsed > 0 else "")
     summary.seconds = time.time() - start
     return summary
+
+
+def _within(progress: Progress, task: Any, done: int, size: int) -> Callable[[float], None]:
+    """Moves the bar to ``done`` images plus the given fraction of a batch of ``size``, never backwards."""
+    furthest = 0.0
+
+    def update(fraction: float) -> None:
+        nonlocal furthest
+        furthest = max(furthest, min(1.0, fraction))
+        progress.update(task, completed=done + furthest * size)
+
+    return update
 
 
 def _record(ctx: StageContext, ref: ImageRef, stage: str, status: str, error: str | None, seconds: float = 0.0,
@@ -294,6 +310,8 @@ def _record(ctx: StageContext, ref: ImageRef, stage: str, status: str, error: st
         rec["provenance"] = provenance
     if ctx.run.shard is not None:
         rec["rank"] = ctx.run.shard
+    if ctx.session:
+        rec["session"] = ctx.session
     return rec
 
 
@@ -311,7 +329,8 @@ def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
     summary.seconds = time.time() - t
     ctx.run.append_manifest([{"image": None, "path": None, "stage": stage.name,
                               "status": "failed" if error else "done", "error": error,
-                              "seconds": round(summary.seconds, 4), "outputs": outputs}])
+                              "seconds": round(summary.seconds, 4), "outputs": outputs,
+                              **({"session": ctx.session} if ctx.session else {})}])
     return summary
 
 
@@ -432,8 +451,10 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
     settings = _settings(config)
     provenance = Provenance(settings.config, result_keys, {n: s.needs for n, s in stages.items()})
 
+    session = from_main(info, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # one id for all ranks
+
     def context(name: str, where: RunDir) -> StageContext:
-        return StageContext(getattr(config, name), settings, where, log, models, batches, provenance)
+        return StageContext(getattr(config, name), settings, where, log, models, batches, provenance, session=session)
 
     saved = False
 
@@ -477,6 +498,9 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
                 summaries.append(run_whole(stage, context(name, run)))
     except (ModelError, ConfigError) as err:
         log.error("%s", err)
+        raise
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished images are kept; rerun the same command to resume")
         raise
     latest = run.latest()
     failures = [r for r in latest.values() if r["status"] in ("failed", "blocked")]

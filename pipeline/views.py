@@ -6,7 +6,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import Progress
@@ -14,7 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.doctor import Check
-from pipeline.runner import RunOutcome
+from pipeline.images import ImageRef
+from pipeline.rundir import RunDir
+from pipeline.runner import PerImageStage, RunOutcome
 
 
 def outcome_views(outcome: RunOutcome) -> list:
@@ -98,3 +100,64 @@ def training_progress(console: Console, steps: int) -> Iterator[Callable[[int, f
                 progress.console.print(f"step {step + 1}: held-out zero-shot {json.dumps(metrics)}")
 
         yield on_step
+
+
+def dry_run_plan(config: Any, run: RunDir, names: list[str], refs: list[ImageRef]) -> dict:
+    """What a run would do, without doing it: per stage, the images it would process and an estimate of the
+    seconds they take, from the seconds this run's finished images took (``None`` where none is timed yet).
+
+    An image is counted as done for a stage when its output is done with today's settings.
+    """
+    from pipeline.config import to_dict
+    from pipeline.provenance import Provenance
+    from stages import RESULT_KEYS, STAGES  # the stages import this library, not the other way round at import time
+
+    done: dict[str, set[str]] = {n: set() for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    if run.has_config():
+        prov = Provenance(to_dict(config), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
+        latest = run.latest()
+        for ref in refs:
+            for name in names:
+                if isinstance(STAGES[name], PerImageStage) and prov.status(run, latest, ref.id, name).state == "done":
+                    done[name].add(ref.id)
+        for rec in run.manifest_records():
+            if rec["stage"] in seconds and rec["status"] == "done" and rec.get("seconds"):
+                seconds[rec["stage"]].append(float(rec["seconds"]))
+    stages = []
+    for name in names:
+        per_image = isinstance(STAGES[name], PerImageStage)
+        todo = len(refs) - len(done[name]) if per_image else 1
+        timed = seconds[name]
+        each = sum(timed) / len(timed) if timed else None
+        stages.append({"stage": name, "todo": todo, "done": len(done[name]) if per_image else 0,
+                       "timed": len(timed), "seconds_each": each,
+                       "estimate_s": None if each is None else round(each * todo, 1)})
+    known = [s["estimate_s"] for s in stages if s["todo"]]
+    return {"run": str(run.root), "images": [r.rel for r in refs], "stages": stages,
+            "estimate_s": None if any(e is None for e in known) else round(sum(known), 1)}
+
+
+def dry_run_views(plan: dict) -> list:
+    """The images, one per line, then a table of what each stage would do and how long it should take."""
+    views: list = [Text(rel) for rel in plan["images"]]
+    table = Table(title=f"dry run: {len(plan['images'])} images into {plan['run']}")
+    for col in ("stage", "to do", "done", "s per item", "estimate"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in plan["stages"]:
+        each = "" if s["seconds_each"] is None else f"{s['seconds_each']:.1f}"
+        est = "unknown" if s["estimate_s"] is None else _duration(s["estimate_s"])
+        table.add_row(s["stage"], str(s["todo"]), str(s["done"]), each, est if s["todo"] else "-")
+    views.append(table)
+    if plan["estimate_s"] is None:
+        views.append(Text("estimate: unknown until this run has timed an image of each stage; the progress bar "
+                          "gives an ETA from the first iterations"))
+    else:
+        views.append(Text(f"estimate: {_duration(plan['estimate_s'])}, from this run's finished images"))
+    return views
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import kornia.augmentation as K
 import torch
@@ -255,7 +255,8 @@ def learned_text_features(lm: LoadedModel, learned: torch.Tensor, prefix_ids: li
 
 
 def extract_opinions(
-    lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig
+    lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig,
+    on_checkin: Callable[[float], None] | None = None,
 ) -> list[Opinion]:
     """Gradient ascent for every image of a batch.
 
@@ -264,6 +265,7 @@ def extract_opinions(
         images: ``[B, 3, R, R]`` in [0, 1] at the model's input resolution.
         seeds: one seed per image (see ``image_seed``); all randomness of image b comes from seeds[b].
         cfg: the settings.
+        on_checkin: called at each check-in with the fraction of the iterations done.
 
     Returns:
         One ``Opinion`` per image, in order.
@@ -310,6 +312,8 @@ def extract_opinions(
                 totals[b].update(occ)
                 for w in occ:
                     first_seen[b].setdefault(w, it)
+            if on_checkin is not None:
+                on_checkin((it + 1) / cfg.iterations)
 
     with torch.no_grad():
         final = chooser.choice()  # [B, C, K]
@@ -374,7 +378,8 @@ class AscendStage(PerImageStage[AscentConfig]):
         if ok:
             t = time.time()
             seeds = [image_seed(ctx.settings.seed, r.id) for r in ok]
-            opinions = split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg), 0, len(seeds),
+            opinions = split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg, ctx.progress),
+                                    0, len(seeds),
                                     ctx.batches.on_split(self.name))  # results do not depend on batching
             with torch.no_grad():
                 feats = encode_images(lm, images)

@@ -1,8 +1,9 @@
 """decode: opinions become clean labels with counts, CLIP scores and ranks.
 
 A label is a word that appears at least ``min_frequency`` times among the final
-candidates (the original's rule), minus the block-list. Each label is scored with
-stock CLIP: the cosine between its 85-template prompt-ensemble feature and the image.
+candidates (the original's rule), minus the block-list and the stop-words. Each label
+is scored with stock CLIP: the cosine between its 85-template prompt-ensemble feature
+and the image; labels scored below ``min_score`` are dropped.
 """
 
 from __future__ import annotations
@@ -19,12 +20,24 @@ from pipeline.rundir import atomic_write_json, read_json
 from pipeline.runner import ItemResult, PerImageStage, StageContext
 
 
+# Function words that CLIP's opinions are full of and that name nothing in a picture. A label equal to
+# one of them (any case) is dropped; ``decode.stop_words: []`` keeps them.
+STOP_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "by", "for", "with", "from", "as", "is", "are",
+    "was", "be", "it", "its", "this", "that", "these", "those", "his", "her", "their", "my", "your", "our", "i",
+    "you", "he", "she", "we", "they", "me", "him", "them", "us", "not", "no", "so", "but", "if", "than", "then",
+    "there", "here", "very", "just", "also", "into", "onto", "over", "under", "about", "up", "down", "out", "off",
+)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     min_frequency: int = 3
     lowercase: bool = False  # merge words that differ only in case
     block_words: tuple[str, ...] = ()  # labels containing one of these (any case) are dropped
-    prompts: int = 5  # best decoded candidates kept, by stock-CLIP score
+    stop_words: tuple[str, ...] = STOP_WORDS  # labels equal to one of these (any case) are dropped
+    min_score: float | None = 0.0  # labels whose stock-CLIP score is below this are dropped; null keeps all
+    prompts: int = 5  # best decoded candidates kept, by stock-CLIP score, trimmed and without repeats
 
     def __post_init__(self) -> None:
         require(self.min_frequency >= 1, f"decode.min_frequency must be >= 1, got {self.min_frequency}")
@@ -52,10 +65,11 @@ def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[
         key = word.lower() if cfg.lowercase else word
         merged[key] = merged.get(key, 0) + int(stats["frequency"])
     blocked = [b.lower() for b in (*cfg.block_words, *extra_block) if b.strip()]
+    stop = {w.lower() for w in cfg.stop_words}
     labels = [
         {"word": w, "frequency": n}
         for w, n in merged.items()
-        if n >= cfg.min_frequency and not any(b in w.lower() for b in blocked)
+        if n >= cfg.min_frequency and w.lower() not in stop and not any(b in w.lower() for b in blocked)
     ]
     return sorted(labels, key=lambda d: (-d["frequency"], d["word"]))
 
@@ -86,11 +100,20 @@ def label_opinions(opinions: list[dict], image_features: torch.Tensor,
             for d, s in zip(labels, scores):
                 d["score"] = round(float(s), 4)
         labels.sort(key=lambda d: -d["score"])
+        if cfg.min_score is not None:
+            labels = [d for d in labels if d["score"] >= cfg.min_score]
         for rank, d in enumerate(labels, 1):
             d["rank"] = rank
-        prompts = sorted(opinion["candidates"], key=lambda c: -c.get("rescored", float("-inf")))
-        out.append(Labels(labels, [{"text": c["text"], "score": c.get("rescored")} for c in prompts[: cfg.prompts]]))
+        out.append(Labels(labels, best_prompts(opinion["candidates"], cfg.prompts)))
     return out
+
+
+def best_prompts(candidates: list[dict], n: int) -> list[dict]:
+    """The ``n`` best-rescored candidate texts, trimmed, each text once (at its best score)."""
+    best: dict[str, float | None] = {}
+    for c in sorted(candidates, key=lambda c: -c.get("rescored", float("-inf"))):
+        best.setdefault(" ".join(c["text"].split()), c.get("rescored"))
+    return [{"text": t, "score": s} for t, s in list(best.items())[:n] if t]
 
 
 class DecodeStage(PerImageStage[DecodeConfig]):

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from pipeline.config import require
-from pipeline.rundir import LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_json
+from pipeline.images import ImageRef
+from pipeline.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_json
 from pipeline.runner import StageContext, WholeRunStage
 from pipeline.tokens import vocab
 
@@ -38,6 +39,7 @@ class WordRecord:
     score: float | None  # its best label score, if it was ever a label
     best_image: str  # where that score was, else the first image that produced it
     unusualness: float
+    broken: bool = False  # holds a byte sequence that is not valid UTF-8 (shown as U+FFFD), as CLIP produced it
 
 
 COLUMNS = tuple(f.name for f in fields(WordRecord))
@@ -49,6 +51,7 @@ class RankConfig:
     sort_by: Literal["unusualness", "length", "pieces", "images", "score"] = "unusualness"
     top: int = 50  # rows in records.md
     longest_over: int = 15  # the original's "longest words" file keeps words longer than this
+    keep_broken: bool = False  # rank words with broken byte sequences among the rest (by default they go last)
 
     def __post_init__(self) -> None:
         require(self.min_length >= 1, f"rank.min_length must be >= 1, got {self.min_length}")
@@ -57,6 +60,11 @@ class RankConfig:
 
 def unusualness(length: int, pieces: int, known: bool, images: int) -> float:
     return (pieces + length / 10 + (0 if known else 1)) / (1 + math.log2(max(images, 1)))
+
+
+def is_broken(word: str) -> bool:
+    """Whether a decoded word holds bytes that are not valid UTF-8 (BPE pieces cut inside a character)."""
+    return "\ufffd" in word
 
 
 def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: RankConfig) -> list[WordRecord]:
@@ -85,11 +93,11 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
         known = pieces == 1
         score, where = best.get(word, (None, None))
         records.append(WordRecord(word, len(word), pieces, known, len(images), score, where or sorted(images)[0],
-                                  round(unusualness(len(word), pieces, known, len(images)), 4)))
+                                  round(unusualness(len(word), pieces, known, len(images)), 4), is_broken(word)))
 
     def order(r: WordRecord) -> tuple:
         value = getattr(r, cfg.sort_by)
-        return -(value if value is not None else float("-inf")), r.word
+        return r.broken and not cfg.keep_broken, -(value if value is not None else float("-inf")), r.word
 
     return sorted(records, key=order)
 
@@ -119,14 +127,22 @@ def write_records(folder: Path, records: list[WordRecord], cfg: RankConfig) -> l
     w.writeheader()
     w.writerows(asdict(r) for r in records)
     atomic_write_text(folder / RECORDS, buf.getvalue())
-    md = ["| # | word | length | pieces | known | images | score | unusualness |", "|---|---|---|---|---|---|---|---|"]
+    md = ["| # | word | length | pieces | known | images | score | unusualness | broken |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records[: cfg.top], 1):
-        score = "" if r.score is None else f"{r.score:.3f}"
+        score = "–" if r.score is None else f"{r.score:.3f}"
         md.append(f"| {i} | `{r.word}` | {r.length} | {r.pieces} | {'yes' if r.known else 'no'} "
-                  f"| {r.images} | {score} | {r.unusualness:.3f} |")
-    atomic_write_text(folder / RECORDS_MD, "# CLIP's most unusual words\n\n" + "\n".join(md) + "\n")
+                  f"| {r.images} | {score} | {r.unusualness:.3f} | {'yes' if r.broken else ''} |")
+    notes = ["score: the word's best stock-CLIP label score; – when it was never a label (too rare, a stop-word, "
+             "or scored below decode.min_score)."]
+    if any(r.broken for r in records) and not cfg.keep_broken:
+        notes.append("Words with broken byte sequences are ranked last (rank.keep_broken: true ranks them with the rest).")
+    body = "\n".join(md) if records else "No words: no image of this run has a finished opinion (run ascend)."
+    atomic_write_text(folder / RECORDS_MD, "# CLIP's most unusual words\n\n" + body + "\n\n" + "\n".join(notes) + "\n")
     longest = sorted({r.word for r in records if len(r.word) > cfg.longest_over}, key=lambda s: (-len(s), s))
-    atomic_write_text(folder / LONGEST, "".join(x + "\n" for x in longest))
+    empty = (f"# no word of this run is longer than {cfg.longest_over} characters (rank.longest_over)\n" if records
+             else "# no words: no image of this run has a finished opinion\n")
+    atomic_write_text(folder / LONGEST, "".join(x + "\n" for x in longest) if longest else empty)
     return [RECORDS, RECORDS_MD, LONGEST]
 
 
@@ -143,8 +159,50 @@ def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[WordRecord
     return records
 
 
+IMAGE_COLUMNS = ("file", "id", "status", "reason", "best_prompt", "best_prompt_score", "labels", "unusual_word",
+                 "unusualness")
+
+
+def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinions: dict[str, dict],
+               labels: dict[str, dict], records: list[WordRecord], top_labels: int = 5) -> list[dict]:
+    """One summary row per image (the columns of ``images.csv``).
+
+    Args:
+        refs: the run's images, in order.
+        states: per image id, ``(state, reason)``: "done" when every per-image stage is, else the
+            first stage that is not, e.g. ``("failed", "ascend: ...")``.
+        opinions, labels: the done outputs by image id.
+        records: the leaderboard, best first; an image's unusual word is its best-ranked word.
+    """
+    rank_of = {r.word: (i, r) for i, r in enumerate(records)}
+    rows = []
+    for ref in refs:
+        state, reason = states.get(ref.id, ("pending", ""))
+        lab = labels.get(ref.id) or {}
+        prompt = (lab.get("prompts") or [{}])[0]
+        words = [rank_of[w] for w in (opinions.get(ref.id) or {}).get("words", {}) if w in rank_of]
+        unusual = min(words, key=lambda t: t[0])[1] if words else None
+        rows.append({
+            "file": ref.rel, "id": ref.id, "status": state, "reason": reason,
+            "best_prompt": prompt.get("text", ""),
+            "best_prompt_score": "" if prompt.get("score") is None else f"{prompt['score']:.4f}",
+            "labels": "; ".join(f"{d['word']} {d['score']:.3f}" for d in lab.get("labels", [])[:top_labels]),
+            "unusual_word": unusual.word if unusual else "", "unusualness": unusual.unusualness if unusual else "",
+        })
+    return rows
+
+
+def write_image_rows(folder: Path, rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=IMAGE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(folder / IMAGES_CSV, buf.getvalue())
+    return IMAGES_CSV
+
+
 class RankStage(WholeRunStage[RankConfig]):
-    """Writes ``records.csv``, ``records.md`` and ``longest_clip_word_records.txt``."""
+    """Writes ``records.csv``, ``records.md``, ``longest_clip_word_records.txt`` and ``images.csv``."""
 
     name = "rank"
     needs = ("ascend", "decode")
@@ -152,4 +210,16 @@ class RankStage(WholeRunStage[RankConfig]):
     def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
         latest = ctx.run.latest()
         opinions, labels = read_run(ctx.run, keep=lambda i, stage: ctx.status(i, stage, latest).state == "done")
-        return write_records(ctx.run.root, rank_unusual_words(opinions, labels, ctx.config), ctx.config)
+        records = rank_unusual_words(opinions, labels, ctx.config)
+        refs = ctx.run.load_images()
+        states = {}
+        for ref in refs:
+            for stage in ("ascend", "decode", "surgery"):
+                st = ctx.status(ref.id, stage, latest)
+                if st.state != "done":
+                    states[ref.id] = (st.state, f"{stage}: {st.reason}" if st.reason else stage)
+                    break
+            else:
+                states[ref.id] = ("done", "")
+        rows = image_rows(refs, states, opinions, labels, records)
+        return [*write_records(ctx.run.root, records, ctx.config), write_image_rows(ctx.run.root, rows)]

@@ -89,6 +89,9 @@ class HeatmapResult:
     words: list[str]
     maps: dict[str, np.ndarray]
     points: list[tuple[list[list[int]], list[int]]]  # per word: [x, y] points and labels (1 positive, 0 negative)
+    # per method, per word: the (lowest, highest) patch similarity that the map's 0 and 1 stand for, so a
+    # reader can put every word of an image on one scale
+    ranges: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,11 +168,18 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
                 sim = _cosine(base.tokens[m][w], text[rows])
             sims[m] = stitch_windows(sim, windows, base.grid, images.shape[-1], resolution) if cfg.window_side else (sim, base.grid)
         maps = {m: similarity_map(sim, grid, grid)[0].permute(2, 0, 1).cpu().numpy() for m, (sim, grid) in sims.items()}
+        ranges = {m: _patch_ranges(sim, grid) for m, (sim, grid) in sims.items()}
         source = maps[cfg.points_from] if cfg.points_from in maps else maps[cfg.methods[0]]  # [T, gh, gw]
         points = [map_to_points(torch.from_numpy(m), image_sizes[b], cfg.point_threshold, cfg.point_downsample)
                   for m in source]
-        results.append(HeatmapResult(words=list(image_words), maps=maps, points=points))
+        results.append(HeatmapResult(words=list(image_words), maps=maps, points=points, ranges=ranges))
     return results
+
+
+def _patch_ranges(sim: torch.Tensor, grid: tuple[int, int]) -> list[tuple[float, float]]:
+    """Per text, the lowest and highest patch similarity (the class token left out), as ``similarity_map`` scales."""
+    patches = sim[0, 1:] if sim.shape[1] == grid[0] * grid[1] + 1 else sim[0]  # [gh*gw, T]
+    return [(round(float(lo), 5), round(float(hi), 5)) for lo, hi in zip(patches.amin(0), patches.amax(0))]
 
 
 def load_sam(cfg: SamConfig, device: torch.device) -> Any:
@@ -350,7 +360,8 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
         for t, word in enumerate(hm.words):
             slug = label_slug(word)
             entry: dict[str, Any] = {"word": word, "slug": slug, "overlays": {},
-                                     "points": hm.points[t][0], "point_labels": hm.points[t][1], "peak": drawn.peaks[t]}
+                                     "points": hm.points[t][0], "point_labels": hm.points[t][1], "peak": drawn.peaks[t],
+                                     "range": {m: list(r[t]) for m, r in hm.ranges.items()}}
             if cfg.overlays:
                 for m in cfg.methods:
                     path = run.overlay(ref.id, slug, m)

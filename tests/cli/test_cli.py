@@ -26,7 +26,7 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
     assert r.exit_code == 0, r.output
     run = out / "r"
     for name in ["run.yaml", "manifest.jsonl", "images.jsonl", "run.log", "records.csv", "records.md",
-                 "longest_clip_word_records.txt", "report.html"]:
+                 "longest_clip_word_records.txt", "images.csv", "report.html"]:
         assert (run / name).is_file(), name
     recs = _manifest(run)
     ids = [json.loads(x)["id"] for x in (run / "images.jsonl").read_text().splitlines()]
@@ -198,6 +198,10 @@ def test_rank_merges_runs(tmp_path, images):
         assert int(row["images"]) == 2 * int(single[word]["images"])
         assert row["best_image"].split("/")[0] in ("a", "b")
     assert (out / "m" / "records.md").is_file() and (out / "m" / "longest_clip_word_records.txt").is_file()
+    page = (out / "m" / "leaderboard.html").read_text()  # the merged leaderboard gets the report's page
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</"))
+    assert [row["word"] for row in data["records"]] == list(merged)[: len(data["records"])] and data["cards"] == []
+    assert "leaderboard.html" in r.stdout
     assert _run("rank", "--runs", "--out", str(out / "m")).exit_code == 2
     assert _run("rank", "--runs", str(tmp_path)).exit_code == 2
 
@@ -217,7 +221,7 @@ def small_run(tmp_path_factory):
     ("ascend", ["ascend/{id}.json", "ascend/{id}.csv"]),
     ("decode", ["labels/{id}.json"]),
     ("surgery", ["surgery/{id}.json", "surgery/{id}.npz", "surgery/{id}__sheet.png"]),
-    ("rank", ["records.csv", "records.md", "longest_clip_word_records.txt"]),
+    ("rank", ["records.csv", "records.md", "longest_clip_word_records.txt", "images.csv"]),
     ("report", ["report.html"]),
 ])
 def test_every_stage_command_reruns_its_stage_in_process(small_run, stage, files):

@@ -74,3 +74,19 @@ def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     assert sizer.size("ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == small
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (70 * gib, 80 * gib))
     assert sizer.size("ascend", 0, cuda=64, cpu=4, bytes_per_image=per) == 64
+
+
+def test_progress_within_a_batch_moves_forward_only():
+    from rich.progress import Progress
+
+    from pipeline.runner import _within
+
+    with Progress(disable=True) as progress:
+        task = progress.add_task("ascend", total=10)
+        update = _within(progress, task, done=4, size=4)
+        update(0.5)
+        assert progress.tasks[0].completed == 6
+        update(0.25)  # a batch split after an out-of-memory starts over: the bar stays
+        assert progress.tasks[0].completed == 6
+        update(1.0)
+        assert progress.tasks[0].completed == 8

@@ -121,3 +121,10 @@ def test_straight_through_matches_the_textbook_gumbel_softmax():
         assert torch.equal(idx, y.argmax(-1))
         torch.testing.assert_close(emb, ref)
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_progress_is_reported_at_every_check_in(tiny):
+    seen = []
+    cfg = replace(FAST, iterations=25, checkin_every=10)
+    extract_opinions(tiny, _images(1, tiny.input_resolution), [0], cfg, on_checkin=seen.append)
+    assert seen == [1 / 25, 11 / 25, 21 / 25, 1.0]  # iterations 0, 10, 20 and the last

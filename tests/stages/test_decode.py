@@ -36,3 +36,20 @@ def test_labels_are_scored_ranked_and_prompts_are_the_best_rescored():
     assert [d["rank"] for d in first] == [1, 2] and first[0]["score"] == round(float(image[0, 1]), 4)
     assert [p["text"] for p in out[0].prompts] == ["b", "a"]  # best re-score first, unscored last, capped at 2
     assert [d["word"] for d in out[1].labels] == ["red"]  # the opinion's own ascend block-list applies
+
+
+def test_stop_words_min_score_and_repeated_prompts():
+    words = {"a": {"frequency": 9}, "The": {"frequency": 5}, "red": {"frequency": 4}, "far": {"frequency": 4}}
+    assert [d["word"] for d in decode_labels(words, DecodeConfig())] == ["far", "red"]  # "a" and "The" are stop-words
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(stop_words=()))] == ["a", "The", "far", "red"]
+
+    axes = {"red": [1.0, 0.0], "far": [-1.0, 0.2]}
+    text = lambda ws: F.normalize(torch.tensor([axes[w] for w in ws]), dim=-1)  # noqa: E731
+    image = F.normalize(torch.tensor([[1.0, 0.1]]), dim=-1)
+    op = _opinion({"red": 4, "far": 4, "a": 9}, [("red  ring ", 0.3), ("red ring", 0.2), (" blue", 0.1), ("  ", 0.05)])
+    out = label_opinions([op], image, text, DecodeConfig())[0]
+    assert [d["word"] for d in out.labels] == ["red"]  # "far" scores below 0 (decode.min_score)
+    assert [p["text"] for p in out.prompts] == ["red ring", "blue"]  # trimmed, each text once, at its best score
+    assert out.prompts[0]["score"] == 0.3
+    kept = label_opinions([op], image, text, DecodeConfig(min_score=None))[0]
+    assert [d["word"] for d in kept.labels] == ["red", "far"] and kept.labels[1]["score"] < 0

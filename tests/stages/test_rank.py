@@ -56,3 +56,38 @@ def test_files_written_and_read_back_through_the_run_directory(tmp_path):
     assert [r["word"] for r in rows] == [r.word for r in records] and run.records() == rows
     assert (tmp_path / "longest_clip_word_records.txt").read_text() == "sprinkorange\n"
     assert "| 1 | `sprinkorange` |" in (tmp_path / "records.md").read_text()
+
+
+def test_broken_words_are_marked_and_ranked_last_unless_kept():
+    opinions = {"a": {"words": {"\ufffdbarkblue": {}, "red": {}}}}
+    records = rank_unusual_words(opinions, {}, RankConfig())
+    assert [(r.word, r.broken) for r in records] == [("red", False), ("\ufffdbarkblue", True)]
+    kept = rank_unusual_words(opinions, {}, RankConfig(keep_broken=True))
+    assert kept[0].word == "\ufffdbarkblue"  # by unusualness it is first
+
+
+def test_empty_files_say_why(tmp_path):
+    write_records(tmp_path, [], RankConfig())
+    assert "no image of this run has a finished opinion" in (tmp_path / "longest_clip_word_records.txt").read_text()
+    assert "No words" in (tmp_path / "records.md").read_text()
+    records = rank_unusual_words(_opinions(), _labels(), RankConfig())
+    write_records(tmp_path, records, RankConfig(longest_over=40))
+    assert "longer than 40 characters" in (tmp_path / "longest_clip_word_records.txt").read_text()
+    assert "never a label" in (tmp_path / "records.md").read_text()  # the blank score is explained
+
+
+def test_one_summary_row_per_image():
+    from pipeline.images import ImageRef
+    from stages.rank import image_rows
+
+    refs = [ImageRef("img1", "/x/1.png", "1.png"), ImageRef("img2", "/x/2.png", "2.png"), ImageRef("img3", "/x/3.png", "3.png")]
+    labels = {"img1": {"labels": [{"word": "sprinkorange", "score": 0.3}, {"word": "red", "score": 0.21}],
+                       "prompts": [{"text": "a sprinkorange", "score": 0.41}]}}
+    records = rank_unusual_words(_opinions(), _labels(), RankConfig())
+    states = {"img1": ("done", ""), "img2": ("done", ""), "img3": ("failed", "ascend: 3.png: not an image")}
+    rows = image_rows(refs, states, _opinions(), labels, records)
+    assert [r["file"] for r in rows] == ["1.png", "2.png", "3.png"]
+    assert rows[0]["best_prompt"] == "a sprinkorange" and rows[0]["best_prompt_score"] == "0.4100"
+    assert rows[0]["labels"] == "sprinkorange 0.300; red 0.210" and rows[0]["unusual_word"] == "sprinkorange"
+    assert rows[1]["unusual_word"] == "bluering" and rows[1]["labels"] == ""
+    assert rows[2]["status"] == "failed" and "not an image" in rows[2]["reason"] and rows[2]["unusual_word"] == ""

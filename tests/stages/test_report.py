@@ -7,7 +7,9 @@ from pipeline.images import ImageRef
 from pipeline.rundir import RunDir, atomic_write_json
 from pipeline.provenance import Provenance
 from stages import RESULT_KEYS, STAGES, RunConfig
-from stages.report import ReportConfig, ImageOutputs, ReportInputs, build_report_data, read_report_inputs, render_report
+from pipeline.provenance import Status
+from stages.report import (ImageOutputs, ReportConfig, ReportInputs, build_report_data, leaderboard_page,
+                           read_report_inputs, render_report)
 
 
 def _heatmaps(overlays, mask=None):
@@ -26,11 +28,12 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
                      _heatmaps({"raw": "surgery/a/raw.png", "single": "surgery/a/single.png"}, mask="surgery/a/m.png"),
                      []),
         ImageOutputs(ImageRef("b", "/x/b.png", "b.png"), "../x/b.png", None, None, None, [("ascend", "b.png: empty")]),
-    ], [{"word": "odd"}], {"ascend": 1.26})
+    ], [{"word": "odd", "length": "3", "pieces": "1", "images": "1", "score": "", "unusualness": "1.3",
+          "best_image": "a", "broken": "False"}], {"ascend": 1.26})
     data = build_report_data(inputs, ReportConfig(points_per_map=1))
     a, b = data["cards"]
     assert a["src"] == "../x/a.png" and a["sheet"] == "surgery/a__sheet.png"
-    word, overlays, mask, points, row = a["maps"][0]
+    word, overlays, mask, points, row, ranges = a["maps"][0]
     assert a["base"] == "surgery/a/"  # the prefix the stage's paths share, held once per card
     assert word == "red" and overlays == {"raw": "raw.png", "single": "single.png"}
     assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]] and row == 0  # one point of each kind
@@ -39,7 +42,11 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     assert set(data["method_names"]) == {"raw", "single"}
     assert b["maps"] == [] and b["sheet"] == "" and data["failures"] == [
         {"image": "b.png", "id": "b", "stage": "ascend", "error": "b.png: empty"}]
-    assert data["seconds"] == {"ascend": 1.3} and data["model"] == "toy" and data["records"] == [{"word": "odd"}]
+    assert b["failures"] == [["ascend", "b.png: empty"]] and a["failures"] == []  # the reason is on the card too
+    assert data["seconds"] == {"ascend": 1.3} and data["model"] == "toy"
+    assert data["records"] == [{"word": "odd", "length": 3, "pieces": 1, "images": 1, "score": None,
+                                "unusualness": 1.3, "broken": False, "best_image": "a", "picture": "../x/a.png"}]
+    assert data["has_masks"]  # a SAM mask exists, so the page offers SAM points
 
 
 def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
@@ -85,7 +92,46 @@ def test_maps_without_overlay_files_are_drawn_from_the_atlas():
     data = build_report_data(inputs, ReportConfig())
     card = data["cards"][0]
     assert card["maps"][0][:2] == ["red", {}] and card["maps"][0][4] == 0
+    assert not data["has_masks"] and not data["has_scales"]  # no SAM, no ranges: the page offers neither control
     assert card["atlas"] == {"src": "surgery/a__maps.png", "cell": [4, 4], "grids": {"raw": [4, 4], "naclip": [4, 4]},
                              "cols": ["raw", "naclip"], "rows": 1}
     page = render_report(data)
     assert 'filter id="jet"' in page and "__JET" not in page  # the colour map's tables are filled in
+
+
+def test_one_scale_per_image_comes_from_every_word_range():
+    doc = _heatmaps({})
+    doc["methods"] = ["surgery"]
+    doc["labels"][0]["range"] = {"surgery": [0.1, 0.3]}
+    doc["labels"].append({**doc["labels"][0], "word": "ring", "range": {"surgery": [-0.2, 0.05]}})
+    doc["atlas"] = {"path": "surgery/a__maps.png", "cell": [4, 4], "grids": {"surgery": [4, 4]}}
+    inputs = ReportInputs("run", {}, [ImageOutputs(ImageRef("a", "/x/a.png", "a.png"), "a.jpg", None, None, doc, [])],
+                          [], {})
+    data = build_report_data(inputs, ReportConfig())
+    card = data["cards"][0]
+    assert card["scale"] == {"surgery": [-0.2, 0.3]} and data["has_scales"]
+    assert [m[5] for m in card["maps"]] == [{"surgery": [0.1, 0.3]}, {"surgery": [-0.2, 0.05]}]
+
+
+def test_header_timings_are_the_latest_command_only(tmp_path):
+    run = RunDir(tmp_path / "r")
+    ref = ImageRef("a", str(tmp_path / "a.png"), "a.png")
+    run.save_images([ref])
+    old = {"image": "a", "stage": "ascend", "status": "done", "seconds": 50.0, "outputs": [], "session": "2026-01-01T00:00:00Z"}
+    new = {**old, "seconds": 7.0, "session": "2026-01-02T00:00:00Z"}
+    run.append_manifest([old, new, {**new, "stage": "decode", "seconds": 1.0},
+                         {"image": None, "stage": "report", "status": "done", "seconds": 0.5, "outputs": [],
+                          "session": "2026-01-03T00:00:00Z"}])  # a later report-only command did no image work
+    inputs = read_report_inputs(run, {}, lambda image, stage, latest: Status("pending", ""))
+    assert inputs.session == "2026-01-02T00:00:00Z"
+    assert inputs.seconds == {"ascend": 7.0, "decode": 1.0} and inputs.counts == {"ascend": 1, "decode": 1}
+
+
+def test_the_merged_leaderboard_is_a_page_of_its_own():
+    rows = [{"word": "odd", "length": 3, "pieces": 1, "images": 2, "score": None, "unusualness": 1.3,
+             "best_image": "r1/a", "broken": False}]
+    page = leaderboard_page("2 runs merged", rows, {"r1/a": "../r1/thumbs/a.jpg"})
+    embedded = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
+                          .replace("<\\/", "</"))
+    assert embedded["cards"] == [] and embedded["records"][0]["picture"] == "../r1/thumbs/a.jpg"
+    assert embedded["run"] == "2 runs merged"

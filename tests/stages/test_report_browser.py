@@ -92,10 +92,11 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
         srcs = page.eval_on_selector_all("img.map", "els => els.map(e => e.getAttribute('src'))")
         assert srcs and all(s.endswith(f"__{method}.png") for s in srcs), srcs
         assert page.locator(f'#toggle button[data-method="{method}"]').get_attribute("class") == "on"
-    assert page.locator(".maps svg circle").count() == 0
-    page.click("#points")  # SAM point prompts drawn over the maps
-    assert page.locator(".maps svg circle").count() > 0
-    assert page.locator("#points").is_checked()
+    assert page.locator("#points").count() == 0  # SAM never ran: no SAM points control
+    broken = page.locator(".card", has=page.locator("h3", has_text="broken.png"))
+    assert "not an image" in broken.locator(".fail").first.inner_text()  # the reason is on the card itself
+    assert broken.locator(".missing").count() == 1 and broken.locator("img").count() == 0  # no broken-image icon
+    assert page.locator("#pager").is_hidden()  # one page: no pager
     page.wait_for_load_state("load")
     loaded = page.eval_on_selector_all("img.map", "els => els.map(e => e.complete && e.naturalWidth > 0)")
     assert all(loaded), "an overlay did not load"
@@ -132,3 +133,68 @@ def test_maps_without_overlay_files_are_drawn_from_the_atlas(browser, tmp_path):
     pixels = np.asarray(Image.open(BytesIO(shot)).convert("RGB")).astype(int)
     assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean() > 0.2  # JET: red or blue, far from grey
     assert errors == [], errors
+
+
+def test_maps_open_large_scale_switches_leaderboard_sorts_and_fits_a_phone(browser, demo_run):
+    page = browser.new_page(viewport={"width": 1400, "height": 3000})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((demo_run / "report.html").as_uri())
+    page.click('#toggle button[data-method="surgery"]')
+    first = page.locator(".maps figure").first
+    word = first.locator("figcaption").inner_text().split()[0]
+    first.click()  # opens large, over the picture, with the colour scale and how it is scaled
+    box = page.locator("#lightbox")
+    assert box.is_visible() and box.locator("h2").inner_text() == word
+    assert box.locator(".legend").is_visible() and "scaled to this word alone" in box.inner_text()
+    assert box.locator(".fig img").bounding_box()["width"] >= 400
+    lo_word = box.locator(".legend-n span").first.inner_text()
+    box.locator('button[data-scale="image"]').click()
+    assert "one scale for every word of this image" in box.inner_text()
+    lo_image = box.locator(".legend-n span").first.inner_text()
+    assert float(lo_image) <= float(lo_word)  # the image's scale spans every word's range
+    assert box.locator("svg.atl filter feFuncR[type=linear]").count() == 1  # the map is re-scaled in the page
+    page.keyboard.press("Escape")
+    assert box.is_hidden()
+    assert page.locator('#toggle button[data-scale="image"]').get_attribute("class") == "on"  # the cards follow
+    assert page.locator(".maps svg.atl").count() == page.locator(".maps figure").count()
+
+    page.click("#records-box summary")
+    page.click('#records th[data-sort="images"]')
+    images = [int(x) for x in page.eval_on_selector_all("#records tr td:nth-child(5)", "els => els.map(e => e.textContent)")]
+    assert images == sorted(images, reverse=True) and len(images) > 1
+    page.click('#records th[data-sort="images"]')
+    images = [int(x) for x in page.eval_on_selector_all("#records tr td:nth-child(5)", "els => els.map(e => e.textContent)")]
+    assert images == sorted(images)
+    pictures = page.eval_on_selector_all("#records img", "els => els.map(e => e.getAttribute('src'))")
+    assert pictures and all((demo_run / p).is_file() for p in pictures)  # each word's best image, as a thumbnail
+
+    page.set_viewport_size({"width": 380, "height": 800})  # a phone
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+    board = page.locator("#records").bounding_box()
+    assert board["x"] + board["width"] <= 380
+    page.screenshot(path=str(demo_run / "phone.png"))
+    assert errors == [], errors
+
+
+def test_sam_points_are_offered_and_drawn_when_sam_ran(browser, tmp_path):
+    from PIL import Image
+
+    from pipeline.images import ImageRef
+    from stages.report import ImageOutputs, ReportConfig, ReportInputs, build_report_data, render_report
+
+    Image.new("RGB", (64, 48), "gray").save(tmp_path / "a.png")
+    Image.new("L", (64, 48), 255).save(tmp_path / "m.png")
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "o.png")
+    label = {"word": "red", "slug": "red", "overlays": {"surgery": "o.png"}, "mask": "m.png",
+             "points": [[10, 10], [50, 40]], "point_labels": [1, 0], "peak": {}}
+    doc = {"image": "a", "size": [64, 48], "methods": ["surgery"], "labels": [label]}
+    inputs = ReportInputs("sam", {"model": "toy"}, [ImageOutputs(ImageRef("a", str(tmp_path / "a.png"), "a.png"), "a.png",
+                                                                 None, None, doc, [])], [], {})
+    (tmp_path / "report.html").write_text(render_report(build_report_data(inputs, ReportConfig())))
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto((tmp_path / "report.html").as_uri())
+    assert page.locator(".maps svg circle").count() == 0
+    page.click("#points")
+    assert page.locator(".maps svg circle").count() == 2 and page.locator("#points").is_checked()
