@@ -1,6 +1,6 @@
 """Quality benchmark on held-out toy scenes; prints JSON. Not part of the default test run.
 
-    python tests/benchmarks/quality.py [--model toy] [--scenes 500] [--ascent 0] [--iterations 400] [--localization 200]
+    python tests/benchmarks/quality.py [--model toy] [--scenes 500] [--ascent 0] [--preset classic] [--localization 200]
 
 * zero-shot accuracy (36-way, colour, shape) on training-style and differently drawn scenes;
 * with ``--ascent N``: recall of the true colour and shape word among the decode labels
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from toyeval import ascent_recall, evaluate_localization, held_out_scenes, pointing_ceiling  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
+from stages import PRESETS  # noqa: E402
 from stages.ascend import AscentConfig  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402
 
@@ -36,7 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scenes", type=int, default=500)
     ap.add_argument("--ascent", type=int, default=0, help="single-object scenes for the ascent recall (0 = skip)")
-    ap.add_argument("--iterations", type=int, default=400)
+    ap.add_argument("--iterations", type=int, default=None, help="ascent iterations (default: the preset's)")
+    ap.add_argument("--preset", default="classic", choices=list(PRESETS), help="the run preset whose ascent settings to use")
     ap.add_argument("--methods", nargs="+", default=["gumbel", "pez"], choices=["gumbel", "pez"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--localization", type=int, default=0, help="two-object scenes for the heatmap measures (0 = skip)")
@@ -60,9 +62,14 @@ def main() -> None:
         scenes = held_out_single_objects(args.ascent)
         out["ascent_recall"] = []
         for method in args.methods:
+            settings = {**PRESETS[args.preset].get("ascend", {}), "method": method}
+            if args.iterations is not None:
+                settings["iterations"] = args.iterations
+            cfg = AscentConfig(**settings)
             t = time.time()
-            recall = ascent_recall(lm, scenes, AscentConfig(method=method, iterations=args.iterations), args.batch)
-            out["ascent_recall"].append({"scenes": len(scenes), "iterations": args.iterations, "method": method, **recall,
+            recall = ascent_recall(lm, scenes, cfg, args.batch)
+            out["ascent_recall"].append({"scenes": len(scenes), "preset": args.preset, "iterations": cfg.iterations,
+                                         "candidates": cfg.candidates, "method": method, **recall,
                                          "seconds_per_image": round((time.time() - t) / len(scenes), 3)})
     if args.localization:
         scenes = held_out_scenes(args.localization, objects=2)

@@ -71,8 +71,19 @@ def held_out_scenes(count: int, objects: int = 2, style: str = "train", size: in
     return scenes
 
 
+def mask_auroc(heat: np.ndarray, mask: np.ndarray) -> float:
+    """The chance that a random pixel of the object scores above a random pixel outside it (ties count half)."""
+    pos, neg = int(mask.sum()), int((~mask).sum())
+    if not pos or not neg:
+        return 0.5
+    _, inverse, counts = np.unique(heat.ravel(), return_inverse=True, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = (starts + (counts + 1) / 2)[inverse]  # average 1-based ranks, ties shared
+    return float((ranks[mask.ravel()].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
 def localization_scores(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Pointing hit, score contrast and IoU at 0.5 of one map against one object's mask.
+    """Pointing hit, score contrast, IoU at 0.5, mask AUROC and the share of map mass inside one object's mask.
 
     Shape:
         - heat: :math:`(H, W)` in [0, 1]; mask: :math:`(H, W)` bool.
@@ -81,9 +92,12 @@ def localization_scores(heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     outside = heat[~mask].mean() if (~mask).any() else 0.0
     pred = heat >= 0.5
     union = np.logical_or(pred, mask).sum()
+    total = heat.sum()
     return {"pointing": float(mask.flat[int(np.argmax(heat))]),
             "contrast": float(inside - outside),
-            "iou": float(np.logical_and(pred, mask).sum() / union) if union else 0.0}
+            "iou": float(np.logical_and(pred, mask).sum() / union) if union else 0.0,
+            "auroc": mask_auroc(heat, mask),
+            "mass": float(heat[mask].sum() / total) if total > 0 else 0.0}
 
 
 def pointing_ceiling(scenes: list[Scene], grid: int) -> float:
@@ -124,7 +138,8 @@ def evaluate_localization(lm: LoadedModel, scenes: list[Scene], cfg: SurgeryConf
     vocab = sorted({w for ws in per_scene for w in ws})
     text = prompt_ensemble(lm.model, vocab)
     empty = prompt_ensemble(lm.model, [""])[0]
-    totals: dict[str, dict[str, float]] = {m: {"pointing": 0.0, "contrast": 0.0, "iou": 0.0} for m in cfg.methods}
+    totals: dict[str, dict[str, float]] = {m: dict.fromkeys(("pointing", "contrast", "iou", "auroc", "mass"), 0.0)
+                                           for m in cfg.methods}
     objects = 0
     for start in range(0, len(scenes), 32):
         chunk = scenes[start : start + 32]
@@ -146,5 +161,6 @@ def evaluate_localization(lm: LoadedModel, scenes: list[Scene], cfg: SurgeryConf
                     for k, v in localization_scores(heat, o.mask).items():
                         totals[m][k] += v
     return {m: {"pointing": round(v["pointing"] / objects, 4), "contrast": round(v["contrast"] / objects, 4),
-                "miou": round(v["iou"] / objects, 4), "objects": objects} for m, v in totals.items()}
+                "miou": round(v["iou"] / objects, 4), "auroc": round(v["auroc"] / objects, 4),
+                "mass_inside": round(v["mass"] / objects, 4), "objects": objects} for m, v in totals.items()}
 

@@ -64,3 +64,18 @@ def test_windowed_maps_cover_the_whole_image(toy):
     for m in ("raw", "surgery", "clearclip"):
         assert res[0].maps[m].shape == (2, 16, 16)  # 3x3 windows of 8x8 cells over 128 px
         assert 0 <= res[0].maps[m].min() and res[0].maps[m].max() <= 1
+
+
+def test_benchmark_mask_scores_on_known_maps():
+    import numpy as np
+
+    from tests.benchmarks.toyeval import localization_scores
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    perfect = localization_scores(mask.astype(float), mask)
+    assert perfect["auroc"] == 1.0 and perfect["mass"] == 1.0 and perfect["pointing"] == 1.0
+    inverted = localization_scores(1.0 - mask, mask)
+    assert inverted["auroc"] == 0.0 and inverted["mass"] == 0.0
+    flat = localization_scores(np.full((8, 8), 0.3), mask)
+    assert flat["auroc"] == 0.5 and abs(flat["mass"] - 4 / 64) < 1e-9
