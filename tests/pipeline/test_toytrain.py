@@ -45,3 +45,21 @@ def test_resumed_training_equals_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
     with pytest.raises(ValueError, match="another recipe"):
         train_toy_clip(dataclasses.replace(cfg, lr=1.0), torch.device("cpu"), checkpoint=ckpt, resume=True)
+
+
+def test_distillation_copies_and_freezes_the_teachers_text_tower(tmp_path):
+    from pipeline.models import TOY_CHECKPOINT
+    from pipeline.toytrain import TEXT_TOWER, resolve_recipe
+
+    with pytest.raises(ValueError, match="pass --teacher"):
+        resolve_recipe("distill-cpu", torch.device("cpu"))
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_recipe("distill-cpu", torch.device("cpu"), teacher=str(tmp_path / "none.pt"))
+    _, cfg = resolve_recipe("distill-cpu", torch.device("cpu"), teacher=str(TOY_CHECKPOINT))
+    cfg = dataclasses.replace(cfg, steps=2, batch_size=4, noise_captions=4, warmup=1, eval_every=0)
+    state, card = train_toy_clip(cfg, torch.device("cpu"))
+    teacher = torch.load(TOY_CHECKPOINT, map_location="cpu")
+    text = [k for k in state if k.startswith(TEXT_TOWER)]
+    assert text and all(torch.equal(state[k], teacher[k]) for k in text)  # copied, and not trained
+    assert state["visual.conv1.weight"].shape[-1] == 4  # the student's own 16x16-grid vision tower
+    assert card["recipe"]["teacher"] == str(TOY_CHECKPOINT) and card["recipe"]["distill_weight"] > 0
