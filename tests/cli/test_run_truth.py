@@ -145,7 +145,10 @@ def test_config_errors_name_their_source_and_accept_scientific_numbers(tmp_path,
     r = _run("--input", images, "--output", tmp_path / "out", "--config", cfg, "--set", "ascend.lr=fast")
     assert r.exit_code == 2 and "--set ascend.lr:" in r.output and str(cfg) not in r.output, r.output
     r = _run("--input", images, "--output", tmp_path / "out", "--config", cfg, "--device", "gpu")
-    assert r.exit_code == 2 and "--device:" in r.output, r.output
+    assert r.exit_code == 2 and "'--device'" in r.output and "'auto', 'cpu', 'cuda'" in r.output, r.output  # a choice
+    cfg.write_text("device: gpu\n")
+    r = _run("--input", images, "--output", tmp_path / "out", "--config", cfg)
+    assert r.exit_code == 2 and f"{cfg}: 'device' must be one of" in r.output, r.output
 
 
 def test_blocked_images_say_why_and_a_run_that_did_nothing_exits_1(tmp_path, images):
