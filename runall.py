@@ -149,8 +149,9 @@ def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool
 def _dry_run(cfg: RunConfig, run: RunDir, names: list[str], refs: list, as_json: bool) -> None:
     """List the images and estimate the time from this run's own finished images, without running anything."""
     from pipeline.views import dry_run_plan, dry_run_views
+    from stages import RESULT_KEYS, STAGES
 
-    plan = dry_run_plan(cfg, run, names, refs)
+    plan = dry_run_plan(cfg, run, names, refs, STAGES, RESULT_KEYS)
     if as_json:
         print(json.dumps(plan, indent=1))
         return

@@ -6,7 +6,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from rich.console import Console
 from rich.progress import Progress
@@ -16,7 +16,7 @@ from rich.text import Text
 from pipeline.doctor import Check
 from pipeline.images import ImageRef
 from pipeline.rundir import RunDir
-from pipeline.runner import PerImageStage, RunOutcome
+from pipeline.runner import PerImageStage, RunOutcome, WholeRunStage
 
 
 def outcome_views(outcome: RunOutcome) -> list:
@@ -102,7 +102,8 @@ def training_progress(console: Console, steps: int) -> Iterator[Callable[[int, f
         yield on_step
 
 
-def dry_run_plan(config: Any, run: RunDir, names: list[str], refs: list[ImageRef]) -> dict:
+def dry_run_plan(config: Any, run: RunDir, names: list[str], refs: list[ImageRef],
+                 stages: Mapping[str, PerImageStage | WholeRunStage], result_keys: Mapping[str, tuple[str, ...]]) -> dict:
     """What a run would do, without doing it: per stage, the images it would process and an estimate of the
     seconds they take, from the seconds this run's finished images took (``None`` where none is timed yet).
 
@@ -110,31 +111,30 @@ def dry_run_plan(config: Any, run: RunDir, names: list[str], refs: list[ImageRef
     """
     from pipeline.config import to_dict
     from pipeline.provenance import Provenance
-    from stages import RESULT_KEYS, STAGES  # the stages import this library, not the other way round at import time
 
     done: dict[str, set[str]] = {n: set() for n in names}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     if run.has_config():
-        prov = Provenance(to_dict(config), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
+        prov = Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
         latest = run.latest()
         for ref in refs:
             for name in names:
-                if isinstance(STAGES[name], PerImageStage) and prov.status(run, latest, ref.id, name).state == "done":
+                if isinstance(stages[name], PerImageStage) and prov.status(run, latest, ref.id, name).state == "done":
                     done[name].add(ref.id)
         for rec in run.manifest_records():
             if rec["stage"] in seconds and rec["status"] == "done" and rec.get("seconds"):
                 seconds[rec["stage"]].append(float(rec["seconds"]))
-    stages = []
+    rows = []
     for name in names:
-        per_image = isinstance(STAGES[name], PerImageStage)
+        per_image = isinstance(stages[name], PerImageStage)
         todo = len(refs) - len(done[name]) if per_image else 1
         timed = seconds[name]
         each = sum(timed) / len(timed) if timed else None
-        stages.append({"stage": name, "todo": todo, "done": len(done[name]) if per_image else 0,
-                       "timed": len(timed), "seconds_each": each,
-                       "estimate_s": None if each is None else round(each * todo, 1)})
-    known = [s["estimate_s"] for s in stages if s["todo"]]
-    return {"run": str(run.root), "images": [r.rel for r in refs], "stages": stages,
+        rows.append({"stage": name, "todo": todo, "done": len(done[name]) if per_image else 0,
+                     "timed": len(timed), "seconds_each": each,
+                     "estimate_s": None if each is None else round(each * todo, 1)})
+    known = [r["estimate_s"] for r in rows if r["todo"]]
+    return {"run": str(run.root), "images": [r.rel for r in refs], "stages": rows,
             "estimate_s": None if any(e is None for e in known) else round(sum(known), 1)}
 
 
