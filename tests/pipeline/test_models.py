@@ -1,3 +1,4 @@
+import json
 import urllib.error
 
 import pytest
@@ -101,3 +102,18 @@ def test_half_precision_cast_keeps_layernorm_fp32_and_runs():
     with torch.no_grad():
         assert model.encode_image(torch.rand(1, 3, 32, 32).to(model.dtype)).shape == (1, 32)
         assert encode_tokens(model, tokenize(["a red circle."], 77)).shape == (1, 32)
+
+
+def test_shipped_toy_zero_shot_on_the_cpu_matches_its_card(toy):
+    """The shipped toy's held-out zero-shot accuracy, measured here on the CPU, is what its card records."""
+    from pipeline.models import TOY_CHECKPOINT
+    from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy
+
+    card = json.loads(TOY_CHECKPOINT.with_suffix(".json").read_text())
+    recorded = card["metrics"]["zero_shot_held_out_500_single_object"]
+    with torch.no_grad():
+        for style in ("train", "alt"):
+            measured = zero_shot_accuracy(toy.model, held_out_single_objects(500, style), toy.device)
+            for key, value in recorded[f"{style}_style"].items():
+                assert abs(measured[key] - value) <= 0.01, (style, key, measured, recorded)
+    assert recorded["train_style"]["joint36"] >= 0.97  # the training renderer's target
