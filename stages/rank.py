@@ -17,7 +17,7 @@ import io
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 from pipeline.config import require
 from pipeline.images import ImageRef
@@ -122,11 +122,7 @@ def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | N
 
 def write_records(folder: Path, records: list[WordRecord], cfg: RankConfig) -> list[str]:
     """``records.csv``, ``records.md`` and ``longest_clip_word_records.txt`` in ``folder``; returns their names."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(asdict(r) for r in records)
-    atomic_write_text(folder / RECORDS, buf.getvalue())
+    atomic_write_text(folder / RECORDS, _csv_text(COLUMNS, (asdict(r) for r in records)))
     md = ["| # | word | length | pieces | known | images | score | unusualness | broken |",
           "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(records[: cfg.top], 1):
@@ -193,12 +189,16 @@ def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinion
 
 
 def write_image_rows(folder: Path, rows: list[dict]) -> str:
+    atomic_write_text(folder / IMAGES_CSV, _csv_text(IMAGE_COLUMNS, rows))
+    return IMAGES_CSV
+
+
+def _csv_text(columns: tuple[str, ...], rows: Iterable[dict]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=IMAGE_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(folder / IMAGES_CSV, buf.getvalue())
-    return IMAGES_CSV
+    return buf.getvalue()
 
 
 class RankStage(WholeRunStage[RankConfig]):
