@@ -73,9 +73,11 @@ class ToyTrainConfig:
     checkpoint_every: int = 100
     teacher: str | None = None  # a toy checkpoint whose text tower is copied and frozen, and whose image embedding is distilled
     distill_weight: float = 0.0  # weight of 1 - cos(student image embedding, teacher image embedding)
+    init_from_teacher: bool = False  # start the vision tower from the teacher's (see ``_init_vision``)
 
 
 FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
+FINE4 = ToyArch(vision_patch_size=4)  # the same grid with the 8x8 toy's four vision blocks, so they can be its
 
 # Named recipes. "gpu" trained the 8 px checkpoint. "cpu" is sized to finish within an
 # hour on a small CPU: per scene, a step of 128 costs about 60% of one of 256 there (the
@@ -92,6 +94,11 @@ RECIPES: dict[str, ToyTrainConfig] = {
     # the patch term. Sized for a 2-core CPU.
     "distill-cpu": ToyTrainConfig(steps=2500, batch_size=64, noise_captions=32, lr=1e-3, arch=FINE, dense_weight=1.0,
                                   warmup=100, distill_weight=4.0, eval_every=250),
+    # The same, with the vision tower started from the teacher's: its blocks, and its patch embedding and
+    # positional embedding resampled to the 16x16 grid.
+    "distill-init-cpu": ToyTrainConfig(steps=1500, batch_size=64, noise_captions=32, lr=3e-4, arch=FINE4,
+                                       dense_weight=1.0, warmup=50, distill_weight=4.0, eval_every=100,
+                                       init_from_teacher=True),
 }
 
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
@@ -207,7 +214,40 @@ def _load_teacher(cfg: ToyTrainConfig, model: CLIP, device: torch.device) -> CLI
     for n, p in model.named_parameters():
         if n.startswith(TEXT_TOWER):
             p.requires_grad_(False)
+    if cfg.init_from_teacher:
+        _init_vision(model, teacher)
     return teacher
+
+
+def _init_vision(model: CLIP, teacher: CLIP) -> None:
+    """Start ``model``'s vision tower from ``teacher``'s, at a finer patch grid.
+
+    Blocks, class embedding, layer norms and projection are copied. Each patch-embedding kernel
+    is summed over the blocks of the teacher's kernel that a smaller patch covers, so a patch of
+    flat colour embeds as the teacher's larger patch of it does; the positional embedding of the
+    grid is resized bilinearly.
+
+    Raises:
+        ValueError: widths or block counts differ, or the student's patch does not divide the teacher's.
+    """
+    mine, theirs = model.visual, teacher.visual
+    k_t, k_s = theirs.conv1.kernel_size[0], mine.conv1.kernel_size[0]
+    if (mine.conv1.out_channels != theirs.conv1.out_channels or len(mine.transformer.resblocks) != len(theirs.transformer.resblocks)
+            or k_t % k_s):
+        raise ValueError("init_from_teacher needs the teacher's width and vision blocks, and a patch that divides its patch")
+    f = k_t // k_s
+    with torch.no_grad():
+        w = theirs.conv1.weight.float()  # [C, 3, k_t, k_t]
+        mine.conv1.weight.copy_(w.view(w.shape[0], 3, k_s, f, k_s, f).sum((3, 5)))
+        pos = theirs.positional_embedding.float()
+        g_t, g_s = int(round((pos.shape[0] - 1) ** 0.5)), int(round((mine.positional_embedding.shape[0] - 1) ** 0.5))
+        grid = pos[1:].T.reshape(1, -1, g_t, g_t)
+        grid = F.interpolate(grid, size=(g_s, g_s), mode="bilinear", align_corners=False).reshape(-1, g_s * g_s).T
+        mine.positional_embedding.copy_(torch.cat([pos[:1], grid]))
+        for name in ("class_embedding", "proj"):
+            getattr(mine, name).copy_(getattr(theirs, name).float())
+        for name in ("ln_pre", "ln_post", "transformer"):
+            getattr(mine, name).load_state_dict({k: v.float() for k, v in getattr(theirs, name).state_dict().items()})
 
 
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:

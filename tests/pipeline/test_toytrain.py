@@ -63,3 +63,22 @@ def test_distillation_copies_and_freezes_the_teachers_text_tower(tmp_path):
     assert text and all(torch.equal(state[k], teacher[k]) for k in text)  # copied, and not trained
     assert state["visual.conv1.weight"].shape[-1] == 4  # the student's own 16x16-grid vision tower
     assert card["recipe"]["teacher"] == str(TOY_CHECKPOINT) and card["recipe"]["distill_weight"] > 0
+
+
+def test_a_finer_grid_starts_from_the_teachers_vision_tower():
+    from pipeline.models import TOY_CHECKPOINT
+    from pipeline.toytrain import FINE4, _init_vision, build_toy_model
+
+    teacher = build_toy_model().eval()
+    teacher.load_state_dict({k: v.float() for k, v in torch.load(TOY_CHECKPOINT, map_location="cpu").items()})
+    student = build_toy_model(FINE4)
+    _init_vision(student, teacher)
+    flat = torch.rand(1, 3, 1, 1).expand(1, 3, 64, 64)  # one colour: every patch of either grid embeds alike
+    t, s = teacher.visual.conv1(flat), student.visual.conv1(flat)  # [1, C, 8, 8] and [1, C, 16, 16]
+    assert torch.allclose(s[0, :, 0, 0], t[0, :, 0, 0], atol=1e-5)
+    assert torch.equal(student.visual.proj, teacher.visual.proj)
+    assert torch.equal(student.visual.transformer.resblocks[3].mlp.c_fc.weight, teacher.visual.transformer.resblocks[3].mlp.c_fc.weight)
+    pos = student.visual.positional_embedding
+    assert pos.shape[0] == 1 + 16 * 16 and torch.equal(pos[0], teacher.visual.positional_embedding[0])
+    with pytest.raises(ValueError, match="init_from_teacher"):
+        _init_vision(build_toy_model(dataclasses.replace(FINE4, vision_layers=3)), teacher)
