@@ -250,6 +250,15 @@ def _init_vision(model: CLIP, teacher: CLIP) -> None:
             getattr(mine, name).load_state_dict({k: v.float() for k, v in getattr(theirs, name).state_dict().items()})
 
 
+def teacher_reference(path: str | None) -> dict | None:
+    """How a card names its teacher: the file's name and hash, not where it lay on the training machine."""
+    if path is None:
+        return None
+    import hashlib
+
+    return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -371,7 +380,7 @@ def train_toy_clip(
     card = {
         "name": "toy-clip",
         "arch": asdict(arch),
-        "recipe": asdict(cfg),
+        "recipe": {**asdict(cfg), "teacher": teacher_reference(cfg.teacher)},
         "seed": cfg.seed,
         "steps": cfg.steps,
         "train_seconds": round(seconds, 1),

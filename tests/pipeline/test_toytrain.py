@@ -1,6 +1,7 @@
 """pipeline.toytrain: the patch term's targets, and a resumed training equal to an uninterrupted one."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -62,7 +63,8 @@ def test_distillation_copies_and_freezes_the_teachers_text_tower(tmp_path):
     text = [k for k in state if k.startswith(TEXT_TOWER)]
     assert text and all(torch.equal(state[k], teacher[k]) for k in text)  # copied, and not trained
     assert state["visual.conv1.weight"].shape[-1] == 4  # the student's own 16x16-grid vision tower
-    assert card["recipe"]["teacher"] == str(TOY_CHECKPOINT) and card["recipe"]["distill_weight"] > 0
+    assert card["recipe"]["teacher"]["file"] == TOY_CHECKPOINT.name and len(card["recipe"]["teacher"]["sha256"]) == 64
+    assert str(TOY_CHECKPOINT.parent) not in json.dumps(card) and card["recipe"]["distill_weight"] > 0
 
 
 def test_a_finer_grid_starts_from_the_teachers_vision_tower():
