@@ -105,37 +105,46 @@ def training_progress(console: Console, steps: int) -> Iterator[Callable[[int, f
 def dry_run_plan(config: Any, run: RunDir, names: list[str], refs: list[ImageRef],
                  stages: Mapping[str, PerImageStage | WholeRunStage], result_keys: Mapping[str, tuple[str, ...]]) -> dict:
     """What a run would do, without doing it: per stage, the images it would process and an estimate of the
-    seconds they take, from the seconds this run's finished images took (``None`` where none is timed yet).
+    seconds they take (``None`` where nothing is timed yet).
 
-    An image is counted as done for a stage when its output is done with today's settings.
+    An image is counted as done for a stage when its output is done with today's settings. The seconds
+    per image come from this run's images finished with today's settings, else from the other runs
+    beside it (in the same output folder) that finished images with the same settings.
     """
     from pipeline.config import to_dict
     from pipeline.provenance import Provenance
 
+    prov = Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
     done: dict[str, set[str]] = {n: set() for n in names}
-    seconds: dict[str, list[float]] = {n: [] for n in names}
     if run.has_config():
-        prov = Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
         latest = run.latest()
         for ref in refs:
             for name in names:
                 if isinstance(stages[name], PerImageStage) and prov.status(run, latest, ref.id, name).state == "done":
                     done[name].add(ref.id)
-        for rec in run.manifest_records():
-            if rec["stage"] in seconds and rec["status"] == "done" and rec.get("seconds"):
-                seconds[rec["stage"]].append(float(rec["seconds"]))
+    others = sorted(p for p in run.root.parent.glob("*/") if p != run.root) if run.root.parent.is_dir() else []
     rows = []
     for name in names:
         per_image = isinstance(stages[name], PerImageStage)
+        timed, source = _timings(run, name, prov.expected[name] if per_image else None), "this run"
+        for other in others if not timed else []:
+            timed += _timings(RunDir(other), name, prov.expected[name] if per_image else None)
+            source = "other runs with these settings"
         todo = len(refs) - len(done[name]) if per_image else 1
-        timed = seconds[name]
         each = sum(timed) / len(timed) if timed else None
         rows.append({"stage": name, "todo": todo, "done": len(done[name]) if per_image else 0,
-                     "timed": len(timed), "seconds_each": each,
+                     "timed": len(timed), "timed_in": source if timed else None, "seconds_each": each,
                      "estimate_s": None if each is None else round(each * todo, 1)})
     known = [r["estimate_s"] for r in rows if r["todo"]]
     return {"run": str(run.root), "images": [r.rel for r in refs], "stages": rows,
             "estimate_s": None if any(e is None for e in known) else round(sum(known), 1)}
+
+
+def _timings(run: RunDir, stage: str, fingerprint: str | None) -> list[float]:
+    """The seconds of a run's finished records of ``stage`` made with ``fingerprint`` (any, for whole-run stages)."""
+    return [float(r["seconds"]) for r in run.manifest_records()
+            if r["stage"] == stage and r["status"] == "done" and r.get("seconds")
+            and (fingerprint is None or r.get("provenance") == fingerprint)]
 
 
 def dry_run_views(plan: dict) -> list:
@@ -150,10 +159,11 @@ def dry_run_views(plan: dict) -> list:
         table.add_row(s["stage"], str(s["todo"]), str(s["done"]), each, est if s["todo"] else "-")
     views.append(table)
     if plan["estimate_s"] is None:
-        views.append(Text("estimate: unknown until this run has timed an image of each stage; the progress bar "
-                          "gives an ETA from the first iterations"))
+        views.append(Text("estimate: unknown until an image of each stage is timed with these settings, in this run "
+                          "or another beside it; the progress bar gives an ETA from the first iterations"))
     else:
-        views.append(Text(f"estimate: {_duration(plan['estimate_s'])}, from this run's finished images"))
+        sources = sorted({s["timed_in"] for s in plan["stages"] if s["todo"] and s["timed_in"]})
+        views.append(Text(f"estimate: {_duration(plan['estimate_s'])}, from the images finished in {' and '.join(sources)}"))
     return views
 
 

@@ -82,7 +82,13 @@ def test_dry_run_lists_images_and_estimates_from_finished_work(tmp_path, images)
     assert plan["estimate_s"] == pytest.approx(ascend["seconds_each"], abs=0.051)  # one image to do
     r = _run("--input", str(images), "--model", "random:tiny", "--output", str(tmp_path), "--run-name", "r",
              "--dry-run", "--stages", "ascend", *FAST)
-    assert "extra.png" in r.stdout and "from this run's finished images" in r.stdout
+    assert "extra.png" in r.stdout and "from the images finished in this run" in r.stdout
+    fresh = ["--input", str(images), "--model", "random:tiny", "--output", str(tmp_path), "--run-name", "new",
+             "--dry-run", "--json", "--stages", "ascend"]
+    plan = json.loads(_run(*fresh, *FAST).stdout)  # a new run beside it, with the same settings
+    assert plan["stages"][0]["timed_in"] == "other runs with these settings" and plan["estimate_s"] is not None
+    plan = json.loads(_run(*fresh, *fast_args(ascend__iterations=7)).stdout)  # other settings: no estimate
+    assert plan["stages"][0]["timed"] == 0 and plan["estimate_s"] is None
 
 
 def test_a_preset_fills_only_the_keys_nothing_else_sets(tmp_path):
