@@ -114,11 +114,14 @@ def _summary_json(outcome: RunOutcome) -> dict:
     """The run's outcome as plain data: what ``--json`` prints."""
     from dataclasses import asdict
 
+    from pipeline.rundir import IMAGES_CSV
+
+    images_csv = outcome.run.file(IMAGES_CSV)
     return {"run": str(outcome.run.root), "exit_code": outcome.exit_code,
             "stages": [asdict(s) for s in outcome.summaries],
             "failures": [{k: r.get(k) for k in ("image", "path", "stage", "status", "error")} for r in outcome.failures],
             "report": outcome.report,
-            "images_csv": str(outcome.run.file("images.csv")) if outcome.run.file("images.csv").is_file() else None,
+            "images_csv": str(images_csv) if images_csv.is_file() else None,
             "top_words": outcome.records[:10]}
 
 
