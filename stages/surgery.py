@@ -34,7 +34,7 @@ from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tens
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
-from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map
+from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
 
 METHODS: tuple[str, ...] = tuple(HEATMAP_METHODS)
 SAM_TYPES = ("vit_h", "vit_l", "vit_b")
@@ -178,7 +178,8 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
 
 def _patch_ranges(sim: torch.Tensor, grid: tuple[int, int]) -> list[tuple[float, float]]:
     """Per text, the lowest and highest patch similarity (the class token left out), as ``similarity_map`` scales."""
-    patches = sim[0, 1:] if sim.shape[1] == grid[0] * grid[1] + 1 else sim[0]  # [gh*gw, T]
+    _, _, has_cls = grid_shape(sim.shape[1], grid)
+    patches = sim[0, 1:] if has_cls else sim[0]  # [gh*gw, T]
     return [(round(float(lo), 5), round(float(hi), 5)) for lo, hi in zip(patches.amin(0), patches.amax(0))]
 
 
