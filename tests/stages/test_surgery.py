@@ -79,3 +79,26 @@ def test_benchmark_mask_scores_on_known_maps():
     assert inverted["auroc"] == 0.0 and inverted["mass"] == 0.0
     flat = localization_scores(np.full((8, 8), 0.3), mask)
     assert flat["auroc"] == 0.5 and abs(flat["mass"] - 4 / 64) < 1e-9
+
+
+def test_each_map_records_the_similarities_its_0_and_1_stand_for(toy):
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.images import normalize
+    from pipeline.prompts import prompt_ensemble
+    from pipeline.surgery import encode_image_tokens
+    from stages.surgery import compute_heatmaps
+
+    scene = held_out_scenes(1, objects=2)[0]
+    x = normalize(torch.from_numpy(scene.image).permute(2, 0, 1).float()[None] / 255)
+    words = [o.shape for o in scene.objects]
+    with torch.inference_mode():
+        text, empty = prompt_ensemble(toy.model, words), prompt_ensemble(toy.model, [""])[0]
+        res = compute_heatmaps(toy.model, x, None, [words], words, text, empty, [(64, 64)],
+                               SurgeryConfig(methods=("raw", "surgery"), surgery_depth=2))[0]
+        raw = F.normalize(encode_image_tokens(toy.model, x, 2).raw[0, 1:].float(), dim=-1) @ text.float().T  # [N, T]
+    for t in range(len(words)):
+        lo, hi = res.ranges["raw"][t]
+        assert abs(lo - raw[:, t].min().item()) < 1e-4 and abs(hi - raw[:, t].max().item()) < 1e-4
+        assert res.ranges["surgery"][t][0] < res.ranges["surgery"][t][1]
