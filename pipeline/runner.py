@@ -214,11 +214,13 @@ def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
     except torch.OutOfMemoryError:
         if end - start <= 1:
             raise
-        torch.cuda.empty_cache()
-        mid = (start + end) // 2
-        if on_split is not None:
-            on_split(mid - start)
-        return split_on_oom(fn, start, mid, on_split) + split_on_oom(fn, mid, end, on_split)
+    # Retry outside the handler: while it runs, the traceback keeps the failed attempt's frames,
+    # and so its tensors, alive, and the halves would run beside them.
+    torch.cuda.empty_cache()
+    mid = (start + end) // 2
+    if on_split is not None:
+        on_split(mid - start)
+    return split_on_oom(fn, start, mid, on_split) + split_on_oom(fn, mid, end, on_split)
 
 
 def _progress(console: Console, quiet: bool) -> Progress:

@@ -20,6 +20,24 @@ def test_batches_halve_on_out_of_memory_and_keep_order():
     assert sizes and min(sizes) <= 2  # the stage is told the size that fits
 
 
+def test_a_failed_attempts_tensors_are_freed_before_the_halves_run():
+    import weakref
+
+    held: list[weakref.ref] = []
+    alive_at_retry = []
+
+    def fn(a, b):
+        alive_at_retry.extend(r() is not None for r in held)
+        if b - a > 2:
+            work = torch.zeros(1000)  # what the attempt had allocated when memory ran out
+            held.append(weakref.ref(work))
+            raise torch.OutOfMemoryError("simulated")
+        return list(range(a, b))
+
+    assert split_on_oom(fn, 0, 4) == [0, 1, 2, 3]
+    assert held and alive_at_retry and not any(alive_at_retry)  # the traceback no longer holds them
+
+
 def test_one_image_that_does_not_fit_is_re_raised():
     def fn(a, b):
         raise torch.OutOfMemoryError("simulated")
