@@ -183,6 +183,9 @@ class _PezChooser:
         return (F.normalize(self.emb, dim=-1) @ self.unit.T).argmax(-1)  # [B, C, K]
 
 
+AUTO_BATCH_CUDA = 64  # the automatic batch size's cap on CUDA (memory permitting)
+
+
 def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
     """Estimated memory that one more image adds to a batch: the vocabulary-sized fp32 tensors.
 
@@ -368,7 +371,7 @@ class AscendStage(PerImageStage[AscentConfig]):
 
     def batch_size(self, ctx: StageContext[AscentConfig]) -> int:
         vocab_size = ctx.models.clip.model.token_embedding.weight.shape[0]
-        return ctx.batches.size(self.name, ctx.config.batch_size, cuda=64, cpu=4,
+        return ctx.batches.size(self.name, ctx.config.batch_size, cuda=AUTO_BATCH_CUDA, cpu=4,
                                 bytes_per_image=ascent_bytes_per_image(ctx.config, vocab_size))
 
     def process(self, ctx: StageContext[AscentConfig], refs: list[ImageRef]) -> list[ItemResult]:

@@ -1,11 +1,19 @@
 """Ascent speed: this stage against a loop faithful to the original, in one run; prints JSON.
 
     python tests/benchmarks/ascent.py [--model toy] [--device auto] [--images 8] [--iterations 400]
-                                      [--methods gumbel pez] [--recall 0]
+                                      [--methods gumbel pez] [--batches 0 16 64] [--recall 0]
+                                      [--faithful-iterations N] [--profile] [--out FILE]
 
 The faithful loop exists only here, for comparison: a fresh model load per image,
 64 views re-encoded every step, the dense one-hot over all 77 positions, the full
 text transformer, fp32, one image at a time.
+
+``--batches`` times the stage at each batch size (0 = the stage's automatic size, the
+rule ``runall.py`` uses), over that many images (at least ``--images``), with the
+peak GPU memory of each. ``--faithful-iterations N`` runs the faithful loop for N
+iterations and scales its time to ``--iterations`` (the loop's cost per iteration is
+constant; the JSON says so). ``--profile`` adds the operations that took the most
+device time over a few iterations at the first batch size.
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ from PIL import Image  # noqa: E402
 
 from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
+from pipeline.runner import fit_batch  # noqa: E402
 from pipeline.tokens import vocab  # noqa: E402
 from toyeval import ascent_recall  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
-from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
+from stages.ascend import AUTO_BATCH_CUDA, AscentConfig, ascent_bytes_per_image, extract_opinions  # noqa: E402
 
 
 def faithful_loop(name: str, dev: torch.device, image: torch.Tensor, iterations: int) -> None:
@@ -57,48 +66,111 @@ def faithful_loop(name: str, dev: torch.device, image: torch.Tensor, iterations:
         torch.cuda.synchronize()
 
 
+def auto_batch(lm, cfg: AscentConfig) -> int:
+    """The stage's automatic batch size on this device (``BatchSizer.size`` with ``batch_size: 0``)."""
+    if lm.device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    return fit_batch(free, ascent_bytes_per_image(cfg, lm.model.token_embedding.weight.shape[0]), AUTO_BATCH_CUDA)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_stage(lm, imgs: torch.Tensor, batch: int, cfg: AscentConfig) -> dict:
+    """Seconds per image of ``extract_opinions`` over ``imgs`` in batches of ``batch``, and the peak GPU memory."""
+    dev = lm.device
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync(dev)
+    t = time.time()
+    for start in range(0, len(imgs), batch):
+        extract_opinions(lm, imgs[start : start + batch], list(range(start, min(start + batch, len(imgs)))), cfg)
+    sync(dev)
+    row = {"batch": batch, "images": len(imgs), "seconds_per_image": round((time.time() - t) / len(imgs), 4)}
+    if dev.type == "cuda":
+        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
+    return row
+
+
+def profile_steps(lm, imgs: torch.Tensor, cfg: AscentConfig, top: int = 15) -> list[dict]:
+    """The operations with the most device time over a short ascent (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        extract_opinions(lm, imgs, list(range(len(imgs))), cfg)
+        sync(lm.device)
+    key = "device_time_total" if lm.device.type == "cuda" else "cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, "self_" + key) for e in rows) or 1
+    return [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, "self_" + key) / 1e3, 2),
+             "self_share": round(getattr(e, "self_" + key) / total, 4), "total_ms": round(getattr(e, key) / 1e3, 2)}
+            for e in sorted(rows, key=lambda e: getattr(e, "self_" + key), reverse=True)[:top]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="model precision on CUDA")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--iterations", type=int, default=400)
-    ap.add_argument("--faithful-images", type=int, default=1, help="images timed with the faithful loop")
-    ap.add_argument("--batch", type=int, default=0, help="stage batch size (0 = all images in one batch)")
+    ap.add_argument("--faithful-images", type=int, default=1, help="images timed with the faithful loop (0 = skip it)")
+    ap.add_argument("--faithful-iterations", type=int, default=None,
+                    help="iterations the faithful loop runs; its time is scaled to --iterations (default: all of them)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[0],
+                    help="stage batch sizes to time (0 = the automatic size); each over max(--images, size) images")
     ap.add_argument("--methods", nargs="+", default=["gumbel", "pez"], choices=["gumbel", "pez"])
     ap.add_argument("--recall", type=int, default=0, help="also the true-word recall on N held-out toy scenes (toy model only)")
+    ap.add_argument("--profile", action="store_true", help="profile 10 iterations at the first batch size")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    lm = load_model(args.model, dev)
+    lm = load_model(args.model, dev, precision=args.precision)
     res = lm.input_resolution
-    imgs = torch.stack([to_tensor(Image.fromarray(s.image), res) for s in held_out_single_objects(args.images)])
-    batch = args.batch or args.images
+    base = AscentConfig(iterations=args.iterations)
+    sizes = [b or auto_batch(lm, base) for b in args.batches]
+    n = max([args.images, *sizes])
+    scenes = held_out_single_objects(n)
+    imgs = torch.stack([to_tensor(Image.fromarray(s.image), res) for s in scenes])
     extract_opinions(lm, imgs[:1], [0], AscentConfig(iterations=2, bank_size=16, views=8))  # warm-up
-    stage = {}
-    for method in args.methods:
-        cfg = AscentConfig(method=method, iterations=args.iterations)
-        t = time.time()
-        for start in range(0, args.images, batch):
-            extract_opinions(lm, imgs[start : start + batch], list(range(start, min(start + batch, args.images))), cfg)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        stage[method] = (time.time() - t) / args.images
-    t = time.time()
-    for i in range(args.faithful_images):
-        faithful_loop(args.model, dev, imgs[i].to(dev), args.iterations)
-    faithful = (time.time() - t) / args.faithful_images
     out = {
         "model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dtype": str(lm.dtype), "iterations": args.iterations, "images": args.images, "stage_batch": batch,
-        "seconds_per_image": {"faithful": round(faithful, 3), **{f"stage_{m}": round(v, 3) for m, v in stage.items()}},
-        "speedup": {m: round(faithful / v, 2) for m, v in stage.items()},
+        "dtype": str(lm.dtype), "iterations": args.iterations, "candidates": base.candidates, "tokens": base.tokens,
+        "automatic_batch": sizes[args.batches.index(0)] if 0 in args.batches else None,
     }
+    stage: dict[str, list] = {}
+    for method in args.methods:
+        cfg = AscentConfig(method=method, iterations=args.iterations)
+        stage[method] = [time_stage(lm, imgs[: max(args.images, b)], b, cfg) for b in sizes]
+    out["stage"] = stage
+    if args.faithful_images:
+        its = args.faithful_iterations or args.iterations
+        sync(dev)
+        t = time.time()
+        for i in range(args.faithful_images):
+            faithful_loop(args.model, dev, imgs[i].to(dev), its)
+        faithful = (time.time() - t) / args.faithful_images * args.iterations / its
+        out["faithful"] = {"seconds_per_image": round(faithful, 3), "iterations_run": its,
+                           "scaled_to": args.iterations if its != args.iterations else None}
+        out["speedup_at_best_batch"] = {m: round(faithful / min(r["seconds_per_image"] for r in rows), 2)
+                                        for m, rows in stage.items()}
+    if args.profile:
+        out["profile"] = {"batch": sizes[0], "iterations": 10,
+                          "top_ops": profile_steps(lm, imgs[: sizes[0]], AscentConfig(method=args.methods[0], iterations=10))}
     if args.recall:
-        scenes = held_out_single_objects(args.recall)
-        out["recall"] = {m: ascent_recall(lm, scenes, AscentConfig(method=m, iterations=args.iterations))
+        recall_scenes = held_out_single_objects(args.recall)
+        out["recall"] = {m: ascent_recall(lm, recall_scenes, AscentConfig(method=m, iterations=args.iterations))
                          for m in args.methods}
         out["recall"]["scenes"] = args.recall
-    print(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

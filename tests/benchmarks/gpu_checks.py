@@ -1,0 +1,110 @@
+"""Checks that need a GPU; prints JSON. Not part of the test run (CI has no GPU).
+
+    python tests/benchmarks/gpu_checks.py [--scenes 32] [--oom-model random:ViT-B/16] [--oom-images 64]
+                                          [--oom-iterations 50] [--out FILE]
+
+* ``precision``: the toy model's ascent (the original's settings) on held-out single-object
+  scenes with the model in fp32, fp16 and bf16: each one's recall of the true words, and how
+  far its decode labels agree with fp32's (the share of images with the same label set, and
+  the mean Jaccard overlap).
+* ``oom``: one batch of ``--oom-images`` through ``split_on_oom``, as the stage runs it, first
+  at the full card (the automatic size must fit with no split), then with this process's GPU
+  memory capped (``torch.cuda.set_per_process_memory_fraction``) so that the batch cannot
+  fit: the sizes the back-off settled on, and whether every candidate equals the uncapped run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ascent import auto_batch  # noqa: E402  (beside this script)
+from pipeline.images import to_tensor  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.runner import split_on_oom  # noqa: E402
+from pipeline.toytrain import held_out_single_objects  # noqa: E402
+from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
+from stages.decode import DecodeConfig, decode_labels  # noqa: E402
+from toyeval import ascent_recall  # noqa: E402
+
+
+def images_for(lm, count: int) -> torch.Tensor:
+    return torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in held_out_single_objects(count)])
+
+
+def precision_agreement(scenes: int, dev: torch.device, iterations: int = 400) -> dict:
+    cfg, labels, out = AscentConfig(iterations=iterations), {}, {}
+    for precision in ("fp32", "fp16", "bf16"):
+        lm = load_model("toy", dev, precision=precision)
+        ops = extract_opinions(lm, images_for(lm, scenes), list(range(scenes)), cfg)
+        labels[precision] = [{d["word"] for d in decode_labels(op.words, DecodeConfig())} for op in ops]
+        out[precision] = {"recall": ascent_recall(lm, held_out_single_objects(scenes), cfg, batch=scenes)}
+    for precision in ("fp16", "bf16"):
+        pairs = list(zip(labels["fp32"], labels[precision]))
+        out[precision]["same_labels_as_fp32"] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
+        out[precision]["mean_jaccard_with_fp32"] = round(
+            sum(len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs), 4)
+    return {"scenes": scenes, "iterations": cfg.iterations, **out}
+
+
+def oom_backoff(model: str, images: int, iterations: int, dev: torch.device) -> dict:
+    lm = load_model(model, dev)
+    cfg = AscentConfig(iterations=iterations)
+    imgs = images_for(lm, images)
+    seeds = list(range(images))
+    run = lambda a, b: extract_opinions(lm, imgs[a:b], seeds[a:b], cfg)  # noqa: E731
+
+    def splits_of(fn) -> tuple[list, list[int]]:
+        sizes: list[int] = []
+        return split_on_oom(fn, 0, images, sizes.append), sizes
+
+    out = {"model": model, "images": images, "iterations": iterations, "automatic_batch": auto_batch(lm, cfg)}
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    full, sizes = splits_of(run)
+    peak = torch.cuda.max_memory_allocated(dev)
+    out["full_card"] = {"splits": sizes, "peak_gpu_mib": round(peak / 2**20)}
+    total = torch.cuda.get_device_properties(dev).total_memory
+    cap = base + (peak - base) * 0.6  # the whole batch cannot fit; about half of it can
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / total, dev)
+    try:
+        capped, sizes = splits_of(run)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    same = all([c["ids"] for c in a.candidates] == [c["ids"] for c in b.candidates] for a, b in zip(full, capped))
+    loss_diff = max(abs(x["loss"] - y["loss"]) for a, b in zip(full, capped) for x, y in zip(a.candidates, b.candidates))
+    out["capped"] = {"cap_mib": round(cap / 2**20), "splits": sizes, "finished": len(capped) == images,
+                     "identical_candidates": same, "max_loss_difference": round(loss_diff, 5)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--scenes", type=int, default=32)
+    ap.add_argument("--oom-model", default="random:ViT-B/16")
+    ap.add_argument("--oom-images", type=int, default=64)
+    ap.add_argument("--oom-iterations", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_checks.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+           "precision": precision_agreement(args.scenes, dev),
+           "oom": oom_backoff(args.oom_model, args.oom_images, args.oom_iterations, dev)}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
