@@ -64,6 +64,7 @@ class Recipe(str, enum.Enum):  # "auto" and pipeline.toytrain.RECIPES
     fine_cpu = "fine-cpu"
     distill_cpu = "distill-cpu"
     distill_init_cpu = "distill-init-cpu"
+    surgery_cpu = "surgery-cpu"
     gpu = "gpu"
     cpu = "cpu"
 
@@ -355,12 +356,13 @@ def toy_scenes(
 @toy_app.command("train")
 def toy_train(
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the fp16 state dict; a .json card goes beside it.")],
-    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
+    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'surgery-cpu' (continues --start-from with the patch term on the surgery path too), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the recipe's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
     workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     teacher: Annotated[Optional[Path], typer.Option(help="A toy checkpoint for the distill- recipes: its text tower is copied and frozen, its image embedding distilled.")] = None,
+    start_from: Annotated[Optional[Path], typer.Option(help="A toy checkpoint of the recipe's architecture to start from (surgery-cpu continues a distill-init-cpu model).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out (OUT.ckpt), written every few steps.")] = False,
     device: DeviceOpt = None,
 ) -> None:
@@ -372,10 +374,12 @@ def toy_train(
     dev = resolve_device(_value(device) or "auto")
     try:
         name, cfg = resolve_recipe(recipe.value, dev, steps=steps, batch_size=batch_size, workers=workers, seed=seed,
-                                   teacher=str(teacher.resolve()) if teacher else None)
+                                   teacher=str(teacher.resolve()) if teacher else None,
+                                   start_from=str(start_from.resolve()) if start_from else None)
     except ValueError as err:
         _fail(str(err))
     ckpt = out_file.with_suffix(".ckpt")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"recipe {name}: {cfg.steps} steps of {cfg.batch_size} scenes, lr {cfg.lr}, on {dev}; "
                   f"checkpoint {ckpt}" + (" (resuming)" if resume and ckpt.is_file() else ""), highlight=False)
     with training_progress(console, cfg.steps) as on_step:

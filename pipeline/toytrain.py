@@ -74,6 +74,9 @@ class ToyTrainConfig:
     teacher: str | None = None  # a toy checkpoint whose text tower is copied and frozen, and whose image embedding is distilled
     distill_weight: float = 0.0  # weight of 1 - cos(student image embedding, teacher image embedding)
     init_from_teacher: bool = False  # start the vision tower from the teacher's (see ``_init_vision``)
+    surgery_weight: float = 0.0  # weight of the patch term on the surgery path's tokens (the maps users see)
+    surgery_depth: int = 3  # blocks on the dual path for that term (the demo's surgery.surgery_depth)
+    start_from: str | None = None  # a toy checkpoint of this architecture whose weights training starts from
 
 
 FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
@@ -99,6 +102,11 @@ RECIPES: dict[str, ToyTrainConfig] = {
     "distill-init-cpu": ToyTrainConfig(steps=1500, batch_size=64, noise_captions=32, lr=3e-4, arch=FINE4,
                                        dense_weight=1.0, warmup=50, distill_weight=4.0, eval_every=100,
                                        init_from_teacher=True),
+    # Continues a distill-init-cpu model (``--start-from``) with the patch term on the surgery path's tokens too:
+    # the raw term trains only the stock path, while the maps users see come from the v-v path of the last blocks.
+    "surgery-cpu": ToyTrainConfig(steps=600, batch_size=64, noise_captions=32, lr=2e-4, arch=FINE4,
+                                  dense_weight=1.0, warmup=20, distill_weight=4.0, eval_every=100,
+                                  surgery_weight=1.0, surgery_depth=3),
 }
 
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
@@ -171,7 +179,7 @@ def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_leng
     """Batch ``k`` of stream ``seed``: a pure function of (seed, k)."""
     rng = scene_rng(seed, k, TRAIN_SEED_STREAM)  # type: ignore[arg-type]
     scenes = [make_scene(rng, spec) for _ in range(cfg.batch_size)]
-    dense = _dense_target_table(scenes, cfg.arch.vision_patch_size) if cfg.dense_weight else torch.zeros(0)
+    dense = _dense_target_table(scenes, cfg.arch.vision_patch_size) if cfg.dense_weight or cfg.surgery_weight else torch.zeros(0)
     images = torch.from_numpy(np.stack([s.image for s in scenes]))  # [B, H, W, 3] uint8
     captions = [s.caption for s in scenes]
     v = vocab()
@@ -217,6 +225,15 @@ def _load_teacher(cfg: ToyTrainConfig, model: CLIP, device: torch.device) -> CLI
     if cfg.init_from_teacher:
         _init_vision(model, teacher)
     return teacher
+
+
+def _load_start(cfg: ToyTrainConfig, model: CLIP) -> None:
+    """Load ``cfg.start_from``'s weights into ``model``, which must have its architecture."""
+    state = torch.load(cfg.start_from, map_location="cpu", weights_only=True)
+    mine = model.state_dict()
+    if set(state) != set(mine) or any(mine[k].shape != v.shape for k, v in state.items()):
+        raise ValueError(f"--start-from {cfg.start_from} is not a toy checkpoint of the recipe's architecture")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
 def _init_vision(model: CLIP, teacher: CLIP) -> None:
@@ -302,6 +319,8 @@ def train_toy_clip(
     spec = SceneSpec(size=arch.image_resolution)
     null = torch.zeros((), device=device, requires_grad=True)  # the "nothing" logit of background patches
     teacher = _load_teacher(cfg, model, device)
+    if cfg.start_from is not None:
+        _load_start(cfg, model)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
@@ -325,7 +344,7 @@ def train_toy_clip(
         _Batches(cfg, spec, arch.context_length, first), batch_size=None, num_workers=cfg.workers,
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
-    dense_text = tokenize(dense_captions()[0], arch.context_length) if cfg.dense_weight else None
+    dense_text = tokenize(dense_captions()[0], arch.context_length) if cfg.dense_weight or cfg.surgery_weight else None
     start = time.time()
     for step, (images, tokens, captions, noise, dense) in enumerate(loader, start=first):
         for group in opt.param_groups:
@@ -334,8 +353,9 @@ def train_toy_clip(
         texts = [tokens, noise] + ([dense_text] if dense_text is not None else [])
         with torch.set_grad_enabled(teacher is None):
             txt = F.normalize(encode_tokens(model, torch.cat(texts).to(device)), dim=-1)  # [B+N(+K), D]
-        if cfg.dense_weight:
-            tokens_all = encode_image_tokens(model, x, surgery_depth=0).raw  # [B, 1+G*G, D]
+        if cfg.dense_weight or cfg.surgery_weight:
+            both = encode_image_tokens(model, x, surgery_depth=cfg.surgery_depth if cfg.surgery_weight else 0)
+            tokens_all = both.raw  # [B, 1+G*G, D]
             img = F.normalize(tokens_all[:, 0], dim=-1)  # [B, D], equal to encode_image
         else:
             img = F.normalize(model.encode_image(x), dim=-1)  # [B, D]
@@ -354,11 +374,12 @@ def train_toy_clip(
             with torch.no_grad():
                 target_img = F.normalize(teacher.encode_image(x).float(), dim=-1)
             loss = loss + cfg.distill_weight * (1 - (img * target_img).sum(-1)).mean()
-        if cfg.dense_weight:
-            patches = F.normalize(tokens_all[:, 1:], dim=-1)  # [B, G*G, D]
-            dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
-            dense_logits = torch.cat([dense_logits, null.expand(*dense_logits.shape[:2], 1)], -1)  # [B, G*G, K+1]
-            loss = loss + cfg.dense_weight * -(dense.to(device) * dense_logits.log_softmax(-1)).sum(-1).mean()
+        for weight, path_tokens in ((cfg.dense_weight, tokens_all), (cfg.surgery_weight, both.surgery if cfg.surgery_weight else None)):
+            if weight:
+                patches = F.normalize(path_tokens[:, 1:], dim=-1)  # [B, G*G, D]
+                dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
+                dense_logits = torch.cat([dense_logits, null.expand(*dense_logits.shape[:2], 1)], -1)  # [B, G*G, K+1]
+                loss = loss + weight * -(dense.to(device) * dense_logits.log_softmax(-1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -380,7 +401,7 @@ def train_toy_clip(
     card = {
         "name": "toy-clip",
         "arch": asdict(arch),
-        "recipe": {**asdict(cfg), "teacher": teacher_reference(cfg.teacher)},
+        "recipe": {**asdict(cfg), "teacher": teacher_reference(cfg.teacher), "start_from": teacher_reference(cfg.start_from)},
         "seed": cfg.seed,
         "steps": cfg.steps,
         "train_seconds": round(seconds, 1),
@@ -437,6 +458,8 @@ def resolve_recipe(recipe: str, device: torch.device, **overrides) -> tuple[str,
     cfg = replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
     if cfg.distill_weight and cfg.teacher is None:
         raise ValueError(f"recipe {name} distils a teacher: pass --teacher, a toy checkpoint such as the 8x8-grid toy")
+    if cfg.surgery_weight and not cfg.init_from_teacher and cfg.start_from is None:
+        raise ValueError(f"recipe {name} continues a trained model: pass --start-from, e.g. a distill-init-cpu checkpoint")
     if cfg.teacher is not None and not Path(cfg.teacher).is_file():
         raise ValueError(f"--teacher {cfg.teacher}: no such file")
     return name, cfg
