@@ -183,7 +183,7 @@ class _PezChooser:
         return (F.normalize(self.emb, dim=-1) @ self.unit.T).argmax(-1)  # [B, C, K]
 
 
-AUTO_BATCH_CUDA = 64  # the automatic batch size's cap on CUDA (memory permitting)
+AUTO_BATCH_CUDA = 128  # the automatic batch size's cap on CUDA (memory permitting)
 
 
 def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
@@ -297,9 +297,7 @@ def extract_opinions(
         return learned_text_features(lm, tok_emb.reshape(B * C, Kt, -1), prefix_ids, cfg.readout).view(B, C, -1)
 
     to_ids = lambda idx: allowed[idx]  # noqa: E731  [.., K] positions in the allowed set -> token ids
-    checkins: list[list[dict]] = [[] for _ in range(B)]
-    first_seen: list[dict[str, int]] = [{} for _ in range(B)]
-    totals: list[Counter] = [Counter() for _ in range(B)]
+    snapshots: list[tuple[int, torch.Tensor]] = []  # check-ins' token ids, kept on the device until the end
     for it in range(cfg.iterations):
         feats = features(chooser.embed())
         target = banks.gather(1, view_idx[:, it, :, None].expand(-1, -1, banks.shape[-1])).mean(1)  # [B, D]
@@ -308,15 +306,22 @@ def extract_opinions(
         loss.backward()
         chooser.opt.step()
         if it % cfg.checkin_every == 0 or it == cfg.iterations - 1:
-            ids = to_ids(chooser.choice()).cpu()
-            for b in range(B):
-                occ, _ = _words_of([v.decode(c.tolist()) for c in ids[b]])
-                checkins[b].append({"iteration": it, "counts": dict(occ)})
-                totals[b].update(occ)
-                for w in occ:
-                    first_seen[b].setdefault(w, it)
+            # No copy to the host here: a sync at every check-in would stall the device's queue.
+            snapshots.append((it, chooser.choice()))
             if on_checkin is not None:
                 on_checkin((it + 1) / cfg.iterations)
+
+    checkins: list[list[dict]] = [[] for _ in range(B)]
+    first_seen: list[dict[str, int]] = [{} for _ in range(B)]
+    totals: list[Counter] = [Counter() for _ in range(B)]
+    all_ids = to_ids(torch.stack([idx for _, idx in snapshots])).cpu()  # [checkins, B, C, K], one copy
+    for (it, _), ids in zip(snapshots, all_ids):
+        for b in range(B):
+            occ, _ = _words_of([v.decode(c.tolist()) for c in ids[b]])
+            checkins[b].append({"iteration": it, "counts": dict(occ)})
+            totals[b].update(occ)
+            for w in occ:
+                first_seen[b].setdefault(w, it)
 
     with torch.no_grad():
         final = chooser.choice()  # [B, C, K]
