@@ -12,13 +12,17 @@ run directory, the models loaded once per run, and a per-stage batch sizer.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from rich.console import Console
@@ -200,6 +204,16 @@ def fit_batch(free_bytes: int, bytes_per_image: int, cap: int, share: float = 0.
     the allocator's slack); the out-of-memory back-off still guards the estimate.
     """
     return max(1, min(cap, int(free_bytes * share) // max(1, bytes_per_image)))
+
+
+WRITER_THREADS = 8  # at most; fewer on a machine with fewer cores
+
+
+@functools.cache
+def writer_pool() -> ThreadPoolExecutor:
+    """Threads for a batch's per-image CPU work after the model has run: drawing, PNG and npz
+    encoding, writing. These release the GIL, so a batch's images are finished side by side."""
+    return ThreadPoolExecutor(max(1, min(WRITER_THREADS, os.cpu_count() or 1)), thread_name_prefix="writer")
 
 
 def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,

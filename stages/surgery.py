@@ -32,7 +32,7 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
                                overlay_heatmap, upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
+from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom, writer_pool
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
 
@@ -337,14 +337,20 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
                     return compute_heatmaps(lm.model, base, single, words[a:b], vocab, text, empty, sizes, cfg)
 
             heatmaps = split_on_oom(run, 0, len(ok), ctx.batches.on_split(self.name))
-            for ref, picture, hm in zip(ok, pictures, heatmaps):
-                image = np.asarray(picture)
-                masks = sam_masks(ctx.models.sam, image, hm.points) if ctx.models.sam is not None else [None] * len(hm.words)
+            images = [np.asarray(p) for p in pictures]
+            masks = [sam_masks(ctx.models.sam, image, hm.points) if ctx.models.sam is not None else [None] * len(hm.words)
+                     for image, hm in zip(images, heatmaps)]  # SAM on the device, one image at a time
+
+            def finish(i: int) -> ItemResult:
+                ref, image, hm = ok[i], images[i], heatmaps[i]
                 try:
-                    outputs = self._write(ctx, ref, image, hm, draw_heatmaps(image, hm, cfg.methods, cfg.overlay_max_side), masks)
-                    results[ref.id] = ItemResult(outputs=outputs)
+                    drawn = draw_heatmaps(image, hm, cfg.methods, cfg.overlay_max_side)
+                    return ItemResult(outputs=self._write(ctx, ref, image, hm, drawn, masks[i]))
                 except OSError as err:
-                    results[ref.id] = ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
+                    return ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
+
+            for ref, result in zip(ok, writer_pool().map(finish, range(len(ok)))):
+                results[ref.id] = result
         return [results[r.id] for r in refs]
 
     @staticmethod
