@@ -107,7 +107,7 @@ def profile_steps(lm, imgs: torch.Tensor, cfg: AscentConfig, top: int = 15) -> l
     key = "device_time_total" if lm.device.type == "cuda" else "cpu_time_total"
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, "self_" + key) for e in rows) or 1
-    return [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, "self_" + key) / 1e3, 2),
+    return [{"op": e.key[:100], "calls": e.count, "self_ms": round(getattr(e, "self_" + key) / 1e3, 2),
              "self_share": round(getattr(e, "self_" + key) / total, 4), "total_ms": round(getattr(e, key) / 1e3, 2)}
             for e in sorted(rows, key=lambda e: getattr(e, "self_" + key), reverse=True)[:top]]
 
@@ -143,11 +143,19 @@ def main() -> None:
         "dtype": str(lm.dtype), "iterations": args.iterations, "candidates": base.candidates, "tokens": base.tokens,
         "automatic_batch": sizes[args.batches.index(0)] if 0 in args.batches else None,
     }
+
+    def emit() -> None:  # the figures so far, so a run stopped at a time limit keeps them
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
+
     stage: dict[str, list] = {}
+    out["stage"] = stage
     for method in args.methods:
         cfg = AscentConfig(method=method, iterations=args.iterations)
-        stage[method] = [time_stage(lm, imgs[: max(args.images, b)], b, cfg) for b in sizes]
-    out["stage"] = stage
+        stage[method] = []
+        for b in sizes:
+            stage[method].append(time_stage(lm, imgs[: max(args.images, b)], b, cfg))
+            emit()
     if args.faithful_images:
         its = args.faithful_iterations or args.iterations
         sync(dev)
@@ -159,18 +167,18 @@ def main() -> None:
                            "scaled_to": args.iterations if its != args.iterations else None}
         out["speedup_at_best_batch"] = {m: round(faithful / min(r["seconds_per_image"] for r in rows), 2)
                                         for m, rows in stage.items()}
-    if args.profile:
-        out["profile"] = {"batch": sizes[0], "iterations": 10,
-                          "top_ops": profile_steps(lm, imgs[: sizes[0]], AscentConfig(method=args.methods[0], iterations=10))}
+        emit()
+    if args.profile:  # the loop's steady state: a small view bank, so encoding it is a negligible part
+        cfg = AscentConfig(method=args.methods[0], iterations=20, bank_size=16, views=16)
+        out["profile"] = {"batch": sizes[0], "iterations": cfg.iterations, "bank_size": cfg.bank_size,
+                          "top_ops": profile_steps(lm, imgs[: sizes[0]], cfg)}
     if args.recall:
         recall_scenes = held_out_single_objects(args.recall)
         out["recall"] = {m: ascent_recall(lm, recall_scenes, AscentConfig(method=m, iterations=args.iterations))
                          for m in args.methods}
         out["recall"]["scenes"] = args.recall
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(json.dumps(out, indent=1))
+    emit()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Checks that need a GPU; prints JSON. Not part of the test run (CI has no GPU).
 
-    python tests/benchmarks/gpu_checks.py [--scenes 32] [--oom-model random:ViT-B/16] [--oom-images 64]
+    python tests/benchmarks/gpu_checks.py [--scenes 32] [--oom-model random:ViT-B/16] [--oom-images 0]
                                           [--oom-iterations 50] [--out FILE]
 
 * ``precision``: the toy model's ascent (the original's settings) on held-out single-object
-  scenes with the model in fp32, fp16 and bf16: each one's recall of the true words, and how
-  far its decode labels agree with fp32's (the share of images with the same label set, and
-  the mean Jaccard overlap).
+  scenes with the model in fp32 (with no autocast, and as the stage runs it, with bf16 autocast
+  in the text passes), fp16 and bf16: each one's recall of the true words, and how far its
+  decode labels agree with the pure fp32 run's (the share of images with the same label set,
+  and the mean Jaccard overlap).
 * ``oom``: one batch of ``--oom-images`` through ``split_on_oom``, as the stage runs it, first
   at the full card (the automatic size must fit with no split), then with this process's GPU
   memory capped (``torch.cuda.set_per_process_memory_fraction``) so that the batch cannot
@@ -16,8 +17,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from unittest import mock
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -32,24 +35,33 @@ from pipeline.runner import split_on_oom  # noqa: E402
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 from stages.decode import DecodeConfig, decode_labels  # noqa: E402
-from toyeval import ascent_recall  # noqa: E402
 
 
 def images_for(lm, count: int) -> torch.Tensor:
     return torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in held_out_single_objects(count)])
 
 
+def _no_autocast(*args, **kwargs):
+    return contextlib.nullcontext()
+
+
 def precision_agreement(scenes: int, dev: torch.device, iterations: int = 400) -> dict:
+    """Labels of each precision against a pure fp32 run. An fp32 model's text passes run under bf16
+    autocast in the stage on CUDA; the reference turns that off."""
     cfg, labels, out = AscentConfig(iterations=iterations), {}, {}
-    for precision in ("fp32", "fp16", "bf16"):
+    truth = [s.objects[0].words for s in held_out_single_objects(scenes)]
+    runs = {"fp32_no_autocast": ("fp32", True), "fp32": ("fp32", False), "fp16": ("fp16", False), "bf16": ("bf16", False)}
+    for name, (precision, pure) in runs.items():
         lm = load_model("toy", dev, precision=precision)
-        ops = extract_opinions(lm, images_for(lm, scenes), list(range(scenes)), cfg)
-        labels[precision] = [{d["word"] for d in decode_labels(op.words, DecodeConfig())} for op in ops]
-        out[precision] = {"recall": ascent_recall(lm, held_out_single_objects(scenes), cfg, batch=scenes)}
-    for precision in ("fp16", "bf16"):
-        pairs = list(zip(labels["fp32"], labels[precision]))
-        out[precision]["same_labels_as_fp32"] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
-        out[precision]["mean_jaccard_with_fp32"] = round(
+        with mock.patch.object(torch, "autocast", _no_autocast) if pure else contextlib.nullcontext():
+            ops = extract_opinions(lm, images_for(lm, scenes), list(range(scenes)), cfg)
+        labels[name] = [{d["word"] for d in decode_labels(op.words, DecodeConfig())} for op in ops]
+        out[name] = {"recall": {"colour": round(sum(c in ls for ls, (c, _) in zip(labels[name], truth)) / scenes, 4),
+                                "shape": round(sum(s in ls for ls, (_, s) in zip(labels[name], truth)) / scenes, 4)}}
+    for name in list(runs)[1:]:
+        pairs = list(zip(labels["fp32_no_autocast"], labels[name]))
+        out[name]["same_labels_as_pure_fp32"] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
+        out[name]["mean_jaccard_with_pure_fp32"] = round(
             sum(len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs), 4)
     return {"scenes": scenes, "iterations": cfg.iterations, **out}
 
@@ -57,6 +69,7 @@ def precision_agreement(scenes: int, dev: torch.device, iterations: int = 400) -
 def oom_backoff(model: str, images: int, iterations: int, dev: torch.device) -> dict:
     lm = load_model(model, dev)
     cfg = AscentConfig(iterations=iterations)
+    images = images or auto_batch(lm, cfg)
     imgs = images_for(lm, images)
     seeds = list(range(images))
     run = lambda a, b: extract_opinions(lm, imgs[a:b], seeds[a:b], cfg)  # noqa: E731
@@ -90,13 +103,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scenes", type=int, default=32)
     ap.add_argument("--oom-model", default="random:ViT-B/16")
-    ap.add_argument("--oom-images", type=int, default=64)
+    ap.add_argument("--oom-images", type=int, default=0, help="images in the one batch (0 = the automatic batch size)")
     ap.add_argument("--oom-iterations", type=int, default=50)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_checks.py needs a CUDA GPU")
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
            "precision": precision_agreement(args.scenes, dev),
            "oom": oom_backoff(args.oom_model, args.oom_images, args.oom_iterations, dev)}
