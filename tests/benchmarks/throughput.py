@@ -1,6 +1,6 @@
 """Whole-pipeline throughput: one ``runall.py`` run over generated images, in a fresh process; prints JSON.
 
-    python tests/benchmarks/pipeline.py [--images 1024] [--side 512] [--model random:ViT-B/16]
+    python tests/benchmarks/throughput.py [--images 1024] [--side 512] [--model random:ViT-B/16]
                                         [--set KEY=VALUE ...] [--out FILE]
 
 Reports images per hour (wall time of the whole command, model load included), each
