@@ -20,6 +20,7 @@ resumed training sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from clip.model import CLIP
 
 from pipeline.images import normalize
-from pipeline.surgery import encode_image_tokens
+from pipeline.surgery import encode_image_tokens, feature_surgery
 from pipeline.textenc import encode_tokens
 from pipeline.tokens import tokenize, vocab
 from pipeline.toyworld import COLOURS, SHAPES, SceneSpec, caption_for, make_scene, scene_rng
@@ -74,7 +75,7 @@ class ToyTrainConfig:
     teacher: str | None = None  # a toy checkpoint whose text tower is copied and frozen, and whose image embedding is distilled
     distill_weight: float = 0.0  # weight of 1 - cos(student image embedding, teacher image embedding)
     init_from_teacher: bool = False  # start the vision tower from the teacher's (see ``_init_vision``)
-    surgery_weight: float = 0.0  # weight of the patch term on the surgery path's tokens (the maps users see)
+    surgery_weight: float = 0.0  # weight of the surgery pointing term (see ``surgery_pointing_loss``): the maps users see
     surgery_depth: int = 3  # blocks on the dual path for that term (the demo's surgery.surgery_depth)
     start_from: str | None = None  # a toy checkpoint of this architecture whose weights training starts from
 
@@ -102,8 +103,8 @@ RECIPES: dict[str, ToyTrainConfig] = {
     "distill-init-cpu": ToyTrainConfig(steps=1500, batch_size=64, noise_captions=32, lr=3e-4, arch=FINE4,
                                        dense_weight=1.0, warmup=50, distill_weight=4.0, eval_every=100,
                                        init_from_teacher=True),
-    # Continues a distill-init-cpu model (``--start-from``) with the patch term on the surgery path's tokens too:
-    # the raw term trains only the stock path, while the maps users see come from the v-v path of the last blocks.
+    # Continues a distill-init-cpu model (``--start-from``) with the surgery pointing term: the patch term trains
+    # only the stock path, while the maps users see come from feature surgery on the v-v path of the last blocks.
     "surgery-cpu": ToyTrainConfig(steps=600, batch_size=64, noise_captions=32, lr=2e-4, arch=FINE4,
                                   dense_weight=1.0, warmup=20, distill_weight=4.0, eval_every=100,
                                   surgery_weight=1.0, surgery_depth=3),
@@ -158,6 +159,44 @@ def patch_targets(scene, patch: int) -> np.ndarray:
     return out.reshape(-1)
 
 
+def word_patch_masks(scenes: list, patch: int) -> torch.Tensor:
+    """``[B, words, patches]`` bool, words as ``COLOURS + SHAPES`` (the order of the one-word captions of
+    ``dense_captions``): the patches that an object with that word covers at least half of."""
+    words = list(COLOURS) + list(SHAPES)
+    masks = []
+    for scene in scenes:
+        idx = patch_targets(scene, patch)
+        m = np.zeros((len(words), len(idx)), dtype=bool)
+        for i, obj in enumerate(scene.objects):
+            for w in obj.words:
+                m[words.index(w)] |= idx == i
+        masks.append(m)
+    return torch.from_numpy(np.stack(masks))
+
+
+def surgery_pointing_loss(tokens: torch.Tensor, word_text: torch.Tensor, masks: torch.Tensor, scale: torch.Tensor,
+                          distractors: int, gen: torch.Generator) -> torch.Tensor:
+    """How far each present word's feature-surgery map, as a softmax over patches, misses its objects.
+
+    Each scene's labels are its words plus ``distractors`` absent ones (as decode's labels hold words
+    that are not there); the maps are ``feature_surgery`` over those labels, as the surgery stage draws
+    them, and the loss is ``-log`` of the map's softmax mass on the patches of the word's objects.
+
+    Shape:
+        - tokens: :math:`(B, 1 + P, D)` surgery-path tokens; word_text: :math:`(W, D)`; masks: :math:`(B, W, P)`.
+    """
+    losses = []
+    for b in range(tokens.shape[0]):
+        present = masks[b].any(-1)
+        absent = (~present).nonzero()[:, 0]
+        here = present.nonzero()[:, 0]
+        labels = torch.cat([here, absent[torch.randperm(len(absent), generator=gen)[:distractors]].to(here.device)])
+        sim = feature_surgery(tokens[b : b + 1], word_text[labels])[0, 1:, : len(here)]  # [P, present]
+        logp = (scale * sim.T).log_softmax(-1)  # [present, P]
+        losses.append(-logp.masked_fill(~masks[b][here], float("-inf")).logsumexp(-1).mean())
+    return torch.stack(losses).mean()
+
+
 def _dense_target_table(scenes: list, patch: int) -> torch.Tensor:
     """``[B, patches, captions + 1]``: a uniform distribution over each patch's consistent captions,
     or all mass on the last column ("nothing") for a background patch."""
@@ -179,7 +218,8 @@ def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_leng
     """Batch ``k`` of stream ``seed``: a pure function of (seed, k)."""
     rng = scene_rng(seed, k, TRAIN_SEED_STREAM)  # type: ignore[arg-type]
     scenes = [make_scene(rng, spec) for _ in range(cfg.batch_size)]
-    dense = _dense_target_table(scenes, cfg.arch.vision_patch_size) if cfg.dense_weight or cfg.surgery_weight else torch.zeros(0)
+    dense = _dense_target_table(scenes, cfg.arch.vision_patch_size) if cfg.dense_weight else torch.zeros(0)
+    words = word_patch_masks(scenes, cfg.arch.vision_patch_size) if cfg.surgery_weight else torch.zeros(0)
     images = torch.from_numpy(np.stack([s.image for s in scenes]))  # [B, H, W, 3] uint8
     captions = [s.caption for s in scenes]
     v = vocab()
@@ -190,7 +230,7 @@ def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_leng
         ids = ids[(ids != v.sot) & (ids != v.eot)]
         seq = [v.sot, *ids.tolist(), v.eot]
         noise[i, : len(seq)] = torch.tensor(seq)
-    return images, tokenize(captions, context_length), captions, noise, dense
+    return images, tokenize(captions, context_length), captions, noise, dense, words
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -276,6 +316,16 @@ def teacher_reference(path: str | None) -> dict | None:
     return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
+def start_reference(path: str | None) -> dict | None:
+    """How a card names the checkpoint it started from: its name and hash, and its own card when one lies
+    beside it (``.json``), so a model trained in stages keeps every stage's recipe and history."""
+    ref = teacher_reference(path)
+    card = Path(path).with_suffix(".json") if path else None
+    if ref is not None and card is not None and card.is_file():
+        ref["card"] = json.loads(card.read_text())
+    return ref
+
+
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -345,8 +395,9 @@ def train_toy_clip(
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
     dense_text = tokenize(dense_captions()[0], arch.context_length) if cfg.dense_weight or cfg.surgery_weight else None
+    word_caption = len(COLOURS) * len(SHAPES)  # the one-word captions follow the 36 pairs in dense_captions
     start = time.time()
-    for step, (images, tokens, captions, noise, dense) in enumerate(loader, start=first):
+    for step, (images, tokens, captions, noise, dense, words) in enumerate(loader, start=first):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         x = normalize(images.to(device).permute(0, 3, 1, 2).float() / 255)
@@ -374,12 +425,15 @@ def train_toy_clip(
             with torch.no_grad():
                 target_img = F.normalize(teacher.encode_image(x).float(), dim=-1)
             loss = loss + cfg.distill_weight * (1 - (img * target_img).sum(-1)).mean()
-        for weight, path_tokens in ((cfg.dense_weight, tokens_all), (cfg.surgery_weight, both.surgery if cfg.surgery_weight else None)):
-            if weight:
-                patches = F.normalize(path_tokens[:, 1:], dim=-1)  # [B, G*G, D]
-                dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
-                dense_logits = torch.cat([dense_logits, null.expand(*dense_logits.shape[:2], 1)], -1)  # [B, G*G, K+1]
-                loss = loss + weight * -(dense.to(device) * dense_logits.log_softmax(-1)).sum(-1).mean()
+        if cfg.dense_weight:
+            patches = F.normalize(tokens_all[:, 1:], dim=-1)  # [B, G*G, D]
+            dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
+            dense_logits = torch.cat([dense_logits, null.expand(*dense_logits.shape[:2], 1)], -1)  # [B, G*G, K+1]
+            loss = loss + cfg.dense_weight * -(dense.to(device) * dense_logits.log_softmax(-1)).sum(-1).mean()
+        if cfg.surgery_weight:
+            word_text = txt[b + noise.shape[0] + word_caption :]  # [colours + shapes, D]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            loss = loss + cfg.surgery_weight * surgery_pointing_loss(both.surgery, word_text, words.to(device), scale, 2, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -401,7 +455,7 @@ def train_toy_clip(
     card = {
         "name": "toy-clip",
         "arch": asdict(arch),
-        "recipe": {**asdict(cfg), "teacher": teacher_reference(cfg.teacher), "start_from": teacher_reference(cfg.start_from)},
+        "recipe": {**asdict(cfg), "teacher": teacher_reference(cfg.teacher), "start_from": start_reference(cfg.start_from)},
         "seed": cfg.seed,
         "steps": cfg.steps,
         "train_seconds": round(seconds, 1),
@@ -462,6 +516,8 @@ def resolve_recipe(recipe: str, device: torch.device, **overrides) -> tuple[str,
         raise ValueError(f"recipe {name} continues a trained model: pass --start-from, e.g. a distill-init-cpu checkpoint")
     if cfg.teacher is not None and not Path(cfg.teacher).is_file():
         raise ValueError(f"--teacher {cfg.teacher}: no such file")
+    if cfg.start_from is not None and not Path(cfg.start_from).is_file():
+        raise ValueError(f"--start-from {cfg.start_from}: no such file")
     return name, cfg
 
 

@@ -84,3 +84,62 @@ def test_a_finer_grid_starts_from_the_teachers_vision_tower():
     assert pos.shape[0] == 1 + 16 * 16 and torch.equal(pos[0], teacher.visual.positional_embedding[0])
     with pytest.raises(ValueError, match="init_from_teacher"):
         _init_vision(build_toy_model(dataclasses.replace(FINE4, vision_layers=3)), teacher)
+
+
+def test_word_masks_mark_each_words_objects():
+    from pipeline.toytrain import word_patch_masks
+    from pipeline.toyworld import COLOURS, SHAPES
+
+    scenes = [make_scene(scene_rng(0, i), SceneSpec(min_objects=2, max_objects=3)) for i in range(4)]
+    masks = word_patch_masks(scenes, 4)  # [B, 12, 256]
+    words = list(COLOURS) + list(SHAPES)
+    for scene, m in zip(scenes, masks):
+        idx = patch_targets(scene, 4)
+        for w, row in zip(words, m):
+            expect = np.isin(idx, [i for i, o in enumerate(scene.objects) if w in o.words])
+            assert np.array_equal(row.numpy(), expect), w
+
+
+def test_surgery_pointing_loss_is_low_when_a_words_map_sits_on_its_object():
+    from pipeline.toytrain import surgery_pointing_loss
+
+    words, patches = 12, 16
+    text = torch.eye(words)  # word j's feature is the j-th axis
+    masks = torch.zeros(1, words, patches, dtype=torch.bool)
+    masks[0, [0, 6], :2] = True  # one object, colour word 0 and shape word 6, on patches 0 and 1
+    masks[0, [1, 7], 2:4] = True  # another, words 1 and 7, on patches 2 and 3
+
+    def tokens(a: list[int], b: list[int]) -> torch.Tensor:
+        t = torch.full((1, 1 + patches, words), 0.05)
+        t[0, 0, [0, 1, 6, 7]] = 1.0  # the class token sees both objects
+        t[0, 1 + torch.tensor(a), 0] = t[0, 1 + torch.tensor(a), 6] = 1.0
+        t[0, 1 + torch.tensor(b), 1] = t[0, 1 + torch.tensor(b), 7] = 1.0
+        return t
+
+    scale = torch.tensor(100.0)
+    right = surgery_pointing_loss(tokens([0, 1], [2, 3]), text, masks, scale, 2, torch.Generator().manual_seed(0))
+    swapped = surgery_pointing_loss(tokens([2, 3], [0, 1]), text, masks, scale, 2, torch.Generator().manual_seed(0))
+    elsewhere = surgery_pointing_loss(tokens([8, 9], [10, 11]), text, masks, scale, 2, torch.Generator().manual_seed(0))
+    assert right < 0.1 and swapped > 10 and elsewhere > 10
+
+
+def test_a_start_checkpoint_must_have_the_recipes_architecture(tmp_path):
+    from pipeline.models import TOY_CHECKPOINT
+    from pipeline.toytrain import build_toy_model, resolve_recipe
+
+    with pytest.raises(ValueError, match="pass --start-from"):
+        resolve_recipe("surgery-cpu", torch.device("cpu"), teacher=str(TOY_CHECKPOINT))
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_recipe("surgery-cpu", torch.device("cpu"), teacher=str(TOY_CHECKPOINT), start_from=str(tmp_path / "none.pt"))
+    other = tmp_path / "other.pt"
+    torch.save(build_toy_model(dataclasses.replace(RECIPES["surgery-cpu"].arch, vision_layers=3)).state_dict(), other)
+    _, cfg = resolve_recipe("surgery-cpu", torch.device("cpu"), teacher=str(TOY_CHECKPOINT), start_from=str(other))
+    cfg = dataclasses.replace(cfg, steps=1, batch_size=2, noise_captions=2, eval_every=0)
+    with pytest.raises(ValueError, match="not a toy checkpoint of the recipe's architecture"):
+        train_toy_clip(cfg, torch.device("cpu"))
+    start = tmp_path / "start.pt"  # a first stage, with its card beside it
+    torch.save(build_toy_model(cfg.arch).state_dict(), start)
+    start.with_suffix(".json").write_text(json.dumps({"recipe": {"name": "first"}, "history": [{"step": 1}]}))
+    _, card = train_toy_clip(dataclasses.replace(cfg, start_from=str(start)), torch.device("cpu"))
+    assert card["recipe"]["start_from"]["file"] == "start.pt" and card["recipe"]["start_from"]["card"]["recipe"]["name"] == "first"
+    assert str(tmp_path) not in json.dumps(card)
