@@ -18,11 +18,10 @@ import os
 import shutil
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
-
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from rich.console import Console
