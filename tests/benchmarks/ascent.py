@@ -19,7 +19,6 @@ device time over a few iterations at the first batch size.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.runner import fit_batch  # noqa: E402
 from pipeline.tokens import vocab  # noqa: E402
+from jsonout import emit  # noqa: E402  (beside this script)
 from toyeval import ascent_recall  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
 from stages.ascend import AUTO_BATCH_CUDA, AscentConfig, ascent_bytes_per_image, extract_opinions  # noqa: E402
@@ -144,9 +144,8 @@ def main() -> None:
         "automatic_batch": sizes[args.batches.index(0)] if 0 in args.batches else None,
     }
 
-    def emit() -> None:  # the figures so far, so a run stopped at a time limit keeps them
-        if args.out:
-            args.out.write_text(json.dumps(out, indent=1) + "\n")
+    def save() -> None:  # the figures so far, so a run stopped at a time limit keeps them
+        emit(out, args.out, show=False)
 
     stage: dict[str, list] = {}
     out["stage"] = stage
@@ -155,7 +154,7 @@ def main() -> None:
         stage[method] = []
         for b in sizes:
             stage[method].append(time_stage(lm, imgs[: max(args.images, b)], b, cfg))
-            emit()
+            save()
     if args.faithful_images:
         its = args.faithful_iterations or args.iterations
         sync(dev)
@@ -167,7 +166,7 @@ def main() -> None:
                            "scaled_to": args.iterations if its != args.iterations else None}
         out["speedup_at_best_batch"] = {m: round(faithful / min(r["seconds_per_image"] for r in rows), 2)
                                         for m, rows in stage.items()}
-        emit()
+        save()
     if args.profile:  # the loop's steady state: a small view bank, so encoding it is a negligible part
         cfg = AscentConfig(method=args.methods[0], iterations=20, bank_size=16, views=16)
         out["profile"] = {"batch": sizes[0], "iterations": cfg.iterations, "bank_size": cfg.bank_size,
@@ -177,8 +176,7 @@ def main() -> None:
         out["recall"] = {m: ascent_recall(lm, recall_scenes, AscentConfig(method=m, iterations=args.iterations))
                          for m in args.methods}
         out["recall"]["scenes"] = args.recall
-    print(json.dumps(out, indent=1))
-    emit()
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from unittest import mock
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ascent import auto_batch  # noqa: E402  (beside this script)
+from jsonout import emit  # noqa: E402
 from pipeline.images import to_tensor  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.runner import split_on_oom  # noqa: E402
@@ -113,10 +113,7 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
            "precision": precision_agreement(args.scenes, dev),
            "oom": oom_backoff(args.oom_model, args.oom_images, args.oom_iterations, dev)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

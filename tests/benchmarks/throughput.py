@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from jsonout import emit  # noqa: E402  (beside this script)
 from pipeline.toyworld import SceneSpec, write_scenes  # noqa: E402
 
 # runall.py in this process, then its peak memory (the CUDA figure only when CUDA was used).
@@ -101,10 +102,7 @@ def main() -> None:
             "generate_inputs_seconds": round(generate, 1),
             "cpu_costs": cpu_costs(imgs, run, resolution),
         }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":
