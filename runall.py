@@ -152,7 +152,7 @@ def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool
 
 
 def _dry_run(cfg: RunConfig, run: RunDir, names: list[str], refs: list, as_json: bool) -> None:
-    """List the images and estimate the time from this run's own finished images, without running anything."""
+    """List the images and estimate the time from finished images (this run's, else the runs beside it), without running anything."""
     from pipeline.views import dry_run_plan, dry_run_views
     from stages import RESULT_KEYS, STAGES
 
