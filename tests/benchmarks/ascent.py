@@ -12,8 +12,10 @@ text transformer, fp32, one image at a time.
 rule ``runall.py`` uses), over that many images (at least ``--images``), with the
 peak GPU memory of each. ``--faithful-iterations N`` runs the faithful loop for N
 iterations and scales its time to ``--iterations`` (the loop's cost per iteration is
-constant; the JSON says so). ``--profile`` adds the operations that took the most
-device time over a few iterations at the first batch size.
+constant; the JSON says so). ``--profile`` adds, at each batch size, the view bank's
+seconds per image and one loop iteration's milliseconds measured apart, then a
+``torch.profiler`` view of 20 iterations at the first size: the kernels with the most
+device time, the operators with the most host time, and device busy time against wall time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -37,7 +40,8 @@ from pipeline.tokens import vocab  # noqa: E402
 from jsonout import emit  # noqa: E402  (beside this script)
 from toyeval import ascent_recall  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
-from stages.ascend import AUTO_BATCH_CUDA, AscentConfig, ascent_bytes_per_image, extract_opinions  # noqa: E402
+from stages.ascend import (AUTO_BATCH_CUDA, AscentConfig, _encode_views, ascent_bytes_per_image,  # noqa: E402
+                           extract_opinions)
 
 
 def faithful_loop(name: str, dev: torch.device, image: torch.Tensor, iterations: int) -> None:
@@ -96,20 +100,59 @@ def time_stage(lm, imgs: torch.Tensor, batch: int, cfg: AscentConfig) -> dict:
     return row
 
 
-def profile_steps(lm, imgs: torch.Tensor, cfg: AscentConfig, top: int = 15) -> list[dict]:
-    """The operations with the most device time over a short ascent (``torch.profiler``)."""
+def profile_steps(lm, imgs: torch.Tensor, cfg: AscentConfig, top: int = 15) -> dict:
+    """Where a short ascent's time goes (``torch.profiler``): the kernels with the most device time,
+    the operators with the most host time, and the device's busy time against the wall time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
+    cuda = lm.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(lm.device)
+    t = time.time()
     with profile(activities=acts) as prof:
         extract_opinions(lm, imgs, list(range(len(imgs))), cfg)
         sync(lm.device)
-    key = "device_time_total" if lm.device.type == "cuda" else "cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, "self_" + key) for e in rows) or 1
-    return [{"op": e.key[:100], "calls": e.count, "self_ms": round(getattr(e, "self_" + key) / 1e3, 2),
-             "self_share": round(getattr(e, "self_" + key) / total, 4), "total_ms": round(getattr(e, key) / 1e3, 2)}
-            for e in sorted(rows, key=lambda e: getattr(e, "self_" + key), reverse=True)[:top]]
+    wall = time.time() - t
+    rows = prof.key_averages()
+    kernels = [e for e in rows if cuda and e.device_type == DeviceType.CUDA]
+    ops = [e for e in rows if e.device_type == DeviceType.CPU]
+    busy = sum(e.self_device_time_total for e in kernels)
+
+    def table(events, key: str) -> list[dict]:
+        total = sum(getattr(e, key) for e in events) or 1
+        return [{"op": e.key[:90], "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 2),
+                 "share": round(getattr(e, key) / total, 4)}
+                for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]]
+
+    return {"wall_ms_profiled": round(wall * 1e3, 1), "device_busy_ms": round(busy / 1e3, 1),
+            "kernels": table(kernels, "self_device_time_total"), "host_ops": table(ops, "self_cpu_time_total")}
+
+
+def breakdown(lm, imgs: torch.Tensor, cfg: AscentConfig, short: int = 20, long: int = 120) -> dict:
+    """The stage's two costs apart: the view bank per image, and one loop iteration for the batch
+    (the difference of a long and a short run with a 16-view bank, so that the bank drops out)."""
+    dev = lm.device
+    sync(dev)
+    t = time.time()
+    for b in range(len(imgs)):
+        _encode_views(lm, imgs[b].to(dev), cfg, b)
+    sync(dev)
+    bank = (time.time() - t) / len(imgs)
+
+    def timed(iterations: int) -> float:
+        small = replace(cfg, iterations=iterations, bank_size=16, views=16)
+        sync(dev)
+        t = time.time()
+        extract_opinions(lm, imgs, list(range(len(imgs))), small)
+        sync(dev)
+        return time.time() - t
+
+    timed(2)  # warm-up at this batch's shapes
+    per_it = (timed(long) - timed(short)) / (long - short)
+    return {"batch": len(imgs), "bank_size": cfg.bank_size, "bank_seconds_per_image": round(bank, 4),
+            "iteration_ms": round(per_it * 1e3, 2),
+            "loop_seconds_per_image": round(per_it * cfg.iterations / len(imgs), 4)}
 
 
 def main() -> None:
@@ -126,7 +169,8 @@ def main() -> None:
                     help="stage batch sizes to time (0 = the automatic size); each over max(--images, size) images")
     ap.add_argument("--methods", nargs="+", default=["gumbel", "pez"], choices=["gumbel", "pez"])
     ap.add_argument("--recall", type=int, default=0, help="also the true-word recall on N held-out toy scenes (toy model only)")
-    ap.add_argument("--profile", action="store_true", help="profile 10 iterations at the first batch size")
+    ap.add_argument("--no-stage", action="store_true", help="skip the stage timings (with --profile: only the breakdown)")
+    ap.add_argument("--profile", action="store_true", help="the bank and the loop apart, and a profile of 20 iterations")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     dev = resolve_device(args.device)
@@ -152,7 +196,7 @@ def main() -> None:
     for method in args.methods:
         cfg = AscentConfig(method=method, iterations=args.iterations)
         stage[method] = []
-        for b in sizes:
+        for b in sizes if not args.no_stage else []:
             stage[method].append(time_stage(lm, imgs[: max(args.images, b)], b, cfg))
             save()
     if args.faithful_images:
@@ -167,10 +211,14 @@ def main() -> None:
         out["speedup_at_best_batch"] = {m: round(faithful / min(r["seconds_per_image"] for r in rows), 2)
                                         for m, rows in stage.items()}
         save()
-    if args.profile:  # the loop's steady state: a small view bank, so encoding it is a negligible part
-        cfg = AscentConfig(method=args.methods[0], iterations=20, bank_size=16, views=16)
-        out["profile"] = {"batch": sizes[0], "iterations": cfg.iterations, "bank_size": cfg.bank_size,
-                          "top_ops": profile_steps(lm, imgs[: sizes[0]], cfg)}
+    if args.profile:  # the bank and the loop apart, then the loop's steady state under the profiler
+        cfg = AscentConfig(method=args.methods[0], iterations=args.iterations)
+        out["breakdown"] = [breakdown(lm, imgs[:b], cfg) for b in sizes]
+        save()
+        small = replace(cfg, iterations=20, bank_size=16, views=16)
+        out["profile"] = {"batch": sizes[0], "iterations": small.iterations, "bank_size": small.bank_size,
+                          **profile_steps(lm, imgs[: sizes[0]], small)}
+        save()
     if args.recall:
         recall_scenes = held_out_single_objects(args.recall)
         out["recall"] = {m: ascent_recall(lm, recall_scenes, AscentConfig(method=m, iterations=args.iterations))
