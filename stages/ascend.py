@@ -24,6 +24,7 @@ import functools
 import hashlib
 import io
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -89,36 +90,89 @@ class Opinion:
     checkins: list[dict] = field(default_factory=list)  # {"iteration", "counts": {word: n}}
 
 
+def gumbel_sample(logits: torch.Tensor, uniform: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard Gumbel-softmax over the last dimension from uniform noise: ``z = logits - log(-log(u))``;
+    returns the chosen positions ``argmax z`` and the soft sample ``softmax(z / tau)``."""
+    z = logits - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    return z.argmax(-1), torch.softmax(z / tau, -1)
+
+
+def gumbel_grad(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The straight-through gradient to the logits, ``scale * y * (g - <g, y>)``, from
+    ``g = table @ grad`` (``scale`` holds ``1 / tau`` and any factor ``g`` was computed under)."""
+    gy = g.to(y.dtype) * y
+    return (gy - y * gy.sum(-1, keepdim=True)) * scale
+
+
+def _gumbel_sample_in_place(logits: torch.Tensor, uniform: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gumbel_sample`` in the ``uniform`` buffer, with no temporary of its size (for eager runs,
+    where each of the functional form's passes would allocate one)."""
+    z = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_().add_(logits)
+    return z.argmax(-1), z.div_(tau).softmax(-1)
+
+
+def _gumbel_grad_in_place(g: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``gumbel_grad`` in ``g``'s buffer (which it may take over when it has ``y``'s dtype)."""
+    g = g.to(y.dtype).mul_(y)
+    dot = g.sum(-1, keepdim=True)
+    return g.addcmul_(y, dot, value=-1).mul_(scale)
+
+
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, which fuses its passes over the vocabulary-sized tensors into one or
+    two; if compiling fails (no toolchain for this device), a warning and ``fn`` as it is."""
+    state = {"fn": torch.compile(fn)}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001  (any failure of the compiler stack)
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"ascend: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running {fn.__name__} uncompiled")
+            state["fn"] = fn
+            return fn(*args)
+    return run
+
+
+COMPILE_ON_CUDA = True  # fuse the Gumbel passes with torch.compile on CUDA; elsewhere they run in place
+
+
+@functools.cache
+def _gumbel_kernels(device_type: str, compile_: bool) -> tuple[Callable, Callable]:
+    """The Gumbel forward and backward passes: compiled from the functional forms, or in place."""
+    if compile_:
+        return _compiled(gumbel_sample), _compiled(gumbel_grad)
+    return _gumbel_sample_in_place, _gumbel_grad_in_place
+
+
 class _GumbelStraightThrough(torch.autograd.Function):
     """Hard Gumbel-softmax sample, embedded, with the straight-through gradient, in few passes.
 
-    Forward: ``z = logits + gumbel``; the chosen ids are ``argmax z`` and the output is
-    their embedding rows, which equals ``one_hot(argmax z) @ table`` exactly.
-    Backward: the gradient of ``softmax(z / tau) @ table`` with respect to ``logits``,
-    as ``torch.nn.functional.gumbel_softmax(hard=True)`` gives it.
+    Forward: the embedding rows of ``argmax z``, which equal ``one_hot(argmax z) @ table`` exactly.
+    Backward: the gradient of ``softmax(z / tau) @ table`` with respect to ``logits``, as
+    ``torch.nn.functional.gumbel_softmax(hard=True)`` gives it. Its one product with the table
+    runs in ``fast_table``'s dtype, on the incoming gradient scaled to a largest entry of 1 so that
+    half precision neither overflows nor loses the small entries.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, gumbel: torch.Tensor, table: torch.Tensor, tau: float):
-        z = gumbel.add_(logits)  # reuses the noise buffer: [..., K, V']
-        idx = z.argmax(-1)  # [..., K]
-        y = z.div_(tau).softmax(-1)
-        ctx.save_for_backward(y, table)
-        ctx.tau = tau
+    def forward(ctx, logits: torch.Tensor, uniform: torch.Tensor, table: torch.Tensor, fast_table: torch.Tensor, tau: float):
+        sample, grad_of = _gumbel_kernels(logits.device.type, logits.device.type == "cuda" and COMPILE_ON_CUDA)
+        idx, y = sample(logits, uniform, tau)  # [..., K], [..., K, V']
+        ctx.save_for_backward(y, fast_table)
+        ctx.tau, ctx.grad_of = tau, grad_of
         ctx.mark_non_differentiable(idx)
         return table[idx], idx
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_idx):
-        # d/dz of softmax(z / tau) @ table is y * (g - <g, y>) / tau with g = table @ grad. The 1/tau is
-        # applied to the small incoming gradient, and the rest runs in place over the [..., K, V'] buffer
-        # (the one mm, an in-place product, a row sum and one fused subtract) with no temporary of that size.
-        y, table = ctx.saved_tensors
-        w = table.shape[1]
-        g = ((grad / ctx.tau).to(table.dtype).reshape(-1, w) @ table.T).to(y.dtype).view(y.shape)  # [..., K, V']
-        g.mul_(y)  # y * g
-        dot = g.sum(-1, keepdim=True)  # <g, y>, [..., K, 1]
-        return g.addcmul_(y, dot, value=-1), None, None, None
+        y, fast_table = ctx.saved_tensors
+        peak = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)  # stays on the device: no sync
+        g = ((grad / peak).to(fast_table.dtype).reshape(-1, fast_table.shape[1]) @ fast_table.T).view(y.shape)
+        return ctx.grad_of(g, y, peak / ctx.tau), None, None, None, None
 
 
 @functools.cache
@@ -130,8 +184,9 @@ def _noise_pool() -> ThreadPoolExecutor:
 class _GumbelChooser:
     """The original's optimiser: logits over the vocabulary, hard Gumbel-softmax samples, Adam."""
 
-    def __init__(self, table: torch.Tensor, gens: list[torch.Generator], candidates: int, tokens: int, cfg: AscentConfig):
-        self.table, self.gens, self.tau = table, gens, cfg.gumbel_tau
+    def __init__(self, table: torch.Tensor, fast_table: torch.Tensor, gens: list[torch.Generator], candidates: int,
+                 tokens: int, cfg: AscentConfig):
+        self.table, self.fast_table, self.gens, self.tau = table, fast_table, gens, cfg.gumbel_tau
         dev = table.device
         self.logits = torch.stack([torch.randn(candidates, tokens, table.shape[0], generator=g, device=dev)
                                    for g in gens]).requires_grad_(True)  # [B, C, K, V']
@@ -140,10 +195,8 @@ class _GumbelChooser:
 
     def embed(self) -> torch.Tensor:
         """This step's token embeddings ``[B, C, K, W]``, differentiable to the logits."""
-        tiny = torch.finfo(self.noise.dtype).tiny
-
         def draw(b: int) -> None:  # image b's uniform noise, from its own generator
-            self.noise[b].uniform_(generator=self.gens[b]).clamp_(min=tiny)
+            self.noise[b].uniform_(generator=self.gens[b])
 
         with torch.no_grad():
             if self.noise.device.type == "cpu" and len(self.gens) > 1:
@@ -151,8 +204,7 @@ class _GumbelChooser:
             else:
                 for b in range(len(self.gens)):
                     draw(b)
-            self.noise.log_().neg_().log_().neg_()  # Gumbel noise: -log(-log(u))
-        emb, _ = _GumbelStraightThrough.apply(self.logits, self.noise, self.table, self.tau)
+        emb, _ = _GumbelStraightThrough.apply(self.logits, self.noise, self.table, self.fast_table, self.tau)
         return emb
 
     @torch.no_grad()
@@ -166,7 +218,8 @@ class _PezChooser:
     projected each step to the nearest token embedding (cosine), with the gradient of the
     projected prompt applied straight through to the continuous one, and AdamW."""
 
-    def __init__(self, table: torch.Tensor, gens: list[torch.Generator], candidates: int, tokens: int, cfg: AscentConfig):
+    def __init__(self, table: torch.Tensor, fast_table: torch.Tensor, gens: list[torch.Generator], candidates: int,
+                 tokens: int, cfg: AscentConfig):
         self.table = table
         self.unit = F.normalize(table.float(), dim=-1)  # [V', W]
         dev = table.device
@@ -189,13 +242,14 @@ AUTO_BATCH_CUDA = 128  # the automatic batch size's cap on CUDA (memory permitti
 def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
     """Estimated memory that one more image adds to a batch: the vocabulary-sized fp32 tensors.
 
-    Gumbel holds six of shape ``[candidates, tokens, V]``: the logits, their gradient, Adam's two
-    moments, the noise buffer (reused for the soft sample the backward keeps) and the backward's
-    product. PEZ holds one, the similarity to every token, counted twice for headroom. The rest
-    (the view bank, the short text prefix's activations) is small beside these.
+    Gumbel holds seven of shape ``[candidates, tokens, V]``: the logits, their gradient, Adam's two
+    moments, the noise buffer, the soft sample the backward keeps (on the CPU it reuses the noise
+    buffer; compiled on CUDA it is its own tensor) and the backward's product with the table, with
+    one to spare for the allocator. PEZ holds one, the similarity to every token, counted twice for
+    headroom. The rest (the view bank, the short text prefix's activations) is small beside these.
     """
     per_slot = cfg.candidates * cfg.tokens * vocab_size * 4
-    return (6 if cfg.method == "gumbel" else 2) * per_slot
+    return (7 if cfg.method == "gumbel" else 2) * per_slot
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -229,31 +283,44 @@ def _words_of(texts: list[str]) -> tuple[Counter, Counter]:
     return occ, cand
 
 
-def learned_text_features(lm: LoadedModel, learned: torch.Tensor, prefix_ids: list[int], readout: str) -> torch.Tensor:
-    """Unit text features of ``[SOT] + prefix + learned + [EOT]``, read at the first EOT (or the second for "seed").
+def fast_dtype(lm: LoadedModel) -> torch.dtype:
+    """The dtype of ascent's large products: on CUDA the model's, with bf16 standing in for fp32
+    (as the text passes' autocast gives it); on the CPU, fp32."""
+    if lm.device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if lm.dtype == torch.float32 else lm.dtype
+
+
+def prompt_frame(lm: LoadedModel, prefix_ids: list[int], readout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed embeddings around the learned slots: ``[SOT] + prefix`` before them, ``[EOT]`` after
+    (two for ``readout: seed``, the original's second EOT). Built once per batch: building them in the
+    loop would copy ids to the device, and wait for it, at every step."""
+    v, emb = vocab(), lm.model.token_embedding.weight
+    eots = 2 if readout == "seed" else 1
+    ids = torch.tensor([v.sot, *prefix_ids] + [v.eot] * eots, device=emb.device)
+    return emb[ids[:-eots]], emb[ids[-eots:]]  # [1+P, W], [eots, W]
+
+
+def learned_text_features(lm: LoadedModel, learned: torch.Tensor, frame: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Unit text features of ``[SOT] + prefix + learned + [EOT]``, read at the last EOT of the frame.
 
     Only the causal prefix up to the read-out runs through the text transformer.
 
     Args:
         lm: the frozen model.
         learned: embeddings of the learned slots ``[N, K, W]``.
-        prefix_ids: token ids of the prefix prompt.
-        readout: ``"eot"`` (stock CLIP) or ``"seed"`` (the original's second EOT).
+        frame: ``prompt_frame(lm, prefix_ids, readout)``.
 
     Shape:
         - learned: :math:`(N, K, W)`; Output: :math:`(N, D)`.
     """
-    v, model = vocab(), lm.model
-    emb = model.token_embedding.weight
-    eots = 2 if readout == "seed" else 1
-    head = emb[torch.tensor([v.sot, *prefix_ids], device=emb.device)]  # [1+P, W]
-    tail = emb[torch.full((eots,), v.eot, device=emb.device)]  # [eots, W]
+    head, tail = frame
     n = learned.shape[0]
     seq = torch.cat([head.expand(n, -1, -1), learned.to(head.dtype), tail.expand(n, -1, -1)], dim=1)  # [N, 1+P+K+eots, W]
-    at = seq.shape[1] - 1  # the last EOT of the prefix is the read-out
-    cuda = lm.device.type == "cuda"
-    with torch.autocast(lm.device.type, enabled=cuda and lm.dtype == torch.float32, dtype=torch.bfloat16):
-        f = encode_text_embeddings(model, seq, at)
+    at = seq.shape[1] - 1  # the last EOT of the frame is the read-out
+    fast = fast_dtype(lm)
+    with torch.autocast(lm.device.type, enabled=fast != lm.dtype, dtype=fast):
+        f = encode_text_embeddings(lm.model, seq, at)
     return F.normalize(f.float(), dim=-1)
 
 
@@ -289,12 +356,12 @@ def extract_opinions(
         torch.stack([torch.randperm(cfg.bank_size, generator=g, device=dev)[: cfg.views] for _ in range(cfg.iterations)])
         for g in gens
     ])  # [B, iters, views]
-    chooser = (_PezChooser if cfg.method == "pez" else _GumbelChooser)(table, gens, C, Kt, cfg)
-
-    prefix_ids = v.encode(cfg.prefix) if cfg.prefix else []
+    fast_table = table.to(fast_dtype(lm))  # for the backward's product with the table
+    chooser = (_PezChooser if cfg.method == "pez" else _GumbelChooser)(table, fast_table, gens, C, Kt, cfg)
+    frame = prompt_frame(lm, v.encode(cfg.prefix) if cfg.prefix else [], cfg.readout)
 
     def features(tok_emb: torch.Tensor) -> torch.Tensor:  # [B, C, K, W] -> unit [B, C, D]
-        return learned_text_features(lm, tok_emb.reshape(B * C, Kt, -1), prefix_ids, cfg.readout).view(B, C, -1)
+        return learned_text_features(lm, tok_emb.reshape(B * C, Kt, -1), frame).view(B, C, -1)
 
     to_ids = lambda idx: allowed[idx]  # noqa: E731  [.., K] positions in the allowed set -> token ids
     snapshots: list[tuple[int, torch.Tensor]] = []  # check-ins' token ids, kept on the device until the end

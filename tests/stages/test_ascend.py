@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.images import to_tensor
 from pipeline.tokens import vocab
 from pipeline.toytrain import held_out_single_objects
-from stages.ascend import AscentConfig, extract_opinions, learned_text_features, opinion_csv
+from stages.ascend import AscentConfig, extract_opinions, learned_text_features, opinion_csv, prompt_frame
 from stages.decode import DecodeConfig, decode_labels  # recall is measured on the labels a user sees
 
 FAST = AscentConfig(iterations=12, candidates=4, bank_size=16, views=8, checkin_every=5)
@@ -47,7 +47,7 @@ def test_readout_feature_equals_stock_encode_text(toy, prefix):
     ids = torch.randint(0, v.size, (6, 5), generator=g)
     ids[ids >= v.sot] = 320  # never SOT/EOT, as ascent guarantees
     prefix_ids = v.encode(prefix) if prefix else []
-    ours = learned_text_features(toy, toy.model.token_embedding.weight[ids], prefix_ids, "eot")
+    ours = learned_text_features(toy, toy.model.token_embedding.weight[ids], prompt_frame(toy, prefix_ids, "eot"))
     full = torch.zeros(6, toy.model.positional_embedding.shape[0], dtype=torch.long)
     for i, row in enumerate(ids.tolist()):
         seq = [v.sot, *prefix_ids, *row, v.eot]
@@ -55,7 +55,7 @@ def test_readout_feature_equals_stock_encode_text(toy, prefix):
     with torch.no_grad():
         stock = F.normalize(toy.model.encode_text(full), dim=-1)
     assert torch.allclose(ours, stock, atol=1e-5)
-    seed_mode = learned_text_features(toy, toy.model.token_embedding.weight[ids], prefix_ids, "seed")
+    seed_mode = learned_text_features(toy, toy.model.token_embedding.weight[ids], prompt_frame(toy, prefix_ids, "seed"))
     assert not torch.allclose(seed_mode, stock, atol=1e-3)  # the original's second-EOT read-out differs
 
 
@@ -101,26 +101,75 @@ def test_true_words_recovered_on_toy_scenes(toy, method):
 def test_straight_through_matches_the_textbook_gumbel_softmax():
     """Forward: the embedding of argmax(logits + noise); backward: the gradient of
     ``(one_hot - y.detach() + y) @ table`` with ``y = softmax((logits + noise) / tau)``, as
-    ``F.gumbel_softmax(hard=True)`` builds it."""
+    ``F.gumbel_softmax(hard=True)`` builds it, whatever the scale of the incoming gradient."""
     from stages.ascend import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(300, 8, generator=g, dtype=torch.float64)
     logits = torch.randn(2, 3, 4, 300, generator=g, dtype=torch.float64)
-    noise = -(-torch.rand(2, 3, 4, 300, generator=g, dtype=torch.float64).log()).log()
+    uniform = torch.rand(2, 3, 4, 300, generator=g, dtype=torch.float64)
+    noise = -(-uniform.log()).log()
     weights = torch.randn(2, 3, 4, 8, generator=g, dtype=torch.float64)
-    for tau in (1.0, 1000.0):
+    for tau, size in ((1.0, 1.0), (1000.0, 1.0), (1000.0, 1e-9)):
         a = logits.clone().requires_grad_(True)
-        emb, idx = _GumbelStraightThrough.apply(a, noise.clone(), table, tau)
-        (emb * weights).sum().backward()
+        emb, idx = _GumbelStraightThrough.apply(a, uniform.clone(), table, table, tau)  # it overwrites the noise
+        (emb * weights * size).sum().backward()
         b = logits.clone().requires_grad_(True)
         y = ((b + noise) / tau).softmax(-1)
         hard = F.one_hot(y.argmax(-1), 300).to(y.dtype)
         ref = (hard - y.detach() + y) @ table
-        (ref * weights).sum().backward()
+        (ref * weights * size).sum().backward()
         assert torch.equal(idx, y.argmax(-1))
         torch.testing.assert_close(emb, ref)
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12 * size)
+
+
+def test_straight_through_in_half_precision_keeps_small_gradients():
+    """The backward's product with the table in fp16 (as on CUDA): an incoming gradient far below
+    fp16's smallest normal number still gives the fp64 gradient to within half precision."""
+    from stages.ascend import _GumbelStraightThrough
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(300, 8, generator=g) * 0.02
+    logits = torch.randn(2, 3, 300, generator=g)
+    uniform = torch.rand(2, 3, 300, generator=g)
+    weights = torch.randn(2, 3, 8, generator=g) * 1e-7
+    grads = []
+    for dtype, fast in ((torch.float64, torch.float64), (torch.float32, torch.float16)):
+        a = logits.to(dtype).requires_grad_(True)
+        emb, _ = _GumbelStraightThrough.apply(a, uniform.to(dtype, copy=True), table.to(dtype), table.to(fast), 1000.0)
+        (emb * weights.to(dtype)).sum().backward()
+        grads.append(a.grad.double())
+    assert grads[0].abs().max() > 0
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 3e-3
+
+
+def test_compiled_and_in_place_gumbel_passes_compute_the_same():
+    """CUDA runs the functional forms through torch.compile; eager runs use the in-place ones."""
+    from stages.ascend import _gumbel_grad_in_place, _gumbel_sample_in_place, gumbel_grad, gumbel_sample
+
+    g = torch.Generator().manual_seed(2)
+    logits, uniform = torch.randn(3, 4, 500, generator=g) * 50, torch.rand(3, 4, 500, generator=g)
+    uniform[0, 0, :3] = 0.0  # clamped, not -inf
+    idx, y = gumbel_sample(logits, uniform, 1000.0)
+    idx2, y2 = _gumbel_sample_in_place(logits, uniform.clone(), 1000.0)
+    assert torch.equal(idx, idx2) and torch.isfinite(y).all()
+    torch.testing.assert_close(y, y2)
+    grad, scale = torch.randn(3, 4, 500, generator=g), torch.tensor(0.37)
+    torch.testing.assert_close(gumbel_grad(grad, y, scale), _gumbel_grad_in_place(grad.clone(), y, scale))
+
+
+def test_a_failed_compile_falls_back_to_the_plain_function_with_a_warning(monkeypatch):
+    from stages import ascend
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(ascend.torch, "compile", lambda fn: broken)
+    run = ascend._compiled(lambda x: x + 1)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        assert run(1) == 2
+    assert run(2) == 3  # and stays on the plain function
 
 
 def test_progress_is_reported_at_every_check_in(tiny):
