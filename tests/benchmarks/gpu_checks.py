@@ -4,10 +4,12 @@
                                           [--oom-iterations 50] [--out FILE]
 
 * ``precision``: the toy model's ascent (the original's settings) on held-out single-object
-  scenes with the model in fp32 (with no autocast, and as the stage runs it, with bf16 autocast
-  in the text passes), fp16 and bf16: each one's recall of the true words, and how far its
-  decode labels agree with the pure fp32 run's (the share of images with the same label set,
-  and the mean Jaccard overlap).
+  scenes with the model in fp32 (all of it in fp32, and as the stage runs it, with bf16 for the
+  text passes and the product with the vocabulary), fp16 and bf16: each one's recall of the
+  true words, and how far its decode labels agree with the pure fp32 run's (the share of images
+  with the same label set, and the mean Jaccard overlap).
+* ``compile``: the same fp16 run with the Gumbel passes compiled (as the stage runs on CUDA)
+  and uncompiled: the share of candidates with the same tokens, and of images with the same labels.
 * ``oom``: one batch of ``--oom-images`` through ``split_on_oom``, as the stage runs it, first
   at the full card (the automatic size must fit with no split), then with this process's GPU
   memory capped (``torch.cuda.set_per_process_memory_fraction``) so that the batch cannot
@@ -33,6 +35,7 @@ from pipeline.images import to_tensor  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.runner import split_on_oom  # noqa: E402
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
+from stages import ascend  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 from stages.decode import DecodeConfig, decode_labels  # noqa: E402
 
@@ -41,29 +44,44 @@ def images_for(lm, count: int) -> torch.Tensor:
     return torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in held_out_single_objects(count)])
 
 
-def _no_autocast(*args, **kwargs):
-    return contextlib.nullcontext()
+def _labels(ops) -> list[set[str]]:
+    return [{d["word"] for d in decode_labels(op.words, DecodeConfig())} for op in ops]
+
+
+def _agreement(ref: list[set[str]], other: list[set[str]]) -> dict:
+    pairs = list(zip(ref, other))
+    return {"same_labels": round(sum(a == b for a, b in pairs) / len(pairs), 4),
+            "mean_jaccard": round(sum(len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs), 4)}
 
 
 def precision_agreement(scenes: int, dev: torch.device, iterations: int = 400) -> dict:
-    """Labels of each precision against a pure fp32 run. An fp32 model's text passes run under bf16
-    autocast in the stage on CUDA; the reference turns that off."""
+    """Labels of each precision against a pure fp32 run. With an fp32 model the stage still runs the
+    text passes and the product with the vocabulary in bf16 on CUDA (``fast_dtype``); the reference
+    keeps them in fp32."""
     cfg, labels, out = AscentConfig(iterations=iterations), {}, {}
     truth = [s.objects[0].words for s in held_out_single_objects(scenes)]
-    runs = {"fp32_no_autocast": ("fp32", True), "fp32": ("fp32", False), "fp16": ("fp16", False), "bf16": ("bf16", False)}
+    runs = {"fp32_pure": ("fp32", True), "fp32": ("fp32", False), "fp16": ("fp16", False), "bf16": ("bf16", False)}
     for name, (precision, pure) in runs.items():
         lm = load_model("toy", dev, precision=precision)
-        with mock.patch.object(torch, "autocast", _no_autocast) if pure else contextlib.nullcontext():
-            ops = extract_opinions(lm, images_for(lm, scenes), list(range(scenes)), cfg)
-        labels[name] = [{d["word"] for d in decode_labels(op.words, DecodeConfig())} for op in ops]
+        with mock.patch.object(ascend, "fast_dtype", lambda lm: lm.dtype) if pure else contextlib.nullcontext():
+            labels[name] = _labels(extract_opinions(lm, images_for(lm, scenes), list(range(scenes)), cfg))
         out[name] = {"recall": {"colour": round(sum(c in ls for ls, (c, _) in zip(labels[name], truth)) / scenes, 4),
                                 "shape": round(sum(s in ls for ls, (_, s) in zip(labels[name], truth)) / scenes, 4)}}
     for name in list(runs)[1:]:
-        pairs = list(zip(labels["fp32_no_autocast"], labels[name]))
-        out[name]["same_labels_as_pure_fp32"] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
-        out[name]["mean_jaccard_with_pure_fp32"] = round(
-            sum(len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs), 4)
+        out[name]["against_pure_fp32"] = _agreement(labels["fp32_pure"], labels[name])
     return {"scenes": scenes, "iterations": cfg.iterations, **out}
+
+
+def compile_agreement(scenes: int, dev: torch.device, iterations: int = 400) -> dict:
+    """The stage's compiled Gumbel passes against the same passes run as written, on the toy in fp16."""
+    cfg, lm = AscentConfig(iterations=iterations), load_model("toy", dev, precision="fp16")
+    imgs, seeds = images_for(lm, scenes), list(range(scenes))
+    compiled = extract_opinions(lm, imgs, seeds, cfg)
+    with mock.patch.object(ascend, "COMPILE_ON_CUDA", False):
+        plain = extract_opinions(lm, imgs, seeds, cfg)
+    pairs = [(x["ids"], y["ids"]) for a, b in zip(compiled, plain) for x, y in zip(a.candidates, b.candidates)]
+    return {"scenes": scenes, "same_candidate_tokens": round(sum(x == y for x, y in pairs) / len(pairs), 4),
+            **_agreement(_labels(plain), _labels(compiled))}
 
 
 def oom_backoff(model: str, images: int, iterations: int, dev: torch.device) -> dict:
@@ -110,9 +128,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_checks.py needs a CUDA GPU")
     dev = torch.device("cuda", torch.cuda.current_device())
-    out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-           "precision": precision_agreement(args.scenes, dev),
-           "oom": oom_backoff(args.oom_model, args.oom_images, args.oom_iterations, dev)}
+    out = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__}
+    checks = {"precision": lambda: precision_agreement(args.scenes, dev),
+              "compile": lambda: compile_agreement(args.scenes, dev),
+              "oom": lambda: oom_backoff(args.oom_model, args.oom_images, args.oom_iterations, dev)}
+    for name, check in checks.items():
+        out[name] = check()
+        emit(out, args.out, show=False)  # the checks so far, so a run stopped at a time limit keeps them
     emit(out, args.out)
 
 
