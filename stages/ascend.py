@@ -154,8 +154,8 @@ class _GumbelStraightThrough(torch.autograd.Function):
     Forward: the embedding rows of ``argmax z``, which equal ``one_hot(argmax z) @ table`` exactly.
     Backward: the gradient of ``softmax(z / tau) @ table`` with respect to ``logits``, as
     ``torch.nn.functional.gumbel_softmax(hard=True)`` gives it. Its one product with the table
-    runs in ``fast_table``'s dtype, on the incoming gradient scaled to a largest entry of 1 so that
-    half precision neither overflows nor loses the small entries.
+    runs in ``fast_table``'s dtype, on the incoming gradient scaled to a largest entry of 1 in each
+    row so that half precision neither overflows nor loses the small entries.
     """
 
     @staticmethod
@@ -170,7 +170,8 @@ class _GumbelStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_idx):
         y, fast_table = ctx.saved_tensors
-        peak = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)  # stays on the device: no sync
+        # Scaled per row, so that no image's arithmetic depends on what it was batched with.
+        peak = grad.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)  # [..., K, 1]
         g = ((grad / peak).to(fast_table.dtype).reshape(-1, fast_table.shape[1]) @ fast_table.T).view(y.shape)
         return ctx.grad_of(g, y, peak / ctx.tau), None, None, None, None
 

@@ -144,6 +144,26 @@ def test_straight_through_in_half_precision_keeps_small_gradients():
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 3e-3
 
 
+def test_straight_through_gradient_of_an_image_does_not_depend_on_its_batch():
+    """Half precision's scaling is per row: an image batched beside one with gradients a million
+    times larger gets bit for bit the gradient it gets alone."""
+    from stages.ascend import _GumbelStraightThrough
+
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(300, 8, generator=g) * 0.02
+    logits = torch.randn(2, 3, 300, generator=g)
+    uniform = torch.rand(2, 3, 300, generator=g)
+    weights = torch.randn(2, 3, 8, generator=g) * torch.tensor([1e-4, 1e2]).view(2, 1, 1)
+
+    def grad_of(rows: slice) -> torch.Tensor:
+        a = logits[rows].clone().requires_grad_(True)
+        emb, _ = _GumbelStraightThrough.apply(a, uniform[rows].clone(), table, table.half(), 1000.0)
+        (emb * weights[rows]).sum().backward()
+        return a.grad
+
+    assert torch.equal(grad_of(slice(0, 1))[0], grad_of(slice(0, 2))[0])
+
+
 def test_compiled_and_in_place_gumbel_passes_compute_the_same():
     """CUDA runs the functional forms through torch.compile; eager runs use the in-place ones."""
     from stages.ascend import _gumbel_grad_in_place, _gumbel_sample_in_place, gumbel_grad, gumbel_sample
