@@ -7,7 +7,8 @@
   scenes with the model in fp32 (all of it in fp32, and as the stage runs it, with bf16 for the
   text passes and the product with the vocabulary), fp16 and bf16: each one's recall of the
   true words, and how far its decode labels agree with the pure fp32 run's (the share of images
-  with the same label set, and the mean Jaccard overlap).
+  with the same label set, and the mean Jaccard overlap), beside the pure fp32 run with other
+  seeds, which shows how far the labels move with the random streams alone.
 * ``compile``: the same fp16 run with the Gumbel passes compiled (as the stage runs on CUDA)
   and uncompiled: the share of candidates with the same tokens, and of images with the same labels.
 * ``oom``: one batch of ``--oom-images`` through ``split_on_oom``, as the stage runs it, first
@@ -54,21 +55,30 @@ def _agreement(ref: list[set[str]], other: list[set[str]]) -> dict:
             "mean_jaccard": round(sum(len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs), 4)}
 
 
-def precision_agreement(scenes: int, dev: torch.device, iterations: int = 400) -> dict:
+PRECISION_RUNS = {  # name: (model precision, everything in fp32, seed offset)
+    "fp32_pure": ("fp32", True, 0),
+    "fp32_pure_other_seeds": ("fp32", True, 1000),  # the control: how far labels move with the random streams alone
+    "fp32": ("fp32", False, 0), "fp16": ("fp16", False, 0), "bf16": ("bf16", False, 0),
+}
+
+
+def precision_agreement(scenes: int, dev: torch.device, iterations: int = 400, runs: tuple[str, ...] = tuple(PRECISION_RUNS)) -> dict:
     """Labels of each precision against a pure fp32 run. With an fp32 model the stage still runs the
     text passes and the product with the vocabulary in bf16 on CUDA (``fast_dtype``); the reference
-    keeps them in fp32."""
+    keeps them in fp32. The same pure run with other seeds shows how much of the disagreement the
+    random streams alone make: the ascent is chaotic, so any change of rounding changes them too."""
     cfg, labels, out = AscentConfig(iterations=iterations), {}, {}
     truth = [s.objects[0].words for s in held_out_single_objects(scenes)]
-    runs = {"fp32_pure": ("fp32", True), "fp32": ("fp32", False), "fp16": ("fp16", False), "bf16": ("bf16", False)}
-    for name, (precision, pure) in runs.items():
+    for name in runs:
+        precision, pure, offset = PRECISION_RUNS[name]
         lm = load_model("toy", dev, precision=precision)
         with mock.patch.object(ascend, "fast_dtype", lambda lm: lm.dtype) if pure else contextlib.nullcontext():
-            labels[name] = _labels(extract_opinions(lm, images_for(lm, scenes), list(range(scenes)), cfg))
+            ops = extract_opinions(lm, images_for(lm, scenes), [offset + i for i in range(scenes)], cfg)
+        labels[name] = _labels(ops)
         out[name] = {"recall": {"colour": round(sum(c in ls for ls, (c, _) in zip(labels[name], truth)) / scenes, 4),
                                 "shape": round(sum(s in ls for ls, (_, s) in zip(labels[name], truth)) / scenes, 4)}}
-    for name in list(runs)[1:]:
-        out[name]["against_pure_fp32"] = _agreement(labels["fp32_pure"], labels[name])
+    for name in runs[1:]:
+        out[name]["against_pure_fp32"] = _agreement(labels[runs[0]], labels[name])
     return {"scenes": scenes, "iterations": cfg.iterations, **out}
 
 
