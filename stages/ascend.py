@@ -185,9 +185,10 @@ def _noise_pool() -> ThreadPoolExecutor:
 class _GumbelChooser:
     """The original's optimiser: logits over the vocabulary, hard Gumbel-softmax samples, Adam."""
 
-    def __init__(self, table: torch.Tensor, fast_table: torch.Tensor, gens: list[torch.Generator], candidates: int,
-                 tokens: int, cfg: AscentConfig):
-        self.table, self.fast_table, self.gens, self.tau = table, fast_table, gens, cfg.gumbel_tau
+    def __init__(self, table: torch.Tensor, gens: list[torch.Generator], candidates: int, tokens: int, cfg: AscentConfig,
+                 fast: torch.dtype):
+        self.table, self.gens, self.tau = table, gens, cfg.gumbel_tau
+        self.fast_table = table.to(fast)  # for the backward's product with the table
         dev = table.device
         self.logits = torch.stack([torch.randn(candidates, tokens, table.shape[0], generator=g, device=dev)
                                    for g in gens]).requires_grad_(True)  # [B, C, K, V']
@@ -219,8 +220,7 @@ class _PezChooser:
     projected each step to the nearest token embedding (cosine), with the gradient of the
     projected prompt applied straight through to the continuous one, and AdamW."""
 
-    def __init__(self, table: torch.Tensor, fast_table: torch.Tensor, gens: list[torch.Generator], candidates: int,
-                 tokens: int, cfg: AscentConfig):
+    def __init__(self, table: torch.Tensor, gens: list[torch.Generator], candidates: int, tokens: int, cfg: AscentConfig):
         self.table = table
         self.unit = F.normalize(table.float(), dim=-1)  # [V', W]
         dev = table.device
@@ -357,8 +357,10 @@ def extract_opinions(
         torch.stack([torch.randperm(cfg.bank_size, generator=g, device=dev)[: cfg.views] for _ in range(cfg.iterations)])
         for g in gens
     ])  # [B, iters, views]
-    fast_table = table.to(fast_dtype(lm))  # for the backward's product with the table
-    chooser = (_PezChooser if cfg.method == "pez" else _GumbelChooser)(table, fast_table, gens, C, Kt, cfg)
+    if cfg.method == "pez":
+        chooser = _PezChooser(table, gens, C, Kt, cfg)
+    else:
+        chooser = _GumbelChooser(table, gens, C, Kt, cfg, fast_dtype(lm))
     frame = prompt_frame(lm, v.encode(cfg.prefix) if cfg.prefix else [], cfg.readout)
 
     def features(tok_emb: torch.Tensor) -> torch.Tensor:  # [B, C, K, W] -> unit [B, C, D]
