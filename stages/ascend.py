@@ -141,9 +141,9 @@ COMPILE_ON_CUDA = True  # fuse the Gumbel passes with torch.compile on CUDA; els
 
 
 @functools.cache
-def _gumbel_kernels(device_type: str, compile_: bool) -> tuple[Callable, Callable]:
+def _gumbel_kernels(compiled: bool) -> tuple[Callable, Callable]:
     """The Gumbel forward and backward passes: compiled from the functional forms, or in place."""
-    if compile_:
+    if compiled:
         return _compiled(gumbel_sample), _compiled(gumbel_grad)
     return _gumbel_sample_in_place, _gumbel_grad_in_place
 
@@ -160,7 +160,7 @@ class _GumbelStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, uniform: torch.Tensor, table: torch.Tensor, fast_table: torch.Tensor, tau: float):
-        sample, grad_of = _gumbel_kernels(logits.device.type, logits.device.type == "cuda" and COMPILE_ON_CUDA)
+        sample, grad_of = _gumbel_kernels(logits.device.type == "cuda" and COMPILE_ON_CUDA)
         idx, y = sample(logits, uniform, tau)  # [..., K], [..., K, V']
         ctx.save_for_backward(y, fast_table)
         ctx.tau, ctx.grad_of = tau, grad_of
