@@ -238,6 +238,7 @@ class _PezChooser:
 
 
 AUTO_BATCH_CUDA = 128  # the automatic batch size's cap on CUDA (memory permitting)
+AUTO_BATCH_CPU = 4  # the automatic batch size on the CPU
 
 
 def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
@@ -446,7 +447,7 @@ class AscendStage(PerImageStage[AscentConfig]):
 
     def batch_size(self, ctx: StageContext[AscentConfig]) -> int:
         vocab_size = ctx.models.clip.model.token_embedding.weight.shape[0]
-        return ctx.batches.size(self.name, ctx.config.batch_size, cuda=AUTO_BATCH_CUDA, cpu=4,
+        return ctx.batches.size(self.name, ctx.config.batch_size, cuda=AUTO_BATCH_CUDA, cpu=AUTO_BATCH_CPU,
                                 bytes_per_image=ascent_bytes_per_image(ctx.config, vocab_size))
 
     def process(self, ctx: StageContext[AscentConfig], refs: list[ImageRef]) -> list[ItemResult]:

@@ -40,7 +40,7 @@ from pipeline.tokens import vocab  # noqa: E402
 from jsonout import emit  # noqa: E402  (beside this script)
 from toyeval import ascent_recall  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
-from stages.ascend import (AUTO_BATCH_CUDA, AscentConfig, _encode_views, ascent_bytes_per_image,  # noqa: E402
+from stages.ascend import (AUTO_BATCH_CPU, AUTO_BATCH_CUDA, AscentConfig, _encode_views, ascent_bytes_per_image,  # noqa: E402
                            extract_opinions)
 
 
@@ -73,7 +73,7 @@ def faithful_loop(name: str, dev: torch.device, image: torch.Tensor, iterations:
 def auto_batch(lm, cfg: AscentConfig) -> int:
     """The stage's automatic batch size on this device (``BatchSizer.size`` with ``batch_size: 0``)."""
     if lm.device.type != "cuda":
-        return 4
+        return AUTO_BATCH_CPU
     free, _ = torch.cuda.mem_get_info(lm.device)
     return fit_batch(free, ascent_bytes_per_image(cfg, lm.model.token_embedding.weight.shape[0]), AUTO_BATCH_CUDA)
 
