@@ -246,7 +246,7 @@ def _stage_command(name: str):
 
 
 for _name in STAGE_NAMES:
-    if _name != "rank":
+    if _name not in ("rank", "export"):
         app.command(_name)(_stage_command(_name))
 
 
@@ -295,6 +295,99 @@ def rank_command(
     out.print(f"merged {len(runs)} runs: {out_dir / 'records.csv'}\nleaderboard: {page}", highlight=False)
 
 
+def _formats_set(to: str | None) -> list[str]:
+    """``--to coco,yolo`` as a ``--set`` of ``export.formats``."""
+    if to is None:
+        return []
+    names = [f.strip() for f in to.split(",") if f.strip()]
+    return [f"export.formats=[{','.join(json.dumps(n) for n in names)}]"]
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)],
+    to: Annotated[Optional[str], typer.Option("--to", help="Comma-separated formats: coco, labelstudio, fiftyone, yolo (default: the config's export.formats).")] = None,
+    label_map: Annotated[Optional[Path], typer.Option(help="YAML file mapping words to classes and dropping words (keys: map, drop, only_mapped).")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Leave out labels whose stock-CLIP score is below this.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Labels per image, best first (0 = all).")] = None,
+    path_prefix: Annotated[Optional[str], typer.Option(help="Put before each image's relative path, for tools that serve files (Label Studio: /data/local-files/?d=).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the run's labels and regions under RUN/export/<format>/ (a changed setting redoes it)."""
+    from pipeline.rundir import read_json
+
+    rd = _open_run(run)
+    sets = _formats_set(to)
+    for key, value in (("label_map", str(label_map.resolve()) if label_map else None), ("min_score", min_score),
+                       ("top_k", top_k), ("path_prefix", path_prefix)):
+        if value is not None:
+            sets.append(f"export.{key}={json.dumps(value)}")
+    cfg = _resolve(config, rd.load_config(), {}, [*sets, *(set_ or [])], base_source=str(rd.file("run.yaml")))
+    code = _run(cfg, rd, ["export"], False, quiet, as_json)
+    stamp = read_json(rd.file("export", "export.json")) or {}
+    if not as_json and stamp:
+        out.print(f"exported {stamp['images']} images, {stamp['regions']} regions: "
+                  + ", ".join(f"{f} -> {rd.file('export', f)}" for f in stamp.get("formats", [])), highlight=False)
+        left = stamp.get("left_out", [])
+        if left:
+            console.print(f"left out {len(left)}: " + "; ".join(f"{d['what']} of {d['image']} ({d['reason']})"
+                                                                for d in left[:5]) + (" ..." if len(left) > 5 else ""),
+                          highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+def eval_command(
+    run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)],
+    truth: Annotated[Path, typer.Option("--truth", help="A COCO file with the true categories, boxes and (optionally) masks.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default: RUN/export/eval.json).")] = None,
+    label_map: Annotated[Optional[Path], typer.Option(help="YAML file mapping words to classes (default: the config's export.label_map).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure the run's labels and regions against ground truth: precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
+    from pipeline.evaluation import eval_table, format_table
+    from pipeline.exports import load_label_map
+    from pipeline.provenance import Provenance
+    from pipeline.rundir import atomic_write_json
+    from stages import RESULT_KEYS, STAGES
+    from stages.export import evaluate_run
+
+    rd = _open_run(run)
+    sets = [f"export.label_map={json.dumps(str(label_map.resolve()))}"] if label_map else []
+    cfg = _resolve(config, rd.load_config(), {}, [*sets, *(set_ or [])], base_source=str(rd.file("run.yaml")))
+    try:
+        doc = json.loads(truth.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
+            raise ValueError("not a COCO file: it needs 'images', 'annotations' and 'categories' lists")
+        lmap = load_label_map(cfg.export.label_map)
+    except (OSError, ValueError) as err:
+        _fail(f"{truth}: {err}" if not isinstance(err, ConfigError) else str(err))
+    from pipeline.config import to_dict
+
+    prov = Provenance(to_dict(cfg), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
+    methods = list(cfg.surgery.methods)
+    result = evaluate_run(rd, doc, cfg.export, lmap, lambda i, s, latest: prov.status(rd, latest, i, s), methods)
+    result["truth"] = str(truth)
+    target = out_file or rd.file("export", "eval.json")
+    atomic_write_json(target, result)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    out.print(f"{rd.root.name} against {truth.name} (tau {cfg.export.tau}, boxes from {cfg.export.region_method}):",
+              highlight=False)
+    out.print(format_table(eval_table(result, methods, cfg.export.region_method)), highlight=False)
+    o = result["overall"]
+    best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
+    out.print(f"coverage {o['coverage']} of {o['pairs']} true (image, category) pairs named by CLIP; "
+              f"best tau by method: {best}; {len(result['missing_from_run'])} truth images not in the run\n"
+              f"written: {target}", highlight=False)
+
+
 @app.command("status")
 def status_command(run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)]) -> None:
     """Show, per stage, which images are done, stale (made with other settings), failed, blocked or pending, and why."""
@@ -334,7 +427,7 @@ def doctor(
 
 @toy_app.command("scenes")
 def toy_scenes(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and truth.json.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNGs, truth.json and its COCO form truth_coco.json.")],
     count: Annotated[int, typer.Option(help="How many scenes.")] = 12,
     seed: Annotated[int, typer.Option(help="Scene stream seed.")] = 7,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
@@ -342,7 +435,7 @@ def toy_scenes(
     max_objects: Annotated[int, typer.Option(help="Most objects per scene (up to 3).")] = 3,
     style: Annotated[SceneStyle, typer.Option(help="train (hard-edged) or alt (anti-aliased, other backgrounds).")] = SceneStyle.train,
 ) -> None:
-    """Write toy scenes (coloured shapes with known truth) and truth.json."""
+    """Write toy scenes (coloured shapes with known truth), truth.json and truth_coco.json (for eval)."""
     from pipeline.toyworld import SceneSpec, write_scenes
 
     try:

@@ -19,7 +19,7 @@ import yaml
 
 # The stages in run order. It lives here, beside the config, so that the command line can name them
 # without importing the stages (and torch); ``stages.STAGES`` is checked against it.
-STAGE_NAMES: tuple[str, ...] = ("ascend", "decode", "surgery", "rank", "report")
+STAGE_NAMES: tuple[str, ...] = ("ascend", "decode", "surgery", "rank", "export", "report")
 
 
 class ConfigError(ValueError):

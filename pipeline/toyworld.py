@@ -129,11 +129,13 @@ def make_scenes(seed: int, count: int, spec: SceneSpec = SceneSpec()) -> list[Sc
 
 
 def write_scenes(out: Path, seed: int, count: int, spec: SceneSpec = SceneSpec()) -> Path:
-    """Write ``count`` scenes as PNGs plus ``truth.json`` into ``out``; return the truth file."""
+    """Write ``count`` scenes as PNGs plus ``truth.json`` and its COCO form ``truth_coco.json`` into ``out``;
+    return the truth file."""
     out.mkdir(parents=True, exist_ok=True)
-    truth = []
-    for i, scene in enumerate(make_scenes(seed, count, spec)):
+    truth, scenes, names = [], make_scenes(seed, count, spec), []
+    for i, scene in enumerate(scenes):
         name = f"scene_{i:04d}.png"
+        names.append(name)
         Image.fromarray(scene.image).save(out / name)
         truth.append(
             {
@@ -154,7 +156,41 @@ def write_scenes(out: Path, seed: int, count: int, spec: SceneSpec = SceneSpec()
         )
     path = out / "truth.json"
     path.write_text(json.dumps({"seed": seed, "size": spec.size, "style": spec.style, "scenes": truth}, indent=1))
+    (out / TRUTH_COCO).write_text(json.dumps(coco_truth(scenes, names, spec)))
     return path
+
+
+TRUTH_COCO = "truth_coco.json"
+
+
+def coco_categories() -> list[dict]:
+    """The toy world's words as COCO categories: the shapes, then the colours, ids from 1."""
+    words = [*SHAPES, *COLOURS]
+    return [{"id": i, "name": w, "supercategory": "shape" if w in SHAPES else "colour"} for i, w in enumerate(words, 1)]
+
+
+def coco_truth(scenes: list[Scene], names: list[str], spec: SceneSpec) -> dict:
+    """Scenes' truth as a COCO document: each object twice, once under its shape and once under its colour,
+    with its box and its exact mask (compressed RLE), so both kinds of word can be measured."""
+    from pycocotools import mask as mask_utils
+
+    cats = {c["name"]: c["id"] for c in coco_categories()}
+    doc: dict = {"info": {"description": f"toy scenes ({spec.style} style)", "version": "1.0"}, "licenses": [],
+                 "images": [], "categories": coco_categories(), "annotations": []}
+    for image_id, (scene, name) in enumerate(zip(scenes, names), 1):
+        h, w = scene.image.shape[:2]
+        doc["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
+        for o in scene.objects:
+            if not o.mask.any():
+                continue
+            rle = mask_utils.encode(np.asfortranarray(o.mask.astype(np.uint8)))
+            x0, y0, x1, y1 = _bbox(o.mask)
+            for word in o.words:
+                doc["annotations"].append({"id": len(doc["annotations"]) + 1, "image_id": image_id,
+                                           "category_id": cats[word], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                           "area": int(o.mask.sum()), "iscrowd": 0,
+                                           "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")}})
+    return doc
 
 
 def _bbox(mask: np.ndarray) -> list[int]:

@@ -6,7 +6,7 @@ plain data and returns a result dataclass, and a stage class whose ``process`` (
 ``run_all``) reads inputs, calls the core and writes outputs through ``RunDir``.
 No stage imports another.
 
-Per-image stages: ascend -> decode -> surgery. Whole-run stages: rank -> report.
+Per-image stages: ascend -> decode -> surgery. Whole-run stages: rank -> export -> report.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pipeline.config import STAGE_NAMES, require
 from pipeline.runner import PerImageStage, WholeRunStage
 from stages.ascend import AscendStage, AscentConfig
 from stages.decode import DecodeConfig, DecodeStage
+from stages.export import ExportConfig, ExportStage
 from stages.rank import RankConfig, RankStage
 from stages.report import ReportConfig, ReportStage
 from stages.surgery import SurgeryConfig, SurgeryStage
@@ -45,6 +46,7 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
@@ -69,11 +71,12 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
     "decode": ("model", "precision", "max_side", "decode"),
     "surgery": ("model", "precision", "max_side", "surgery"),
     "rank": ("rank",),
+    "export": ("export",),
     "report": ("report",),
 }
 
 STAGES: dict[str, PerImageStage | WholeRunStage] = {
-    s.name: s for s in (AscendStage(), DecodeStage(), SurgeryStage(), RankStage(), ReportStage())
+    s.name: s for s in (AscendStage(), DecodeStage(), SurgeryStage(), RankStage(), ExportStage(), ReportStage())
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
 assert STAGE_ORDER == STAGE_NAMES, "pipeline.config.STAGE_NAMES must list the stages in run order"

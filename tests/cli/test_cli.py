@@ -50,7 +50,7 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
     r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
     assert r.exit_code == 0
     new = _manifest(run)[n:]
-    assert {x["stage"] for x in new} == {"rank", "report"}  # per-image work was skipped
+    assert {x["stage"] for x in new} == {"rank", "export", "report"}  # per-image work was skipped
 
     r = _run("decode", "--run", str(run), "--force", "--quiet")
     assert r.exit_code == 0

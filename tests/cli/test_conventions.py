@@ -57,7 +57,7 @@ def test_results_go_to_stdout_and_json_is_parseable(tmp_path, images):
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)  # nothing but the JSON on stdout; progress and logs are on stderr
     assert summary["exit_code"] == 0 and summary["run"] == str(tmp_path / "r")
-    assert [s["stage"] for s in summary["stages"]] == ["ascend", "decode", "surgery", "rank", "report"]
+    assert [s["stage"] for s in summary["stages"]] == ["ascend", "decode", "surgery", "rank", "export", "report"]
     assert summary["stages"][0]["done"] == 3 and summary["report"] == str(tmp_path / "r" / "report.html")
     assert Path(summary["images_csv"]).is_file() and summary["failures"] == []
     r = _run("--input", str(images), "--model", "random:tiny", "--output", str(tmp_path), "--run-name", "r", *FAST)

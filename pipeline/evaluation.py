@@ -1,0 +1,223 @@
+"""Auto-labels against ground truth: image-level labels, pointing, CorLoc and MaxBoxAccV2.
+
+Pure functions over plain data; the ``eval`` command reads a run and a COCO truth file.
+
+* **Labels** (per image, the exported classes against the true categories): micro precision,
+  recall and F1 at the export's ``min_score`` and ``top_k``, and the average precision of
+  every label ranked by its stock-CLIP score (each true (image, category) pair that CLIP
+  never named counts as missed).
+* **Pointing game** (Zhang et al., ECCV 2016), per heatmap method: a hit when the map's
+  peak falls inside an object of that category (its mask, else its box).
+* **CorLoc**: the share of (image, category) pairs where an exported box reaches IoU >= 0.5
+  with a true box of that category.
+* **MaxBoxAccV2** (Choe et al., CVPR 2020), per method: boxes around every component of the
+  map thresholded at tau, the best IoU with a true box; the best tau's box accuracy, averaged
+  over IoU 0.3, 0.5 and 0.7. The tau it picks is reported, to be used on other images.
+
+Localisation scores count the pairs whose category CLIP named (the only ones with a map);
+``coverage`` says what share of the true pairs that is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.regions import box_iou, map_boxes, upsample_to
+
+TAUS: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.05))
+IOUS: tuple[float, ...] = (0.3, 0.5, 0.7)
+
+
+@dataclass
+class TruthObject:
+    box: tuple[float, float, float, float]  # x, y, w, h in pixels
+    mask: np.ndarray | None = None  # [H, W] bool, when the truth has a segmentation
+
+
+@dataclass
+class EvalImage:
+    """One image as ``eval`` sees it: the true objects by category, CLIP's classes and maps."""
+
+    truth: dict[str, list[TruthObject]]
+    scores: dict[str, float]  # every class CLIP named, with its score (before min_score and top_k)
+    exported: list[str]  # the classes the export keeps (after min_score and top_k)
+    boxes: dict[str, list[tuple[float, float, float, float]]]  # the exported regions' boxes per class
+    maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> class -> grid map
+    size: tuple[int, int] = (0, 0)  # (H, W)
+
+
+def average_precision(ranked: list[bool], positives: int) -> float:
+    """AP of a ranked list of hits, over ``positives`` true items in all (missed ones lower it)."""
+    if positives == 0:
+        return float("nan")
+    hits = np.cumsum(ranked)
+    precision = hits / np.arange(1, len(ranked) + 1)
+    return float(np.sum(precision[np.asarray(ranked, dtype=bool)]) / positives)
+
+
+def peak_point(grid_map: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    """The peak cell's centre in image pixels ``(x, y)``."""
+    gh, gw = grid_map.shape
+    at = int(np.argmax(grid_map))
+    h, w = size
+    return min(w - 1, int((at % gw + 0.5) / gw * w)), min(h - 1, int((at // gw + 0.5) / gh * h))
+
+
+def inside(point: tuple[int, int], obj: TruthObject) -> bool:
+    x, y = point
+    if obj.mask is not None:
+        return bool(obj.mask[y, x])
+    bx, by, bw, bh = obj.box
+    return bx <= x < bx + bw and by <= y < by + bh
+
+
+def box_accuracy(grid_map: np.ndarray, size: tuple[int, int], truth: list[TruthObject],
+                 taus: tuple[float, ...] = TAUS) -> np.ndarray:
+    """The best IoU with a true box, for the boxes of every component at each tau.
+
+    Returns:
+        ``[len(taus)]`` best IoU per tau.
+    """
+    heat = upsample_to(grid_map, size)
+    gt = np.asarray([o.box for o in truth], dtype=np.float64)
+    out = np.zeros(len(taus))
+    for i, tau in enumerate(taus):
+        boxes = map_boxes(heat, tau, multi_instance=True)
+        out[i] = max((float(box_iou(b, gt).max()) for b, _, _ in boxes), default=0.0)
+    return out
+
+
+def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
+    """Every metric, overall and per category (see the module docstring)."""
+    cats = sorted({c for im in images for c in im.truth})
+    per: dict[str, dict] = {c: {"images": 0, "tp": 0, "fp": 0, "fn": 0, "ranked": [], "pairs": 0, "named": 0,
+                                "corloc": [], "pointing": {m: [] for m in methods},
+                                "ious": {m: [] for m in methods}} for c in cats}
+    ranked: list[tuple[float, bool]] = []
+    tp = fp = fn = 0
+    for im in images:
+        true = set(im.truth)
+        for c, s in im.scores.items():
+            ranked.append((s, c in true))
+            if c in per:  # a category CLIP named where it is absent ranks as a miss of that category
+                per[c]["ranked"].append((s, c in true))
+        exported = set(im.exported)
+        tp += len(exported & true)
+        fp += len(exported - true)
+        fn += len(true - exported)
+        for c in exported - true:
+            if c in per:
+                per[c]["fp"] += 1
+        for c in true:
+            row = per[c]
+            row["images"] += 1
+            row["tp" if c in exported else "fn"] += 1
+            row["pairs"] += 1
+            objs = im.truth[c]
+            if c in exported:
+                gt = np.asarray([o.box for o in objs], dtype=np.float64)
+                row["corloc"].append(any(float(box_iou(b, gt).max()) >= 0.5 for b in im.boxes.get(c, [])))
+            if c not in im.scores:
+                continue
+            row["named"] += 1
+            for m in methods:
+                grid = im.maps.get(m, {}).get(c)
+                if grid is None:
+                    continue
+                point = peak_point(grid, im.size)
+                row["pointing"][m].append(any(inside(point, o) for o in objs))
+                row["ious"][m].append(box_accuracy(grid, im.size, objs))
+
+    def labels_block(tp_: int, fp_: int, fn_: int, pairs: list[tuple[float, bool]], positives: int) -> dict:
+        p = tp_ / (tp_ + fp_) if tp_ + fp_ else float("nan")
+        r = tp_ / (tp_ + fn_) if tp_ + fn_ else float("nan")
+        f1 = 2 * p * r / (p + r) if tp_ and p + r else 0.0
+        order = [hit for _, hit in sorted(pairs, key=lambda t: -t[0])]
+        return {"precision": _r(p), "recall": _r(r), "f1": _r(f1), "ap": _r(average_precision(order, positives))}
+
+    def loc_block(pointing: dict, ious: dict, corloc: list) -> dict:
+        out: dict = {"corloc": _r(np.mean(corloc)) if corloc else None, "corloc_pairs": len(corloc), "methods": {}}
+        for m in methods:
+            acc = np.asarray(ious[m]) if ious[m] else None
+            block = {"pointing": _r(np.mean(pointing[m])) if pointing[m] else None, "pairs": len(pointing[m])}
+            if acc is not None:
+                table = np.stack([(acc >= d).mean(0) for d in IOUS])  # [iou, tau]
+                block["maxboxacc_v2"] = _r(float(table.max(1).mean()))
+                block["best_tau"] = float(TAUS[int(np.argmax(table.mean(0)))])
+                block["boxacc_at_iou"] = {str(d): _r(float(table[i].max())) for i, d in enumerate(IOUS)}
+            out["methods"][m] = block
+        return out
+
+    positives = sum(len(im.truth) for im in images)
+    all_pointing = {m: [h for c in cats for h in per[c]["pointing"][m]] for m in methods}
+    all_ious = {m: [a for c in cats for a in per[c]["ious"][m]] for m in methods}
+    all_corloc = [h for c in cats for h in per[c]["corloc"]]
+    overall = {"images": len(images), "pairs": positives,
+               "coverage": _r(sum(per[c]["named"] for c in cats) / positives) if positives else None,
+               **labels_block(tp, fp, fn, ranked, positives), **loc_block(all_pointing, all_ious, all_corloc)}
+    categories = {}
+    for c in cats:
+        row = per[c]
+        categories[c] = {"images": row["images"], **labels_block(row["tp"], row["fp"], row["fn"], row["ranked"], row["pairs"]),
+                         **loc_block(row["pointing"], row["ious"], row["corloc"])}
+    return {"overall": overall, "categories": categories, "taus": list(TAUS), "ious": list(IOUS)}
+
+
+def _r(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else round(float(x), 4)
+
+
+def truth_by_file(coco: dict) -> dict[str, dict[str, list[TruthObject]]]:
+    """A COCO truth document as ``{file_name: {category name: [objects]}}`` (images without objects included).
+
+    Masks are decoded from polygons or RLE when the image has a size.
+    """
+    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    images = {im["id"]: im for im in coco.get("images", [])}
+    out: dict[str, dict[str, list[TruthObject]]] = {im["file_name"]: {} for im in images.values()}
+    for ann in coco.get("annotations", []):
+        im = images.get(ann.get("image_id"))
+        if im is None or ann.get("category_id") not in names:
+            continue
+        mask = None
+        seg = ann.get("segmentation")
+        if seg and im.get("height") and im.get("width"):
+            from pycocotools import mask as mask_utils
+
+            h, w = int(im["height"]), int(im["width"])
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                rle = seg
+            mask = mask_utils.decode(rle).astype(bool)
+        out[im["file_name"]].setdefault(names[ann["category_id"]], []).append(
+            TruthObject(tuple(float(v) for v in ann["bbox"]), mask))
+    return out
+
+
+def eval_table(result: dict, methods: list[str], region_method: str) -> list[list[str]]:
+    """The short table: one row per category and one overall, as strings."""
+    def fmt(x) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    head = ["category", "images", "P", "R", "F1", "AP", "CorLoc", *[f"point:{m}" for m in methods],
+            f"MaxBoxAccV2:{region_method}"]
+    rows = [head]
+    for name, row in [*result["categories"].items(), ("(all)", {**result["overall"], "images": result["overall"]["images"]})]:
+        rows.append([name, str(row["images"]), fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), fmt(row["ap"]),
+                     fmt(row["corloc"]), *[fmt(row["methods"][m]["pointing"]) for m in methods],
+                     fmt(row["methods"].get(region_method, {}).get("maxboxacc_v2"))])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Rows as aligned plain text (a Markdown table), readable in any terminal width and pasteable."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    def line(r: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), sep, *[line(r) for r in rows[1:]]])

@@ -1,0 +1,378 @@
+"""Auto-labels in standard files: one in-memory label type, and one writer per format.
+
+The export stage builds every image's ``ExportImage`` once (labels, regions, heatmaps);
+each writer here only lays those out in its format, and never computes a box:
+
+* ``write_coco``: ``instances.json`` (COCO detection, compressed-RLE masks), ``results.json``
+  (an evaluation-ready results list) and ``labels.json`` (image-level labels, which COCO has
+  no slot for);
+* ``write_labelstudio``: ``tasks.json`` with predictions, least certain first, and the
+  matching ``label_config.xml``;
+* ``write_fiftyone``: ``samples.json``, one heatmap PNG per label, and ``load.py``, which
+  builds a FiftyOne dataset with Classifications, Detections and a Heatmap per label;
+* ``write_yolo``: ``data.yaml`` and one ``.txt`` per image (confidence only behind an option).
+
+``LabelMap`` maps many model words to one class and drops words, from a YAML file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.config import ConfigError
+from pipeline.heatmaps import label_slug
+from pipeline.regions import Region
+from pipeline.rundir import atomic_write_bytes, atomic_write_text
+
+FORMATS: tuple[str, ...] = ("coco", "labelstudio", "fiftyone", "yolo")
+
+
+@dataclass(frozen=True)
+class ExportLabel:
+    """One class of an image: its stock-CLIP score (the best of its words), the words behind it,
+    and its regions (the best-scored word's)."""
+
+    name: str
+    score: float
+    words: tuple[str, ...]
+    regions: tuple[Region, ...] = ()
+    heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
+
+
+@dataclass
+class ExportImage:
+    """One image's auto-labels, as every writer reads them."""
+
+    id: str
+    file_name: str  # relative to the input root, with forward slashes
+    path: str  # absolute
+    width: int
+    height: int
+    labels: list[ExportLabel] = field(default_factory=list)
+
+    @property
+    def certainty(self) -> float:
+        """The best label's score (0 without labels): how sure CLIP is of this image."""
+        return max((lab.score for lab in self.labels), default=0.0)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Which class each model word becomes, and which words are dropped.
+
+    The YAML file has three optional keys::
+
+        map: {circle: round, ring: round}   # word -> class; many words may share a class
+        drop: [the, a]                       # words never exported
+        only_mapped: false                   # true: words the map does not name are dropped too
+    """
+
+    mapping: dict[str, str] = field(default_factory=dict)
+    drop: frozenset[str] = frozenset()
+    only_mapped: bool = False
+    source: str = ""  # the file's text, so a changed file redoes the export
+
+    def classify(self, word: str) -> str | None:
+        """The class of ``word``, or ``None`` when it is dropped."""
+        if word in self.drop:
+            return None
+        if word in self.mapping:
+            return self.mapping[word]
+        return None if self.only_mapped else word
+
+
+def load_label_map(path: str | Path | None) -> LabelMap:
+    """The label map in ``path`` (identity when ``None``).
+
+    Raises:
+        ConfigError: a missing file, bad YAML, an unknown key or a value of the wrong type; the
+            message names the file and the key.
+    """
+    if not path:
+        return LabelMap()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"export.label_map: no file at {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a label map is a mapping with the keys map, drop, only_mapped; got {type(data).__name__}")
+    unknown = [k for k in data if k not in ("map", "drop", "only_mapped")]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} in the label map; valid keys: map, drop, only_mapped")
+    mapping = data.get("map") or {}
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                for k, v in mapping.items()):
+        raise ConfigError(f"{path}: 'map' must map words to class names (strings), got {mapping!r}")
+    drop = data.get("drop") or []
+    if not isinstance(drop, list) or not all(isinstance(w, str) for w in drop):
+        raise ConfigError(f"{path}: 'drop' must be a list of words, got {drop!r}")
+    only = data.get("only_mapped", False)
+    if not isinstance(only, bool):
+        raise ConfigError(f"{path}: 'only_mapped' must be true or false, got {only!r}")
+    return LabelMap({k: v.strip() for k, v in mapping.items()}, frozenset(drop), only, text)
+
+
+def class_names(images: Iterable[ExportImage]) -> list[str]:
+    """Every class the export uses, in a stable (sorted) order."""
+    return sorted({lab.name for im in images for lab in im.labels})
+
+
+def served_path(prefix: str, file_name: str) -> str:
+    """An image's path for a tool that serves files: ``prefix`` joined to its relative path."""
+    if not prefix:
+        return file_name
+    return prefix + file_name if prefix.endswith(("/", "=")) else f"{prefix}/{file_name}"
+
+
+def _region_attributes(lab: ExportLabel, region: Region) -> dict:
+    return {"word": lab.words[0], "box_source": region.source, "tau": region.tau, "clip_score": lab.score,
+            "peak": region.peak, "peak_similarity": region.peak_similarity}
+
+
+def _rle(mask: np.ndarray) -> dict:
+    """COCO's compressed RLE of a mask, its counts as a string."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_documents(images: list[ExportImage], description: str) -> tuple[dict, list[dict], list[dict]]:
+    """COCO's ``instances`` document, the results list, and the image-level labels."""
+    names = class_names(images)
+    cat = {n: i for i, n in enumerate(names, 1)}
+    doc: dict[str, Any] = {"info": {"description": description, "version": "1.0"}, "licenses": [],
+                           "images": [], "categories": [{"id": cat[n], "name": n, "supercategory": "clip"} for n in names],
+                           "annotations": []}
+    results, tags = [], []
+    for image_id, im in enumerate(images, 1):
+        doc["images"].append({"id": image_id, "file_name": im.file_name, "width": im.width, "height": im.height,
+                              "clipsight_id": im.id})
+        tags.append({"image_id": image_id, "file_name": im.file_name,
+                     "labels": [{"category_id": cat[lab.name], "name": lab.name, "score": lab.score, "words": list(lab.words)}
+                                for lab in im.labels]})
+        for lab in im.labels:
+            for region in lab.regions:
+                ann = {"id": len(doc["annotations"]) + 1, "image_id": image_id, "category_id": cat[lab.name],
+                       "bbox": [round(v, 2) for v in region.box], "area": region.area, "iscrowd": 0, "score": lab.score,
+                       **_region_attributes(lab, region)}
+                res = {"image_id": image_id, "category_id": cat[lab.name], "bbox": ann["bbox"], "score": lab.score}
+                if region.mask is not None:
+                    ann["segmentation"] = res["segmentation"] = _rle(region.mask)
+                doc["annotations"].append(ann)
+                results.append(res)
+    return doc, results, tags
+
+
+def write_coco(folder: Path, images: list[ExportImage], description: str) -> list[Path]:
+    """``instances.json``, ``results.json`` and ``labels.json`` in ``folder``."""
+    doc, results, tags = coco_documents(images, description)
+    paths = [folder / "instances.json", folder / "results.json", folder / "labels.json"]
+    for path, data in zip(paths, (doc, results, {"info": doc["info"], "categories": doc["categories"], "images": tags})):
+        atomic_write_text(path, json.dumps(data, ensure_ascii=False) + "\n")
+    return paths
+
+
+# Label Studio: the names its labeling config and the predictions share.
+LS_IMAGE, LS_CHOICES, LS_BOXES, LS_BRUSH = "image", "labels", "box", "mask"
+
+
+def labelstudio_config(names: list[str]) -> str:
+    """The labeling config that lists every class for choices, rectangles and brushes."""
+    def labels(tag: str) -> str:
+        return "".join(f'\n    <{tag} value={quoteattr(n)}/>' for n in names)
+
+    return (f'<View>\n  <Image name="{LS_IMAGE}" value="${LS_IMAGE}"/>\n'
+            f'  <Choices name="{LS_CHOICES}" toName="{LS_IMAGE}" choice="multiple">{labels("Choice")}\n  </Choices>\n'
+            f'  <RectangleLabels name="{LS_BOXES}" toName="{LS_IMAGE}">{labels("Label")}\n  </RectangleLabels>\n'
+            f'  <BrushLabels name="{LS_BRUSH}" toName="{LS_IMAGE}">{labels("Label")}\n  </BrushLabels>\n</View>\n')
+
+
+def _unit(score: float) -> float:
+    """A score as Label Studio takes it, in [0, 1] (a cosine can be negative)."""
+    return round(min(1.0, max(0.0, float(score))), 4)
+
+
+def labelstudio_task(im: ExportImage, model_version: str, prefix: str) -> dict:
+    """One task: the image and CLIP's prediction (image labels, boxes in percent, brush masks)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    result: list[dict] = []
+
+    def item(kind: str, name: str, value: dict, score: float, extra: dict | None = None) -> dict:
+        return {"id": f"r{len(result)}", "from_name": name, "to_name": LS_IMAGE, "type": kind, "value": value,
+                "score": _unit(score), **(extra or {})}
+
+    if im.labels:
+        result.append(item("choices", LS_CHOICES, {"choices": [lab.name for lab in im.labels]}, im.certainty))
+    size = {"original_width": im.width, "original_height": im.height, "image_rotation": 0}
+    for lab in im.labels:
+        for region in lab.regions:
+            x, y, w, h = region.box
+            result.append(item("rectanglelabels", LS_BOXES,
+                               {"x": 100 * x / im.width, "y": 100 * y / im.height, "width": 100 * w / im.width,
+                                "height": 100 * h / im.height, "rotation": 0, "rectanglelabels": [lab.name]},
+                               lab.score, size))
+            if region.mask is not None:
+                rle = mask2rle((region.mask.astype(np.uint8) * 255))
+                result.append(item("brushlabels", LS_BRUSH, {"format": "rle", "rle": [int(v) for v in rle],
+                                                             "brushlabels": [lab.name]}, lab.score, size))
+    return {"data": {LS_IMAGE: served_path(prefix, im.file_name), "clipsight_id": im.id},
+            "predictions": [{"model_version": model_version, "score": _unit(im.certainty), "result": result}]}
+
+
+def write_labelstudio(folder: Path, images: list[ExportImage], model_version: str, prefix: str) -> list[Path]:
+    """``tasks.json`` (least certain first) and ``label_config.xml``."""
+    order = sorted(images, key=lambda im: (im.certainty, im.file_name))
+    tasks = [labelstudio_task(im, model_version, prefix) for im in order]
+    paths = [folder / "tasks.json", folder / "label_config.xml"]
+    atomic_write_text(paths[0], json.dumps(tasks, ensure_ascii=False) + "\n")
+    atomic_write_text(paths[1], labelstudio_config(class_names(images)))
+    return paths
+
+
+FIFTYONE_LOADER = '''"""Build a FiftyOne dataset from this clipsight export: python load.py [--name NAME] [--launch]
+
+Each sample gets ``clip_labels`` (Classifications with CLIP's scores), ``clip_regions``
+(Detections: boxes, and masks where SAM made them) and one ``heatmap_<class>`` (Heatmap)
+per label, read from the PNGs beside this file.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import fiftyone as fo
+
+HERE = Path(__file__).resolve().parent
+
+
+def build(name, overwrite=True):
+    doc = json.loads((HERE / "samples.json").read_text(encoding="utf-8"))
+    dataset = fo.Dataset(name or doc["name"], overwrite=overwrite)
+    samples = []
+    for s in doc["samples"]:
+        sample = fo.Sample(filepath=s["filepath"], clipsight_id=s["id"])
+        sample["clip_labels"] = fo.Classifications(classifications=[
+            fo.Classification(label=c["label"], confidence=c["confidence"]) for c in s["classifications"]])
+        detections = []
+        for d in s["detections"]:
+            mask = None
+            if d.get("mask"):
+                import numpy as np
+                from PIL import Image
+                full = np.asarray(Image.open(HERE / d["mask"])) > 0
+                x, y, w, h = d["box_pixels"]
+                mask = full[y : y + h, x : x + w]
+            detections.append(fo.Detection(label=d["label"], bounding_box=d["bounding_box"], mask=mask,
+                                           confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"]))
+        sample["clip_regions"] = fo.Detections(detections=detections)
+        for field, path in s["heatmaps"].items():
+            sample[field] = fo.Heatmap(map_path=str(HERE / path), range=[0, 255])
+        samples.append(sample)
+    dataset.add_samples(samples)
+    return dataset
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--launch", action="store_true")
+    args = ap.parse_args()
+    ds = build(args.name)
+    print(ds)
+    if args.launch:
+        fo.launch_app(ds).wait()
+'''
+
+
+def fiftyone_samples(folder: Path, images: list[ExportImage], run_key: str, prefix: str,
+                     save_png: Callable[[Path, np.ndarray], None]) -> dict:
+    """``samples.json``'s data; heatmap and mask PNGs are written through ``save_png`` with names unique to the run."""
+    samples = []
+    for im in images:
+        detections, heatmaps = [], {}
+        for lab in im.labels:
+            slug = label_slug(lab.name)
+            for k, region in enumerate(lab.regions):
+                x, y, w, h = region.box
+                det = {"label": lab.name, "confidence": lab.score, "box_source": region.source, "tau": region.tau,
+                       "bounding_box": [x / im.width, y / im.height, w / im.width, h / im.height],
+                       "box_pixels": [int(x), int(y), int(w), int(h)]}
+                if region.mask is not None:
+                    rel = PurePosixPath("masks", f"{run_key}__{im.id}__{slug}__{k}.png")
+                    save_png(folder / rel, region.mask.astype(np.uint8) * 255)
+                    det["mask"] = str(rel)
+                detections.append(det)
+            if lab.heatmap is not None:
+                rel = PurePosixPath("heatmaps", f"{run_key}__{im.id}__{slug}.png")
+                save_png(folder / rel, np.round(np.clip(lab.heatmap, 0, 1) * 255).astype(np.uint8))
+                heatmaps[f"heatmap_{slug.replace('-', '_').replace('.', '_')}"] = str(rel)
+        samples.append({"id": im.id, "filepath": served_path(prefix, im.file_name) if prefix else im.path,
+                        "classifications": [{"label": lab.name, "confidence": lab.score} for lab in im.labels],
+                        "detections": detections, "heatmaps": heatmaps})
+    return {"name": f"clipsight-{run_key}", "samples": samples}
+
+
+def write_fiftyone(folder: Path, images: list[ExportImage], run_key: str, prefix: str,
+                   save_png: Callable[[Path, np.ndarray], None]) -> list[Path]:
+    """``samples.json``, ``load.py`` and the heatmap (and mask) PNGs."""
+    for sub in ("heatmaps", "masks"):  # an earlier export's PNGs would be stale
+        for old in (folder / sub).glob("*.png") if (folder / sub).is_dir() else []:
+            old.unlink()
+    doc = fiftyone_samples(folder, images, run_key, prefix, save_png)
+    atomic_write_text(folder / "samples.json", json.dumps(doc, ensure_ascii=False) + "\n")
+    atomic_write_text(folder / "load.py", FIFTYONE_LOADER)
+    return [folder / "samples.json", folder / "load.py"]
+
+
+def write_yolo(folder: Path, images: list[ExportImage], with_confidence: bool) -> list[Path]:
+    """``data.yaml`` and ``labels/<relative path>.txt`` per image (``class cx cy w h`` normalised)."""
+    names = class_names(images)
+    cls = {n: i for i, n in enumerate(names)}
+    labels = folder / "labels"
+    written = set()
+    for im in images:
+        lines = []
+        for lab in im.labels:
+            for region in lab.regions:
+                x, y, w, h = region.box
+                row = f"{cls[lab.name]} {(x + w / 2) / im.width:.6f} {(y + h / 2) / im.height:.6f} {w / im.width:.6f} {h / im.height:.6f}"
+                lines.append(row + (f" {lab.score:.4f}" if with_confidence else ""))
+        path = labels / PurePosixPath(im.file_name).with_suffix(".txt")
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        written.add(path)
+    for old in labels.rglob("*.txt") if labels.is_dir() else []:
+        if old not in written:
+            old.unlink()
+    data = {"path": ".", "train": "images", "val": "images", "names": dict(enumerate(names)),
+            "clipsight": {"labels": "labels/ mirrors the input folder: put it beside an images/ copy of that folder",
+                          "confidence_column": with_confidence}}
+    atomic_write_text(folder / "data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return [folder / "data.yaml"]
+
+
+def run_key(run_name: str, fingerprint: str) -> str:
+    """A short key unique to a run and its export settings, for file names tools cache by path."""
+    return f"{label_slug(run_name)}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:8]}"
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """A grayscale PNG, written atomically."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,140 @@
+"""Regions from heatmaps and masks: boxes (and masks where they exist) for each label of an image.
+
+A heatmap becomes boxes by CAM's rule (Zhou et al., CVPR 2016): upsample the grid map to
+the image's size, min-max it, keep the pixels at or above ``tau`` times its maximum, and
+take the box around the largest connected component (or around every component of at
+least ``min_area`` when ``multi_instance`` is on). A SAM mask becomes one box around its
+pixels, and keeps the mask. ``tau`` should be chosen on held-out images: the ``eval``
+command reports the best one on data with truth (wsolevaluation, Choe et al., CVPR 2020).
+
+These are pure functions of arrays; ``stages/export.py`` reads the run and writes the formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Region:
+    """One labelled region of an image: a box in pixels, and a mask where one exists.
+
+    ``peak`` is the map's highest value inside the region on the map's own [0, 1] scale
+    (1 for the component holding the map's maximum); ``peak_similarity`` is that value put
+    back on the method's similarity scale, when the map's range is known.
+    """
+
+    box: tuple[float, float, float, float]  # x, y, width, height in pixels
+    area: float  # pixels covered: the component's or the mask's
+    source: str  # "sam", or the heatmap method the box came from
+    tau: float | None  # the threshold, as a fraction of the map's maximum (None for a SAM mask)
+    peak: float
+    mask: np.ndarray | None = None  # [H, W] bool, only where a mask exists (SAM)
+    peak_similarity: float | None = None
+
+
+def upsample_to(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A grid map bilinearly resized to ``(H, W)`` and min-maxed to [0, 1] (a flat map stays 0).
+
+    Shape:
+        - grid_map: :math:`(gh, gw)`. Output: :math:`(H, W)` float32.
+    """
+    h, w = size
+    up = cv2.resize(np.asarray(grid_map, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    lo, hi = float(up.min()), float(up.max())
+    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+
+
+def map_boxes(heat: np.ndarray, tau: float, multi_instance: bool = False, min_area: float = 0.0
+              ) -> list[tuple[tuple[float, float, float, float], float, float]]:
+    """Boxes around the thresholded map's connected components (8-connected), largest first.
+
+    Args:
+        heat: a min-maxed map at image size, in [0, 1].
+        tau: keep pixels at or above ``tau * heat.max()``.
+        multi_instance: every component of at least ``min_area``; off, only the largest.
+        min_area: the smallest component kept, as a fraction of the image's area.
+
+    Returns:
+        ``(box, area, peak)`` per kept component: ``box`` is ``(x, y, w, h)`` in pixels, ``area``
+        its pixel count, ``peak`` the map's highest value inside it.
+
+    Shape:
+        - heat: :math:`(H, W)`.
+    """
+    top = float(heat.max())
+    if top <= 0:
+        return []
+    binary = (heat >= tau * top).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if n <= 1:
+        return []
+    order = np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable") + 1
+    if not multi_instance:
+        order = order[:1]
+    smallest = min_area * heat.shape[0] * heat.shape[1]
+    out = []
+    for k in order:
+        x, y, w, h, area = (int(v) for v in stats[k])
+        if multi_instance and area < smallest and len(out) > 0:
+            continue
+        peak = float(heat[y : y + h, x : x + w][labels[y : y + h, x : x + w] == k].max())
+        out.append(((float(x), float(y), float(w), float(h)), float(area), peak))
+    return out
+
+
+def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, tau: float,
+                    multi_instance: bool = False, min_area: float = 0.0,
+                    similarity_range: tuple[float, float] | None = None) -> list[Region]:
+    """A label's regions from its grid map by CAM's rule (see ``map_boxes``).
+
+    Args:
+        grid_map: the label's map at grid resolution, in [0, 1].
+        size: the image's ``(H, W)``.
+        method: the heatmap method the map came from (the regions' ``source``).
+        tau: the threshold as a fraction of the map's maximum.
+        multi_instance: a region per component of at least ``min_area`` (a fraction of the image).
+        similarity_range: the (lowest, highest) similarity the map's 0 and 1 stand for, to record
+            the peak on the method's own scale.
+
+    Shape:
+        - grid_map: :math:`(gh, gw)`.
+    """
+    heat = upsample_to(grid_map, size)
+    out = []
+    for box, area, peak in map_boxes(heat, tau, multi_instance, min_area):
+        sim = None
+        if similarity_range is not None:
+            lo, hi = similarity_range
+            sim = round(lo + peak * (hi - lo), 5)
+        out.append(Region(box=box, area=area, source=method, tau=tau, peak=round(peak, 4), peak_similarity=sim))
+    return out
+
+
+def mask_region(mask: np.ndarray) -> Region | None:
+    """The region of a SAM mask: the box around its pixels, and the mask; ``None`` for an empty mask.
+
+    Shape:
+        - mask: :math:`(H, W)`, non-zero inside.
+    """
+    m = np.asarray(mask) > 0
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+        return None
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return Region(box=(float(x0), float(y0), float(x1 - x0), float(y1 - y0)), area=float(m.sum()), source="sam",
+                  tau=None, peak=1.0, mask=m)
+
+
+def box_iou(a: tuple[float, float, float, float], b: np.ndarray) -> np.ndarray:
+    """IoU of one ``(x, y, w, h)`` box against each row of ``b`` (``[K, 4]``, the same form)."""
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ax0, ay0, aw, ah = a
+    ix = np.clip(np.minimum(ax0 + aw, b[:, 0] + b[:, 2]) - np.maximum(ax0, b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(ay0 + ah, b[:, 1] + b[:, 3]) - np.maximum(ay0, b[:, 1]), 0, None)
+    inter = ix * iy
+    union = aw * ah + b[:, 2] * b[:, 3] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
