@@ -351,7 +351,7 @@ def eval_command(
 ) -> None:
     """Measure the run's labels and regions against ground truth: precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
     from pipeline.evaluation import eval_table, format_table
-    from pipeline.exports import load_label_map
+    from pipeline.autolabels import load_label_map
     from pipeline.provenance import Provenance
     from pipeline.rundir import atomic_write_json
     from stages import RESULT_KEYS, STAGES

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.regions import box_iou, map_boxes, upsample_to
+from pipeline.regions import box_iou, map_boxes, upsample_to, work_size
 
 TAUS: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.05))
 IOUS: tuple[float, ...] = (0.3, 0.5, 0.7)
@@ -75,17 +75,19 @@ def inside(point: tuple[int, int], obj: TruthObject) -> bool:
 
 def box_accuracy(grid_map: np.ndarray, size: tuple[int, int], truth: list[TruthObject],
                  taus: tuple[float, ...] = TAUS) -> np.ndarray:
-    """The best IoU with a true box, for the boxes of every component at each tau.
+    """The best IoU with a true box, for the boxes of every component at each tau (found as ``heatmap_regions``
+    finds them, at the image's size capped at ``WORK_SIDE``).
 
     Returns:
         ``[len(taus)]`` best IoU per tau.
     """
-    heat = upsample_to(grid_map, size)
+    heat = upsample_to(grid_map, work_size(size))
+    scale = np.array([size[1] / heat.shape[1], size[0] / heat.shape[0]] * 2)
     gt = np.asarray([o.box for o in truth], dtype=np.float64)
     out = np.zeros(len(taus))
     for i, tau in enumerate(taus):
         boxes = map_boxes(heat, tau, multi_instance=True)
-        out[i] = max((float(box_iou(b, gt).max()) for b, _, _ in boxes), default=0.0)
+        out[i] = max((float(box_iou(tuple(np.asarray(b) * scale), gt).max()) for b, _, _ in boxes), default=0.0)
     return out
 
 

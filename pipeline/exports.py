@@ -12,118 +12,28 @@ each writer here only lays those out in its format, and never computes a box:
   builds a FiftyOne dataset with Classifications, Detections and a Heatmap per label;
 * ``write_yolo``: ``data.yaml`` and one ``.txt`` per image (confidence only behind an option).
 
-``LabelMap`` maps many model words to one class and drops words, from a YAML file.
+The label type itself, ``ExportImage``, and the label map live in ``pipeline.autolabels``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 from xml.sax.saxutils import quoteattr
 
+import cv2
 import numpy as np
 import yaml
-from PIL import Image
 
-from pipeline.config import ConfigError
+from pipeline.autolabels import ExportImage, ExportLabel
 from pipeline.heatmaps import label_slug
 from pipeline.regions import Region
-from pipeline.rundir import atomic_write_bytes, atomic_write_text
+from pipeline.rundir import atomic_write_text
 
 FORMATS: tuple[str, ...] = ("coco", "labelstudio", "fiftyone", "yolo")
-
-
-@dataclass(frozen=True)
-class ExportLabel:
-    """One class of an image: its stock-CLIP score (the best of its words), the words behind it,
-    and its regions (the best-scored word's)."""
-
-    name: str
-    score: float
-    words: tuple[str, ...]
-    regions: tuple[Region, ...] = ()
-    heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
-
-
-@dataclass
-class ExportImage:
-    """One image's auto-labels, as every writer reads them."""
-
-    id: str
-    file_name: str  # relative to the input root, with forward slashes
-    path: str  # absolute
-    width: int
-    height: int
-    labels: list[ExportLabel] = field(default_factory=list)
-
-    @property
-    def certainty(self) -> float:
-        """The best label's score (0 without labels): how sure CLIP is of this image."""
-        return max((lab.score for lab in self.labels), default=0.0)
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """Which class each model word becomes, and which words are dropped.
-
-    The YAML file has three optional keys::
-
-        map: {circle: round, ring: round}   # word -> class; many words may share a class
-        drop: [the, a]                       # words never exported
-        only_mapped: false                   # true: words the map does not name are dropped too
-    """
-
-    mapping: dict[str, str] = field(default_factory=dict)
-    drop: frozenset[str] = frozenset()
-    only_mapped: bool = False
-    source: str = ""  # the file's text, so a changed file redoes the export
-
-    def classify(self, word: str) -> str | None:
-        """The class of ``word``, or ``None`` when it is dropped."""
-        if word in self.drop:
-            return None
-        if word in self.mapping:
-            return self.mapping[word]
-        return None if self.only_mapped else word
-
-
-def load_label_map(path: str | Path | None) -> LabelMap:
-    """The label map in ``path`` (identity when ``None``).
-
-    Raises:
-        ConfigError: a missing file, bad YAML, an unknown key or a value of the wrong type; the
-            message names the file and the key.
-    """
-    if not path:
-        return LabelMap()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"export.label_map: no file at {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a label map is a mapping with the keys map, drop, only_mapped; got {type(data).__name__}")
-    unknown = [k for k in data if k not in ("map", "drop", "only_mapped")]
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} in the label map; valid keys: map, drop, only_mapped")
-    mapping = data.get("map") or {}
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
-                                                for k, v in mapping.items()):
-        raise ConfigError(f"{path}: 'map' must map words to class names (strings), got {mapping!r}")
-    drop = data.get("drop") or []
-    if not isinstance(drop, list) or not all(isinstance(w, str) for w in drop):
-        raise ConfigError(f"{path}: 'drop' must be a list of words, got {drop!r}")
-    only = data.get("only_mapped", False)
-    if not isinstance(only, bool):
-        raise ConfigError(f"{path}: 'only_mapped' must be true or false, got {only!r}")
-    return LabelMap({k: v.strip() for k, v in mapping.items()}, frozenset(drop), only, text)
 
 
 def class_names(images: Iterable[ExportImage]) -> list[str]:
@@ -261,10 +171,10 @@ import fiftyone as fo
 HERE = Path(__file__).resolve().parent
 
 
-def build(name, overwrite=True):
+def samples():
+    """Every sample with its labels, in memory (no database needed)."""
     doc = json.loads((HERE / "samples.json").read_text(encoding="utf-8"))
-    dataset = fo.Dataset(name or doc["name"], overwrite=overwrite)
-    samples = []
+    out = []
     for s in doc["samples"]:
         sample = fo.Sample(filepath=s["filepath"], clipsight_id=s["id"])
         sample["clip_labels"] = fo.Classifications(classifications=[
@@ -283,8 +193,15 @@ def build(name, overwrite=True):
         sample["clip_regions"] = fo.Detections(detections=detections)
         for field, path in s["heatmaps"].items():
             sample[field] = fo.Heatmap(map_path=str(HERE / path), range=[0, 255])
-        samples.append(sample)
-    dataset.add_samples(samples)
+        out.append(sample)
+    return doc["name"], out
+
+
+def build(name=None, overwrite=True):
+    """The dataset, in FiftyOne's database."""
+    default, items = samples()
+    dataset = fo.Dataset(name or default, overwrite=overwrite)
+    dataset.add_samples(items)
     return dataset
 
 
@@ -300,10 +217,11 @@ if __name__ == "__main__":
 '''
 
 
-def fiftyone_samples(folder: Path, images: list[ExportImage], run_key: str, prefix: str,
-                     save_png: Callable[[Path, np.ndarray], None]) -> dict:
-    """``samples.json``'s data; heatmap and mask PNGs are written through ``save_png`` with names unique to the run."""
-    samples = []
+def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
+                     ) -> tuple[dict, list[tuple[PurePosixPath, np.ndarray]]]:
+    """``samples.json``'s data, and the heatmap and mask PNGs it names (relative paths, uint8 arrays), with
+    names unique to the run."""
+    samples, pngs = [], []
     for im in images:
         detections, heatmaps = [], {}
         for lab in im.labels:
@@ -315,26 +233,31 @@ def fiftyone_samples(folder: Path, images: list[ExportImage], run_key: str, pref
                        "box_pixels": [int(x), int(y), int(w), int(h)]}
                 if region.mask is not None:
                     rel = PurePosixPath("masks", f"{run_key}__{im.id}__{slug}__{k}.png")
-                    save_png(folder / rel, region.mask.astype(np.uint8) * 255)
+                    pngs.append((rel, region.mask.astype(np.uint8) * 255))
                     det["mask"] = str(rel)
                 detections.append(det)
             if lab.heatmap is not None:
                 rel = PurePosixPath("heatmaps", f"{run_key}__{im.id}__{slug}.png")
-                save_png(folder / rel, np.round(np.clip(lab.heatmap, 0, 1) * 255).astype(np.uint8))
+                pngs.append((rel, np.round(np.clip(lab.heatmap, 0, 1) * 255).astype(np.uint8)))
                 heatmaps[f"heatmap_{slug.replace('-', '_').replace('.', '_')}"] = str(rel)
         samples.append({"id": im.id, "filepath": served_path(prefix, im.file_name) if prefix else im.path,
                         "classifications": [{"label": lab.name, "confidence": lab.score} for lab in im.labels],
                         "detections": detections, "heatmaps": heatmaps})
-    return {"name": f"clipsight-{run_key}", "samples": samples}
+    return {"name": f"clipsight-{run_key}", "samples": samples}, pngs
 
 
-def write_fiftyone(folder: Path, images: list[ExportImage], run_key: str, prefix: str,
-                   save_png: Callable[[Path, np.ndarray], None]) -> list[Path]:
+PNG_THREADS = 4  # encoding and writing release the GIL: the many small heatmap files are written side by side
+
+
+def write_fiftyone(folder: Path, images: list[ExportImage], run_key: str, prefix: str) -> list[Path]:
     """``samples.json``, ``load.py`` and the heatmap (and mask) PNGs."""
     for sub in ("heatmaps", "masks"):  # an earlier export's PNGs would be stale
         for old in (folder / sub).glob("*.png") if (folder / sub).is_dir() else []:
             old.unlink()
-    doc = fiftyone_samples(folder, images, run_key, prefix, save_png)
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    doc, pngs = fiftyone_samples(images, run_key, prefix)
+    with ThreadPoolExecutor(PNG_THREADS, thread_name_prefix="png") as pool:
+        list(pool.map(lambda item: save_png(folder / item[0], item[1]), pngs))
     atomic_write_text(folder / "samples.json", json.dumps(doc, ensure_ascii=False) + "\n")
     atomic_write_text(folder / "load.py", FIFTYONE_LOADER)
     return [folder / "samples.json", folder / "load.py"]
@@ -354,7 +277,8 @@ def write_yolo(folder: Path, images: list[ExportImage], with_confidence: bool) -
                 row = f"{cls[lab.name]} {(x + w / 2) / im.width:.6f} {(y + h / 2) / im.height:.6f} {w / im.width:.6f} {h / im.height:.6f}"
                 lines.append(row + (f" {lab.score:.4f}" if with_confidence else ""))
         path = labels / PurePosixPath(im.file_name).with_suffix(".txt")
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_plain(path, "".join(line + "\n" for line in lines).encode("utf-8"))
         written.add(path)
     for old in labels.rglob("*.txt") if labels.is_dir() else []:
         if old not in written:
@@ -372,7 +296,15 @@ def run_key(run_name: str, fingerprint: str) -> str:
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
-    """A grayscale PNG, written atomically."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    """A grayscale PNG (``[H, W]`` uint8)."""
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"could not encode {path.name} as PNG")
+    write_plain(path, data.tobytes())
+
+
+def write_plain(path: Path, data: bytes) -> None:
+    """One of an export's thousands of small files, written in place (its folder exists): the export removes its
+    stamp first and writes it last, so a kill in between leaves no stamp, and the next export redoes every file."""
+    with open(path, "wb") as f:
+        f.write(data)

@@ -15,11 +15,13 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -172,6 +174,9 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     Shape:
         - Output: :math:`(3, R, R)`.
     """
+    import torch  # here, not at the top: reading and listing images (export's workers too) needs no torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
     x = F.interpolate(x[None], size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
     return x[0].clamp_(0, 1)
@@ -179,6 +184,8 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """CLIP's mean/std normalisation of ``[B, 3, H, W]`` images in [0, 1]."""
+    import torch
+
     mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std

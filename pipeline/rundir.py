@@ -36,6 +36,8 @@ RECORDS_MD = "records.md"
 LONGEST = "longest_clip_word_records.txt"
 IMAGES_CSV = "images.csv"
 REPORT = "report.html"
+EXPORT_STAMP = "export/export.json"  # the export's stamp, files and what it left out
+EXPORT_REGIONS = "export/regions.json"  # every image's classes and boxes, which the report draws
 LOCK = ".lock"
 
 

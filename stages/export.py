@@ -17,25 +17,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image
 
+from pipeline.autolabels import ExportImage, LabelMap, LabelRules, export_one, load_label_map
 from pipeline.config import ConfigError, require
-from pipeline.exports import (FORMATS, ExportImage, ExportLabel, LabelMap, load_label_map, run_key, save_png,
-                              write_coco, write_fiftyone, write_labelstudio, write_yolo)
+from pipeline.exports import FORMATS, run_key, write_coco, write_fiftyone, write_labelstudio, write_yolo
 from pipeline.heatmaps import HEATMAP_METHODS
-from pipeline.images import ImageRef
-from pipeline.regions import Region, heatmap_regions, mask_region
-from pipeline.rundir import RunDir, atomic_write_json, read_json
+from pipeline.rundir import (EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
+                             atomic_write_text, read_json)
 from pipeline.runner import StageContext, WholeRunStage
 
 EXPORT = "export"
-STAMP = "export/export.json"
-REGIONS = "export/regions.json"
 
 
 @dataclass(frozen=True)
@@ -60,49 +60,9 @@ class ExportConfig:
         require(0 <= self.min_area < 1, f"export.min_area must be in [0, 1) (a fraction of the image), got {self.min_area}")
         require(self.top_k >= 0, f"export.top_k must be >= 0 (0 = all), got {self.top_k}")
 
-
-def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatmaps: dict | None,
-                 maps: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], cfg: ExportConfig,
-                 label_map: LabelMap) -> ExportImage:
-    """One image's export: classes with scores and regions, from its labels and (when current) its maps.
-
-    Args:
-        ref: the image.
-        size: its ``(width, height)`` in pixels.
-        labels: ``labels/<id>.json``'s labels (``word``, ``score``).
-        heatmaps: ``surgery/<id>.json`` when surgery is done with today's settings, else ``None``
-            (the image is exported without regions).
-        maps: the region method's grid map per word (from ``surgery/<id>.npz``).
-        masks: SAM's mask per word, where SAM made one.
-        cfg: the export settings.
-        label_map: words to classes.
-    """
-    width, height = size
-    by_class: dict[str, list[dict]] = {}
-    for d in sorted(labels, key=lambda d: -(d.get("score") or 0.0)):
-        name = label_map.classify(d["word"])
-        if name is not None:
-            by_class.setdefault(name, []).append(d)
-    ranges = {e["word"]: e.get("range", {}).get(cfg.region_method) for e in (heatmaps or {}).get("labels", [])}
-    out = []
-    for name, words in by_class.items():
-        best = words[0]
-        score = round(float(best.get("score") or 0.0), 4)
-        if cfg.min_score is not None and score < cfg.min_score:
-            continue
-        word = best["word"]
-        regions: tuple[Region, ...] = ()
-        grid = maps.get(word) if heatmaps is not None else None
-        if heatmaps is not None and word in masks:
-            region = mask_region(masks[word])
-            regions = (region,) if region is not None else ()
-        elif grid is not None:
-            rng = ranges.get(word)
-            regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
-                                            cfg.min_area, tuple(rng) if rng else None))
-        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), regions, grid))
-    out.sort(key=lambda lab: -lab.score)
-    return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out[: cfg.top_k or None])
+    @property
+    def rules(self) -> LabelRules:
+        return LabelRules(self.region_method, self.tau, self.multi_instance, self.min_area, self.min_score, self.top_k)
 
 
 def regions_document(images: list[ExportImage], stamp: str) -> dict:
@@ -123,58 +83,46 @@ def inputs_stamp(settings: Mapping, label_map: LabelMap, records: list[Any]) -> 
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any, log: Any = None
-                 ) -> tuple[list[ExportImage], list[dict], str]:
-    """Every exportable image of a run, what was left out (with reasons), and the inputs' stamp.
+PARALLEL_FROM = 500  # images: a smaller run is read in this process
+
+
+def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any, workers: int | None = None
+                 ) -> tuple[list[ExportImage], list[dict], list]:
+    """Every exportable image of a run, what was left out (with reasons), and the manifest records read.
 
     ``state(image, stage, latest)`` is the status of an image's output (``StageContext.status``).
+    From ``PARALLEL_FROM`` images on, the images' maps are read and their regions built on ``workers``
+    processes (default: one per core).
     """
     latest = run.latest()
-    images, left_out, records = [], [], []
+    jobs, left_out, records = [], [], []
     for ref in run.load_images():
         decode, surgery = state(ref.id, "decode", latest), state(ref.id, "surgery", latest)
-        labels = read_json(run.labels(ref.id)) if decode.state == "done" else None
-        if labels is None:
-            why = decode.reason or decode.state if decode.state != "done" else f"labels/{ref.id}.json is unreadable"
-            left_out.append({"image": ref.rel, "what": "image", "reason": f"decode {decode.state}: {why}"})
+        if decode.state != "done":
+            left_out.append({"image": ref.rel, "what": "image",
+                             "reason": f"decode {decode.state}" + (f": {decode.reason}" if decode.reason else "")})
             continue
-        heatmaps = read_json(run.heatmaps(ref.id)) if surgery.state == "done" else None
-        if heatmaps is None:
+        if surgery.state != "done":
             left_out.append({"image": ref.rel, "what": "regions",
                              "reason": f"surgery {surgery.state}" + (f": {surgery.reason}" if surgery.reason else "")})
-        maps, masks = _maps_and_masks(run, ref, heatmaps, cfg)
-        size = tuple(heatmaps["size"]) if heatmaps else _image_size(ref)
-        if size is None:
-            left_out.append({"image": ref.rel, "what": "image", "reason": "the image cannot be read for its size"})
-            continue
-        records.append([latest.get((ref.id, "decode")), latest.get((ref.id, "surgery")) if heatmaps else None])
-        images.append(export_image(ref, size, labels["labels"], heatmaps, maps, masks, cfg, label_map))
+        jobs.append((ref, surgery.state == "done"))
+        records.append([latest.get((ref.id, "decode")), latest.get((ref.id, "surgery")) if surgery.state == "done" else None])
+    work = partial(export_one, run.root, cfg.rules, label_map)
+    n = workers or os.cpu_count() or 1
+    if n > 1 and len(jobs) >= PARALLEL_FROM:
+        # spawned, not forked (a fork of a process that has run torch's and OpenCV's thread pools can hang);
+        # the worker's code (pipeline.autolabels) imports no torch, so each starts in a fraction of a second
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(work, jobs, chunksize=max(1, min(256, len(jobs) // (4 * n)))))
+    else:
+        done = [work(job) for job in jobs]
+    images = []
+    for (ref, _), (image, problem) in zip(jobs, done):
+        if problem:
+            left_out.append({"image": ref.rel, "what": "image", "reason": problem})
+        else:
+            images.append(image)
     return images, left_out, records
-
-
-def _maps_and_masks(run: RunDir, ref: ImageRef, heatmaps: dict | None, cfg: ExportConfig
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    if heatmaps is None:
-        return {}, {}
-    maps: dict[str, np.ndarray] = {}
-    if cfg.region_method in heatmaps.get("methods", []):
-        prefix = f"{cfg.region_method}/"
-        with np.load(run.maps(ref.id)) as npz:
-            maps = {k[len(prefix):]: npz[k].astype(np.float32) for k in npz.files if k.startswith(prefix)}
-    masks = {}
-    for entry in heatmaps.get("labels", []):
-        if entry.get("mask"):
-            with Image.open(run.file(entry["mask"])) as im:
-                masks[entry["word"]] = np.asarray(im.convert("L")) > 0
-    return maps, masks
-
-
-def _image_size(ref: ImageRef) -> tuple[int, int] | None:
-    try:
-        with Image.open(ref.path) as im:
-            return im.size
-    except (OSError, ValueError):
-        return None
 
 
 def write_formats(run: RunDir, images: list[ExportImage], cfg: ExportConfig, key: str, model: str) -> list[str]:
@@ -187,7 +135,7 @@ def write_formats(run: RunDir, images: list[ExportImage], cfg: ExportConfig, key
         elif fmt == "labelstudio":
             written += write_labelstudio(folder, images, f"clipsight {model} {key}", cfg.path_prefix)
         elif fmt == "fiftyone":
-            written += write_fiftyone(folder, images, key, cfg.path_prefix, save_png)
+            written += write_fiftyone(folder, images, key, cfg.path_prefix)
         elif fmt == "yolo":
             written += write_yolo(folder, images, cfg.yolo_confidence)
     return [run.rel(p) for p in written]
@@ -220,10 +168,11 @@ class ExportStage(WholeRunStage[ExportConfig]):
             ctx.log.info("export: up to date (%d images)", len(images))
             return [STAMP, *outputs]
         key = run_key(run.root.name, stamp)
+        run.file(STAMP).unlink(missing_ok=True)  # written last: a kill in between cannot leave a stamp over torn files
         files: dict[str, list[str]] = {}
         for fmt in cfg.formats:
             files[fmt] = write_formats(run, images, ExportConfig(**{**cfg.__dict__, "formats": (fmt,)}), key, ctx.settings.model)
-        atomic_write_json(run.file(REGIONS), regions_document(images, stamp))
+        atomic_write_text(run.file(REGIONS), json.dumps(regions_document(images, stamp), ensure_ascii=False))
         regions = sum(len(lab.regions) for im in images for lab in im.labels)
         for item in left_out:
             ctx.log.warning("export left out %s of %s: %s", item["what"], item["image"], item["reason"])

@@ -25,7 +25,7 @@ from pipeline.config import require
 from pipeline.heatmaps import HEATMAP_METHODS
 from pipeline.images import ImageError, ImageRef, load_image
 from pipeline.provenance import Status
-from pipeline.rundir import REPORT, RunDir, atomic_path, atomic_write_text, read_json
+from pipeline.rundir import EXPORT_REGIONS, REPORT, RunDir, atomic_path, atomic_write_text, read_json
 from pipeline.runner import StageContext, WholeRunStage
 
 
@@ -53,6 +53,7 @@ class ImageOutputs:
     labels: dict | None
     heatmaps: dict | None
     failures: list[tuple[str, str]]  # (stage, reason) of the stages that failed, were blocked or are stale
+    regions: list[dict] | None = None  # the export's classes and boxes (export/regions.json), when surgery is done
 
 
 @dataclass
@@ -83,6 +84,7 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
     """
     latest = run.latest()
     readers = {"ascend": run.opinion, "decode": run.labels, "surgery": run.heatmaps}
+    regions = (read_json(run.file(EXPORT_REGIONS)) or {}).get("images", {})
     images = []
     for ref in run.load_images():
         docs, failures = {}, []
@@ -94,7 +96,8 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
             elif st.state == "stale":
                 failures.append((stage, f"{ref.rel}: stale, {st.reason}; rerun {stage}"))
         src = thumbnail(ref) or os.path.relpath(os.path.abspath(ref.path), os.path.abspath(run.root))
-        images.append(ImageOutputs(ref, src, docs["ascend"], docs["decode"], docs["surgery"], failures))
+        boxes = regions.get(ref.id) if docs["surgery"] else None  # boxes from a current export of current maps
+        images.append(ImageOutputs(ref, src, docs["ascend"], docs["decode"], docs["surgery"], failures, boxes))
     records = run.manifest_records()
     if session is None:
         session = max((r.get("session", "") for r in records if r.get("image") is not None), default="")
@@ -137,6 +140,9 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
         if item.heatmaps:
             _add_maps(card, item.heatmaps, cfg)
             methods.update(item.heatmaps["methods"])
+            if item.regions:  # [class, score, source, [[x, y, w, h], ...]] in the image's pixels
+                card["boxes"] = [[d["label"], d["score"], d["regions"][0]["source"], [r["box"] for r in d["regions"]]]
+                                 for d in item.regions if d["regions"]]
         for stage, error in item.failures:
             failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
         cards.append(card)
@@ -148,6 +154,7 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
             "methods": shown, "method_names": {m: HEATMAP_METHODS[m] for m in shown},
             "default_method": "surgery" if "surgery" in shown else (shown[0] if shown else None),
             "has_masks": any(m[2] for c in cards for m in c["maps"]),
+            "has_boxes": any(c.get("boxes") for c in cards),
             "has_scales": any(c.get("scale") for c in cards)}
 
 
@@ -245,7 +252,8 @@ main{padding:16px 20px}.bar{display:flex;gap:12px;align-items:center;flex-wrap:w
 input[type=search]{padding:6px 10px;font-size:14px;width:260px;max-width:100%}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px}
 .card{background:#fff;border-radius:8px;padding:10px;box-shadow:0 1px 3px #0002}
-.card>img,.missing{width:100%;max-height:260px;object-fit:contain;background:#eee;border-radius:4px}
+.card>img,.card>.pic>img,.missing{width:100%;max-height:260px;object-fit:contain;background:#eee;border-radius:4px;display:block}
+.pic svg.boxes{position:absolute;inset:0;width:100%;height:100%;pointer-events:auto}
 .missing{display:flex;align-items:center;justify-content:center;height:120px;color:#78716c}
 .card h3{font-size:13px;margin:6px 0;word-break:break-all}.chip{display:inline-block;background:#e7e5e4;border-radius:10px;
 padding:1px 8px;margin:2px;cursor:pointer}.chip:hover{background:#fde68a}
@@ -288,17 +296,19 @@ const D = JSON.parse(document.getElementById('data').textContent);
 const $ = id => document.getElementById(id);
 const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
 const fmt = x => x === null || x === undefined ? '–' : Number(x).toFixed(3);
-let page = 0, shown = D.cards, method = D.default_method, showPoints = false, scale = 'word', filterId = 0, open = null;
+let page = 0, shown = D.cards, method = D.default_method, showPoints = false, showBoxes = false, scale = 'word', filterId = 0, open = null;
 let sortKey = null, sortDir = 1;
 const names = D.method_names;
 const JET = ['__JETR__', '__JETG__', '__JETB__'];
+const BOX_COLOURS = ['#facc15', '#22d3ee', '#f472b6', '#4ade80', '#fb923c', '#a78bfa'];
 function toggle() {
   const methods = D.methods.length > 1 ? 'heatmaps: ' + D.methods.map(m =>
     `<button data-method="${m}" class="${m === method ? 'on' : ''}">${names[m]}</button>`).join('') : '';
   const scales = D.has_scales ? ' colours: ' + [['word', 'each word its own'], ['image', 'one per image']].map(([k, t]) =>
     `<button data-scale="${k}" class="${k === scale ? 'on' : ''}">${t}</button>`).join('') : '';
   const points = D.has_masks ? ` <label><input type="checkbox" id="points"${showPoints ? ' checked' : ''}> SAM points</label>` : '';
-  $('toggle').innerHTML = methods + scales + points;
+  const boxes = D.has_boxes ? ` <label><input type="checkbox" id="boxes"${showBoxes ? ' checked' : ''}> boxes</label>` : '';
+  $('toggle').innerHTML = methods + scales + points + boxes;
 }
 const timing = Object.entries(D.seconds).map(([k, v]) => `${k} ${v}s` + (D.counts[k] ? ` (${D.counts[k]} images)` : ''));
 $('summary').textContent = [`${D.cards.length} images`, `model ${D.model}`,
@@ -362,7 +372,13 @@ function card(c, ci) {
     `${showPoints ? dots(pts) : ''}</div><figcaption>${esc(w)}` +
     (mask ? ` <a href="${esc(c.base + mask)}">mask</a>` : '') + '</figcaption></figure>').join('') : '';
   const fails = c.failures.map(([st, e]) => `<div class="fail">${esc(st)}: ${esc(e)}</div>`).join('');
-  return `<div class="card" id="${esc(c.id)}"><img loading="lazy" src="${esc(c.src)}" alt="${esc(c.rel)}" data-missing="1"><h3>${esc(c.rel)}</h3>` +
+  const boxes = showBoxes && c.boxes && c.size ? `<svg class="boxes" viewBox="0 0 ${c.size[0]} ${c.size[1]}">` +
+    c.boxes.map(([l, s, src, bs], i) => bs.map(([x, y, w, h]) => `<g><title>${esc(l)} ${fmt(s)} (${esc(src)})</title>` +
+    `<rect x="${x}" y="${y}" width="${w}" height="${h}" fill="none" stroke="${BOX_COLOURS[i % BOX_COLOURS.length]}" ` +
+    `stroke-width="${Math.max(c.size[0], c.size[1]) / 120}"/><text x="${x + 1}" y="${y + Math.max(c.size[0], c.size[1]) / 18}" ` +
+    `font-size="${Math.max(c.size[0], c.size[1]) / 18}" fill="${BOX_COLOURS[i % BOX_COLOURS.length]}" stroke="#000" ` +
+    `stroke-width="${Math.max(c.size[0], c.size[1]) / 400}">${esc(l)}</text></g>`).join('')).join('') + '</svg>' : '';
+  return `<div class="card" id="${esc(c.id)}"><div class="fig pic"><img loading="lazy" src="${esc(c.src)}" alt="${esc(c.rel)}" data-missing="1">${boxes}</div><h3>${esc(c.rel)}</h3>` +
     fails + `<div>${chips || '<span class="muted">no opinion</span>'}</div>` +
     (labels ? `<table><tr><th>label</th><th>count</th><th>score</th></tr>${labels}</table>` : '') +
     (maps ? `<div class="maps">${maps}</div>` : '') +
@@ -420,6 +436,7 @@ document.addEventListener('click', e => {
   if (d.scale && t.tagName === 'BUTTON') { scale = d.scale; toggle(); render(); return; }
   if (d.sort) { sortDir = sortKey === d.sort ? -sortDir : (d.sort === 'word' ? 1 : -1); sortKey = d.sort; board(); return; }
   if (t.id === 'points') { showPoints = t.checked; render(); return; }
+  if (t.id === 'boxes') { showBoxes = t.checked; render(); return; }
   if (t.id === 'lb-close' || t.id === 'lightbox') { open = null; lightbox(); return; }
   const fig = t.closest && t.closest('figure[data-card]');
   if (fig && t.tagName !== 'A') { open = {card: +fig.dataset.card, map: +fig.dataset.map}; lightbox(); return; }

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.models import load_model
-from pipeline.toyworld import write_scenes
+from pipeline.toyworld import TRUTH_COCO, write_scenes
 
 # The one set of fast run settings the CLI-level tests share: a few ascent steps, every word a label,
 # small single-text maps. A test that needs more passes its own keys, which win.
@@ -36,4 +36,5 @@ def images(tmp_path):
     d = tmp_path / "imgs"
     write_scenes(d, 0, 3)
     (d / "truth.json").unlink()
+    (d / TRUTH_COCO).unlink()
     return d

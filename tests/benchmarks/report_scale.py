@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import to_dict  # noqa: E402
 from pipeline.images import ImageRef  # noqa: E402
+from pipeline.provenance import Status  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from stages import RunConfig  # noqa: E402
 from stages.report import ReportConfig, build_report_data, read_report_inputs, render_report  # noqa: E402
@@ -57,7 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp) / "run", args.images)
         t = time.time()
-        page = render_report(build_report_data(read_report_inputs(run, to_dict(RunConfig())), ReportConfig()))
+        page = render_report(build_report_data(read_report_inputs(run, to_dict(RunConfig()), lambda i, s, latest: Status("done")),
+                                                ReportConfig()))
         out["write_seconds"] = round(time.time() - t, 2)
         path = run.file("report.html")
         path.write_text(page, encoding="utf-8")

@@ -66,7 +66,7 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     assert cards.count() == len(data["cards"]) == 6
     for c in data["cards"]:
         assert page.locator(f'[id="{c["id"]}"] h3').inner_text() == c["rel"]
-    thumbs_loaded = page.eval_on_selector_all(".card > img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    thumbs_loaded = page.eval_on_selector_all(".card .pic > img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
     assert thumbs_loaded.count(True) == 5  # every decodable image shows; the broken one cannot
     page.click("#failures-title")  # open the failures list
     assert "broken.png" in page.locator("#failures").inner_text() and "not an image" in page.locator("#failures").inner_text()
@@ -93,6 +93,13 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
         assert srcs and all(s.endswith(f"__{method}.png") for s in srcs), srcs
         assert page.locator(f'#toggle button[data-method="{method}"]').get_attribute("class") == "on"
     assert page.locator("#points").count() == 0  # SAM never ran: no SAM points control
+    # the export's boxes, over each picture, behind a toggle
+    boxes = sum(len(b[3]) for c in data["cards"] for b in c.get("boxes", []))
+    assert boxes > 0 and page.locator("svg.boxes rect").count() == 0
+    page.click("#boxes")
+    assert page.locator("svg.boxes rect").count() == boxes
+    page.click("#boxes")
+    assert page.locator("svg.boxes rect").count() == 0
     broken = page.locator(".card", has=page.locator("h3", has_text="broken.png"))
     assert "not an image" in broken.locator(".fail").first.inner_text()  # the reason is on the card itself
     assert broken.locator(".missing").count() == 1 and broken.locator("img").count() == 0  # no broken-image icon

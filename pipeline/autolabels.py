@@ -1,0 +1,249 @@
+"""Auto-labels in memory: one type for an image's classes and regions, and building it from a run's outputs.
+
+``ExportImage`` is what every export writer (``pipeline.exports``) and ``eval`` read: an
+image's classes, each with its stock-CLIP score, the words behind it, its regions
+(``pipeline.regions``) and the map they came from. ``export_image`` builds one from an
+image's labels and maps; ``export_one`` reads those from the run directory first.
+``LabelMap`` maps many model words to one class and drops words, from a YAML file.
+
+This module imports no torch, so the export can read a large run on worker processes
+that start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.config import ConfigError
+from pipeline.images import ImageRef
+from pipeline.regions import Region, heatmap_regions, mask_region
+from pipeline.rundir import RunDir, read_json
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    """What an export keeps of an image's labels, and how it finds their regions (``stages.export.ExportConfig``)."""
+
+    region_method: str = "single"
+    tau: float = 0.5
+    multi_instance: bool = False
+    min_area: float = 0.002
+    min_score: float | None = None
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class ExportLabel:
+    """One class of an image: its stock-CLIP score (the best of its words), the words behind it,
+    and its regions (the best-scored word's)."""
+
+    name: str
+    score: float
+    words: tuple[str, ...]
+    regions: tuple[Region, ...] = ()
+    heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
+
+
+@dataclass
+class ExportImage:
+    """One image's auto-labels, as every writer reads them."""
+
+    id: str
+    file_name: str  # relative to the input root, with forward slashes
+    path: str  # absolute
+    width: int
+    height: int
+    labels: list[ExportLabel] = field(default_factory=list)
+
+    @property
+    def certainty(self) -> float:
+        """The best label's score (0 without labels): how sure CLIP is of this image."""
+        return max((lab.score for lab in self.labels), default=0.0)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Which class each model word becomes, and which words are dropped.
+
+    The YAML file has three optional keys::
+
+        map: {circle: round, ring: round}   # word -> class; many words may share a class
+        drop: [the, a]                       # words never exported
+        only_mapped: false                   # true: words the map does not name are dropped too
+    """
+
+    mapping: dict[str, str] = field(default_factory=dict)
+    drop: frozenset[str] = frozenset()
+    only_mapped: bool = False
+    source: str = ""  # the file's text, so a changed file redoes the export
+
+    def classify(self, word: str) -> str | None:
+        """The class of ``word``, or ``None`` when it is dropped."""
+        if word in self.drop:
+            return None
+        if word in self.mapping:
+            return self.mapping[word]
+        return None if self.only_mapped else word
+
+
+def load_label_map(path: str | Path | None) -> LabelMap:
+    """The label map in ``path`` (identity when ``None``).
+
+    Raises:
+        ConfigError: a missing file, bad YAML, an unknown key or a value of the wrong type; the
+            message names the file and the key.
+    """
+    if not path:
+        return LabelMap()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"export.label_map: no file at {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a label map is a mapping with the keys map, drop, only_mapped; got {type(data).__name__}")
+    unknown = [k for k in data if k not in ("map", "drop", "only_mapped")]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} in the label map; valid keys: map, drop, only_mapped")
+    mapping = data.get("map") or {}
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                for k, v in mapping.items()):
+        raise ConfigError(f"{path}: 'map' must map words to class names (strings), got {mapping!r}")
+    drop = data.get("drop") or []
+    if not isinstance(drop, list) or not all(isinstance(w, str) for w in drop):
+        raise ConfigError(f"{path}: 'drop' must be a list of words, got {drop!r}")
+    only = data.get("only_mapped", False)
+    if not isinstance(only, bool):
+        raise ConfigError(f"{path}: 'only_mapped' must be true or false, got {only!r}")
+    return LabelMap({k: v.strip() for k, v in mapping.items()}, frozenset(drop), only, text)
+
+
+def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatmaps: dict | None,
+                 maps: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], cfg: LabelRules,
+                 label_map: LabelMap) -> ExportImage:
+    """One image's export: classes with scores and regions, from its labels and (when current) its maps.
+
+    Args:
+        ref: the image.
+        size: its ``(width, height)`` in pixels.
+        labels: ``labels/<id>.json``'s labels (``word``, ``score``).
+        heatmaps: ``surgery/<id>.json`` when surgery is done with today's settings, else ``None``
+            (the image is exported without regions).
+        maps: the region method's grid map per word (from ``surgery/<id>.npz``).
+        masks: SAM's mask per word, where SAM made one.
+        cfg: the export settings.
+        label_map: words to classes.
+    """
+    width, height = size
+    by_class: dict[str, list[dict]] = {}
+    for d in sorted(labels, key=lambda d: -(d.get("score") or 0.0)):
+        name = label_map.classify(d["word"])
+        if name is not None:
+            by_class.setdefault(name, []).append(d)
+    ranges = {e["word"]: e.get("range", {}).get(cfg.region_method) for e in (heatmaps or {}).get("labels", [])}
+    out = []
+    for name, words in by_class.items():
+        best = words[0]
+        score = round(float(best.get("score") or 0.0), 4)
+        if cfg.min_score is not None and score < cfg.min_score:
+            continue
+        word = best["word"]
+        regions: tuple[Region, ...] = ()
+        grid = maps.get(word) if heatmaps is not None else None
+        if heatmaps is not None and word in masks:
+            region = mask_region(masks[word])
+            regions = (region,) if region is not None else ()
+        elif grid is not None:
+            rng = ranges.get(word)
+            regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
+                                            cfg.min_area, tuple(rng) if rng else None))
+        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), regions, grid))
+    out.sort(key=lambda lab: -lab.score)
+    return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out[: cfg.top_k or None])
+
+
+def export_one(root: Path, cfg: LabelRules, label_map: LabelMap, job: tuple[ImageRef, bool]
+                ) -> tuple[ExportImage | None, str | None]:
+    """One image's export from its files, or why it cannot be exported."""
+    ref, surgery_done = job
+    run = RunDir(root)
+    labels = read_json(run.labels(ref.id))
+    if not isinstance(labels, dict) or not isinstance(labels.get("labels"), list):
+        return None, f"labels/{ref.id}.json is unreadable (not valid JSON or not a labels file): rerun decode"
+    heatmaps = read_json(run.heatmaps(ref.id)) if surgery_done else None
+    if surgery_done and heatmaps is None:
+        return None, f"surgery/{ref.id}.json is unreadable: rerun surgery"
+    try:
+        maps, masks = maps_and_masks(run, ref, heatmaps, cfg)
+    except (OSError, ValueError, KeyError) as err:
+        return None, f"surgery/{ref.id}.npz or a mask is unreadable ({err}): rerun surgery"
+    size = tuple(heatmaps["size"]) if heatmaps else _image_size(ref)
+    if size is None:
+        return None, "the image cannot be read for its size"
+    return export_image(ref, size, labels["labels"], heatmaps, maps, masks, cfg, label_map), None
+
+
+def maps_and_masks(run: RunDir, ref: ImageRef, heatmaps: dict | None, cfg: LabelRules
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    if heatmaps is None:
+        return {}, {}
+    maps: dict[str, np.ndarray] = {}
+    if cfg.region_method in heatmaps.get("methods", []):
+        maps = read_npz(run.maps(ref.id), f"{cfg.region_method}/")
+    masks = {}
+    for entry in heatmaps.get("labels", []):
+        if entry.get("mask"):
+            with Image.open(run.file(entry["mask"])) as im:
+                masks[entry["word"]] = np.asarray(im.convert("L")) > 0
+    return maps, masks
+
+
+@lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """An .npy header's dtype, shape and order, parsed by numpy once per distinct header (they repeat)."""
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+    return dtype, shape, fortran
+
+
+def read_npz(path: Path, prefix: str) -> dict[str, np.ndarray]:
+    """The float32 arrays of an npz whose keys start with ``prefix``, keyed by the rest of the key.
+
+    Reads the archive's members directly, with each distinct .npy header parsed once, which is
+    several times faster than ``np.load`` for the many small maps of a run.
+    """
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if not key.startswith(prefix):
+                continue
+            data = zf.read(info)
+            start = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+            dtype, shape, fortran = _npy_header(data[:start])
+            arr = np.frombuffer(data, dtype=dtype, offset=start).reshape(shape, order="F" if fortran else "C")
+            out[key[len(prefix):]] = arr.astype(np.float32)
+    return out
+
+
+def _image_size(ref: ImageRef) -> tuple[int, int] | None:
+    try:
+        with Image.open(ref.path) as im:
+            return im.size
+    except (OSError, ValueError):
+        return None
+
+

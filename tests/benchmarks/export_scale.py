@@ -1,0 +1,104 @@
+"""Export at scale: a synthetic run of N images (10 labels, 3 methods' 14x14 maps each), exported; prints JSON.
+
+    python tests/benchmarks/export_scale.py [--images 10000] [--formats coco labelstudio fiftyone yolo]
+
+It builds the run with ``report_scale.make_run`` plus each image's ``surgery/<id>.npz`` and the
+size, methods and ranges of ``surgery/<id>.json``, then times what the export stage does:
+reading every image's labels and maps, building the regions (``pipeline.regions``, at 640x480),
+and writing ``regions.json`` and each format. No model runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+# The rest is imported in main(): the export's worker processes are spawned, and each imports this
+# script as its main module, as they import runall.py in a real run, which imports no torch.
+METHODS = ("raw", "surgery", "single")
+FORMATS = ("coco", "labelstudio", "fiftyone", "yolo")
+
+
+def add_maps(run, seed: int = 0) -> None:
+
+    """Each image's maps: a blob somewhere on a 14x14 grid per label and method, as the surgery stage stores them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:14, 0:14]
+    for path in sorted(run.file("surgery").glob("*.json")):
+        doc = json.loads(path.read_text())
+        arrays = {}
+        for d in doc["labels"]:
+            for m in METHODS:
+                cy, cx, r = rng.uniform(2, 12), rng.uniform(2, 12), rng.uniform(1.5, 4)
+                blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) + rng.uniform(0, 0.2, (14, 14))
+                arrays[f"{m}/{d['word']}"] = ((blob - blob.min()) / np.ptp(blob)).astype(np.float16)
+            d["range"] = {m: [0.1, 0.3] for m in METHODS}
+        arrays["image_size"] = np.asarray([480, 640], dtype=np.int32)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        run.maps(doc.get("image") or path.stem).write_bytes(buf.getvalue())
+        doc["methods"] = list(METHODS)
+        path.write_text(json.dumps(doc))
+
+
+def main() -> None:
+    from pipeline.autolabels import LabelMap
+    from pipeline.exports import run_key
+    from pipeline.provenance import Status
+    from pipeline.rundir import atomic_write_text
+    from stages.export import ExportConfig, read_exports, regions_document, write_formats
+    from tests.benchmarks.jsonout import emit
+    from tests.benchmarks.report_scale import make_run
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--workers", type=int, default=None, help="reading processes (default: one per core)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    out_workers = args.workers
+    out: dict = {"images": args.images, "formats": args.formats, "workers": out_workers or "one per core",
+                 "command": " ".join(sys.argv)}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.time()
+        run = make_run(Path(tmp) / "run", args.images)
+        for path in run.file("surgery").glob("*.json"):  # make_run's docs name no image; the npz needs the id
+            doc = json.loads(path.read_text())
+            doc["image"] = path.stem
+            path.write_text(json.dumps(doc))
+        add_maps(run)
+        out["build_seconds"] = round(time.time() - t, 1)
+        os.sync()  # the build's hundreds of MB of dirty pages would otherwise throttle the timed export's writes
+        cfg = ExportConfig(formats=tuple(args.formats))
+        t = time.time()
+        images, left_out, records = read_exports(run, cfg, LabelMap(), lambda i, s, latest: Status("done"), args.workers)
+        out["read_and_regions_seconds"] = round(time.time() - t, 2)
+        files, out["write_seconds_by_format"] = [], {}
+        for fmt in args.formats:
+            t = time.time()
+            files += write_formats(run, images, ExportConfig(formats=(fmt,)), run_key("bench", "x"), "bench")
+            out["write_seconds_by_format"][fmt] = round(time.time() - t, 2)
+        t = time.time()
+        atomic_write_text(run.file("export", "regions.json"), json.dumps(regions_document(images, "x")))
+        out["write_seconds_by_format"]["regions.json"] = round(time.time() - t, 2)
+        out["write_seconds"] = round(sum(out["write_seconds_by_format"].values()), 2)
+        out["total_seconds"] = round(out["read_and_regions_seconds"] + out["write_seconds"], 2)
+        out["regions"] = sum(len(lab.regions) for im in images for lab in im.labels)
+        out["left_out"] = len(left_out)
+        out["files"] = len(files)
+        out["export_mib"] = round(sum(p.stat().st_size for p in run.file("export").rglob("*") if p.is_file()) / 2**20, 1)
+    emit(out, args.out)
+
+
+if __name__ == "__main__":
+    main()
