@@ -355,7 +355,7 @@ def eval_command(
     from pipeline.provenance import Provenance
     from pipeline.rundir import atomic_write_json
     from stages import RESULT_KEYS, STAGES
-    from stages.export import evaluate_run
+    from stages.export import effective_config, evaluate_run
 
     rd = _open_run(run)
     sets = [f"export.label_map={json.dumps(str(label_map.resolve()))}"] if label_map else []
@@ -371,16 +371,17 @@ def eval_command(
 
     prov = Provenance(to_dict(cfg), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
     methods = list(cfg.surgery.methods)
-    result = evaluate_run(rd, doc, cfg.export, lmap, lambda i, s, latest: prov.status(rd, latest, i, s), methods)
+    export_cfg = effective_config(cfg.export, methods)
+    result = evaluate_run(rd, doc, export_cfg, lmap, lambda i, s, latest: prov.status(rd, latest, i, s), methods)
     result["truth"] = str(truth)
     target = out_file or rd.file("export", "eval.json")
     atomic_write_json(target, result)
     if as_json:
         print(json.dumps(result, indent=1))
         return
-    out.print(f"{rd.root.name} against {truth.name} (tau {cfg.export.tau}, boxes from {cfg.export.region_method}):",
+    out.print(f"{rd.root.name} against {truth.name} (tau {export_cfg.tau}, boxes from {export_cfg.region_method}):",
               highlight=False)
-    out.print(format_table(eval_table(result, methods, cfg.export.region_method)), highlight=False)
+    out.print(format_table(eval_table(result, methods, export_cfg.region_method)), highlight=False)
     o = result["overall"]
     best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
     out.print(f"coverage {o['coverage']} of {o['pairs']} true (image, category) pairs named by CLIP; "
@@ -389,16 +390,49 @@ def eval_command(
 
 
 @app.command("status")
-def status_command(run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)]) -> None:
-    """Show, per stage, which images are done, stale (made with other settings), failed, blocked or pending, and why."""
+def status_command(
+    run: Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)],
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read every finished output and check its size and checksum; damaged ones are recorded, so the next run redoes them.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show, per stage, which images are done, stale (made with other settings), damaged, failed, blocked or pending, and why."""
+    import time
+
+    from pipeline.provenance import mark_damaged, verify_outputs
+    from pipeline.rundir import RunLocked
     from pipeline.runner import stage_status
     from pipeline.views import status_table
     from stages import RESULT_KEYS, STAGES
 
     rd = _open_run(run)
     cfg = _resolve(None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))
-    for line in status_table(run, stage_status(cfg, rd, STAGES, RESULT_KEYS)):
-        out.print(line, highlight=False)
+    report: dict = {}
+    if verify:
+        t = time.time()
+        found = verify_outputs(rd)
+        report = {"records": found.records, "files": found.files, "bytes": found.bytes,
+                  "existence_only": found.existence_only, "damaged": found.damaged, "seconds": round(time.time() - t, 2)}
+        if found.damaged:
+            try:
+                with rd.lock():
+                    mark_damaged(rd, found.damaged, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            except RunLocked as err:
+                _fail(f"{err}; the damage was found but not recorded: rerun --verify when it is free")
+    status = stage_status(cfg, rd, STAGES, RESULT_KEYS)
+    if as_json:
+        print(json.dumps({"run": str(run), "verify": report or None,
+                          "stages": {s: {k: [list(x) for x in v] for k, v in by.items()} for s, by in status.items()}}, indent=1))
+    else:
+        if verify:
+            out.print(f"verified {report['files']} files of {report['records']} finished outputs "
+                      f"({report['bytes'] / 2**20:.1f} MiB) in {report['seconds']}s: {len(found.damaged)} damaged"
+                      + (f"; {found.existence_only} written before checksums, checked to exist only" if found.existence_only else ""),
+                      highlight=False)
+            for d in found.damaged:
+                out.print(f"damaged: {d['stage']} {d['image'] or '(whole run)'}: {d['reason']}", highlight=False)
+        for line in status_table(run, status):
+            out.print(line, highlight=False)
+    raise typer.Exit(1 if verify and found.damaged else 0)
 
 
 @app.command("models")

@@ -11,8 +11,11 @@ Every manifest record of a finished image carries the fingerprint it was made wi
 which setting changed. An output is:
 
 * ``done``: its last record is done, its files exist and its fingerprint is today's;
-* ``stale``: done, but made with other settings, or from an upstream output since redone;
+* ``stale``: done, but made with other settings, or from an upstream output since redone (each done record
+  names the ids of the upstream records it read);
 * ``failed`` / ``blocked``: its last record says so, with the reason;
+* ``damaged``: an output is not what was written (another size, or, found by ``status --verify``, another
+  checksum), or ``verify`` recorded it so; the next run redoes it;
 * ``pending``: never tried.
 """
 
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -56,7 +60,7 @@ def fingerprint(settings: dict, upstream: list[str]) -> str:
 class Status:
     """The state of one (image, stage) and, unless done or pending, why."""
 
-    state: str  # "done", "stale", "failed", "blocked" or "pending"
+    state: str  # "done", "stale", "damaged", "failed", "blocked" or "pending"
     reason: str = ""
 
 
@@ -98,14 +102,19 @@ class Provenance:
         rec = latest.get((image, stage))
         if rec is None:
             return Status("pending")
-        if rec["status"] in ("failed", "blocked"):
+        if rec["status"] in ("failed", "blocked", "damaged"):
             return Status(rec["status"], rec.get("error") or "")
-        if not run.is_done(rec):
-            return Status("pending", "an output file is missing")
+        damage = run.damage(rec)
+        if damage is not None:
+            return Status("pending" if damage.endswith(": missing") else "damaged",
+                          f"an output file is missing: {damage}" if damage.endswith(": missing") else damage)
         made = rec.get("provenance")
-        if made == self.expected[stage]:
-            return Status("done")
-        return Status("stale", self.explain(run, stage, made))
+        if made != self.expected[stage]:
+            return Status("stale", self.explain(run, stage, made))
+        for need, rid in (rec.get("upstream") or {}).items():
+            if rid and (latest.get((image, need)) or {}).get("rid") != rid:
+                return Status("stale", f"made from a {need} output since redone")
+        return Status("done")
 
     def explain(self, run: RunDir, stage: str, made: str | None) -> str:
         """Why an output made with fingerprint ``made`` is not today's: which settings or upstream changed."""
@@ -155,3 +164,39 @@ def run_status(run: RunDir, provenance: Provenance, stages: list[str]) -> dict[s
                 st = Status("pending", why or st.reason)
             out[stage].setdefault(st.state, []).append((ref.rel, st.reason))
     return out
+
+
+@dataclass
+class Verification:
+    """What ``verify_outputs`` found: how much it checked, and each damaged (image, stage) with the reason."""
+
+    records: int = 0  # done records checked
+    files: int = 0  # their outputs
+    bytes: int = 0
+    existence_only: int = 0  # records from before checksums: their outputs could only be checked to exist
+    damaged: list[dict] = field(default_factory=list)  # {"image", "path", "stage", "reason"}
+
+
+def verify_outputs(run: RunDir, workers: int = 8) -> Verification:
+    """Re-read every output of every done record (the latest per image and stage) and check its size and checksum.
+
+    The files are read on ``workers`` threads (hashing releases the GIL). A record written before
+    outputs carried checksums is checked for the existence of its outputs only, and counted.
+    """
+    latest = [r for r in run.latest().values() if r["status"] == "done"]
+    out = Verification(records=len(latest))
+    out.files = sum(len(r.get("outputs", [])) for r in latest)
+    out.existence_only = sum(1 for r in latest if r.get("outputs") and not r.get("sums"))
+    out.bytes = sum(v[0] for r in latest for v in (r.get("sums") or {}).values())
+    with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
+        reasons = list(pool.map(lambda r: run.damage(r, hashes=True), latest))
+    for rec, reason in zip(latest, reasons):
+        if reason is not None:
+            out.damaged.append({"image": rec.get("image"), "path": rec.get("path"), "stage": rec["stage"], "reason": reason})
+    return out
+
+
+def mark_damaged(run: RunDir, damaged: list[dict], session: str) -> None:
+    """Record each damaged output's (image, stage) as ``damaged`` with its reason, so the next run redoes it."""
+    run.append_manifest([{"image": d["image"], "path": d["path"], "stage": d["stage"], "status": "damaged",
+                          "error": d["reason"], "seconds": 0.0, "outputs": [], "session": session} for d in damaged])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -100,6 +101,33 @@ def _whole_lines(path: Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def checksum(path: Path) -> str:
+    """A fast content hash of a file: BLAKE2b with a 16-byte digest, as hex."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_output(path: Path, root: Path) -> tuple[Any | None, str | None]:
+    """A stage's JSON output, or why it cannot be read, naming the file (relative to ``root``):
+    ``(doc, None)`` or ``(None, "labels/x.json: not valid JSON")``."""
+    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None, f"{rel}: missing"
+    except OSError as err:
+        return None, f"{rel}: unreadable ({err.strerror or err})"
+    except UnicodeDecodeError:
+        return None, f"{rel}: not valid JSON (not UTF-8)"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"{rel}: not valid JSON ({err.msg} at line {err.lineno})"
 
 
 def read_json(path: Path) -> Any | None:
@@ -271,7 +299,34 @@ class RunDir:
         return {(r.get("image"), r["stage"]): r for r in self.manifest_records()}
 
     def is_done(self, record: dict | None) -> bool:
-        """A record counts as done only if it says so and every output it names exists."""
-        return bool(record) and record["status"] == "done" and all(
-            self.file(p).is_file() for p in record.get("outputs", [])
-        )
+        """A record counts as done only if it says so and every output it names exists, at its recorded size."""
+        return bool(record) and record["status"] == "done" and self.damage(record) is None
+
+    def output_sums(self, outputs: list[str]) -> dict[str, list]:
+        """Each output's ``[size, checksum]`` (``checksum``), as a done record keeps them."""
+        return {p: [self.file(p).stat().st_size, checksum(self.file(p))] for p in outputs}
+
+    def damage(self, record: dict, hashes: bool = False) -> str | None:
+        """Why a done record's outputs are not what it made, or ``None``: the first output that is missing,
+        unreadable, or of another size than recorded; with ``hashes``, also one whose content changed.
+        A record from before outputs carried checksums is checked for existence only."""
+        sums = record.get("sums") or {}
+        for rel in record.get("outputs", []):
+            path = self.file(rel)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                return f"{rel}: missing"
+            if rel not in sums:
+                continue
+            want_size, want_sum = sums[rel]
+            if size != want_size:
+                return f"{rel}: {size} bytes, {want_size} when written"
+            if hashes:
+                try:
+                    got = checksum(path)
+                except OSError as err:
+                    return f"{rel}: unreadable ({err.strerror or err})"
+                if got != want_sum:
+                    return f"{rel}: content changed since written (checksum mismatch)"
+        return None

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,14 @@ C = TypeVar("C")
 
 @dataclass
 class ItemResult:
-    """What a stage did for one image: the files it wrote (relative to the run), or why it failed."""
+    """What a stage did for one image: the files it wrote (relative to the run), or why it failed.
+
+    ``damaged`` names upstream stages whose output for the image could not be read (stage -> reason):
+    they are recorded as damaged, so the next run redoes them and then this stage."""
 
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
+    damaged: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -289,11 +294,13 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
                 if res.error:
                     summary.failed += 1
                     ctx.log.warning("%s failed for %s: %s", stage.name, ref.rel, res.error)
+                    records += [_record(ctx, ref, need, "damaged", why) for need, why in res.damaged.items()]
                     records.append(_record(ctx, ref, stage.name, "failed", res.error, per_image))
                 else:
                     summary.done += 1
                     summary.redone += ref.id in stale
-                    records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected))
+                    made_from = {n: (latest.get((ref.id, n)) or {}).get("rid") for n in stage.needs}
+                    records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected, made_from))
             ctx.run.append_manifest(records)
             if on_done is not None and any(r["status"] == "done" for r in records):
                 on_done()
@@ -317,10 +324,16 @@ def _within(progress: Progress, task: Any, done: int, size: int) -> Callable[[fl
 
 
 def _record(ctx: StageContext, ref: ImageRef, stage: str, status: str, error: str | None, seconds: float = 0.0,
-            outputs: list[str] | None = None, provenance: str | None = None) -> dict:
-    """One manifest record; a done record names its outputs and the fingerprint it was made with."""
+            outputs: list[str] | None = None, provenance: str | None = None, upstream: dict | None = None) -> dict:
+    """One manifest record. A done record names its outputs with each one's size and checksum (``sums``), the
+    fingerprint it was made with, its own id (``rid``) and the ids of the upstream records it read (``upstream``)."""
     rec = {"image": ref.id, "path": ref.path, "stage": stage, "status": status, "error": error,
            "seconds": round(seconds, 4), "outputs": outputs or []}
+    if status == "done":
+        rec["sums"] = ctx.run.output_sums(rec["outputs"])
+        rec["rid"] = uuid.uuid4().hex[:16]
+        if upstream:
+            rec["upstream"] = upstream
     if provenance is not None:
         rec["provenance"] = provenance
     if ctx.run.shard is not None:
@@ -342,9 +355,15 @@ def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
         outputs, error = [], f"{type(err).__name__}: {err}"
         summary.failed = 1
     summary.seconds = time.time() - t
+    sums = {}
+    if not error:
+        try:
+            sums = {"sums": ctx.run.output_sums(outputs)}
+        except OSError as err:  # an output gone already: the record says so instead
+            outputs, error, summary.done, summary.failed = [], f"{type(err).__name__}: {err}", 0, 1
     ctx.run.append_manifest([{"image": None, "path": None, "stage": stage.name,
                               "status": "failed" if error else "done", "error": error,
-                              "seconds": round(summary.seconds, 4), "outputs": outputs,
+                              "seconds": round(summary.seconds, 4), "outputs": outputs, **sums,
                               **({"session": ctx.session} if ctx.session else {})}])
     return summary
 

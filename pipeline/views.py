@@ -72,9 +72,9 @@ def models_table(rows: list[tuple[str, str]], cache: Path) -> Table:
 
 
 def status_table(run: Path, status: dict[str, dict[str, list[tuple[str, str]]]], reasons: int = 3) -> list:
-    """Per stage, how many images are done, stale, failed, blocked or pending, then the first reasons of each."""
+    """Per stage, how many images are done, stale, damaged, failed, blocked or pending, then the first reasons of each."""
     table = Table(title=f"status of {run}")
-    states = ("done", "stale", "failed", "blocked", "pending")
+    states = ("done", "stale", "damaged", "failed", "blocked", "pending")
     for col in ("stage", *states):
         table.add_column(col, justify="left" if col == "stage" else "right")
     lines: list = [table]

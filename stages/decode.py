@@ -16,7 +16,7 @@ import torch
 from pipeline.config import require
 from pipeline.encode import encode_images, load_batch
 from pipeline.images import ImageRef
-from pipeline.rundir import atomic_write_json, read_json
+from pipeline.rundir import atomic_write_json, read_output
 from pipeline.runner import ItemResult, PerImageStage, StageContext
 
 
@@ -132,10 +132,13 @@ class DecodeStage(PerImageStage[DecodeConfig]):
         if ok:
             with torch.no_grad():
                 feats = encode_images(lm, images)
-            opinions = [read_json(ctx.run.opinion(r.id)) for r in ok]
-            for ref, op in zip(ok, opinions):
+            read = [read_output(ctx.run.opinion(r.id), ctx.run.root) for r in ok]
+            opinions = [doc if isinstance(doc, dict) and "words" in doc else None for doc, _ in read]
+            for ref, op, (_, why) in zip(ok, opinions, read):
                 if op is None:
-                    results[ref.id] = ItemResult(error=f"{ref.rel}: ascend/{ref.id}.json is unreadable; rerun ascend with --force")
+                    why = why or f"ascend/{ref.id}.json: not an opinion file"
+                    results[ref.id] = ItemResult(error=f"{ref.rel}: {why}; the next run redoes ascend, then decode",
+                                                 damaged={"ascend": why})
             keep = [b for b, op in enumerate(opinions) if op is not None]
             ok, feats, opinions = [ok[b] for b in keep], feats[keep], [opinions[b] for b in keep]
             for ref, labels in zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)):

@@ -20,7 +20,7 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,9 +28,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from pipeline.autolabels import ExportImage, LabelMap, LabelRules, export_one, load_label_map
-from pipeline.config import ConfigError, require
+from pipeline.config import require
 from pipeline.exports import FORMATS, run_key, write_coco, write_fiftyone, write_labelstudio, write_yolo
 from pipeline.heatmaps import HEATMAP_METHODS
+from pipeline.images import ImageRef
 from pipeline.rundir import (EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
                              atomic_write_text, read_json)
 from pipeline.runner import StageContext, WholeRunStage
@@ -86,16 +87,27 @@ def inputs_stamp(settings: Mapping, label_map: LabelMap, records: list[Any]) -> 
 PARALLEL_FROM = 500  # images: a smaller run is read in this process
 
 
-def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any, workers: int | None = None
-                 ) -> tuple[list[ExportImage], list[dict], list]:
-    """Every exportable image of a run, what was left out (with reasons), and the manifest records read.
+def effective_config(cfg: ExportConfig, surgery_methods: list[str] | tuple[str, ...]) -> ExportConfig:
+    """The settings an export uses: ``region_method`` falls back to the first of ``surgery.methods`` when surgery
+    does not draw it (every region names its source, and ``export.json`` the method)."""
+    if surgery_methods and cfg.region_method not in surgery_methods:
+        return replace(cfg, region_method=surgery_methods[0])
+    return cfg
+
+
+def plan_exports(run: RunDir, state: Any) -> tuple[list[tuple[ImageRef, bool]], list[dict], list]:
+    """Which images an export reads, and whether with their maps; what it leaves out, with reasons; and an id of
+    each manifest record it reads (a redone output has a new one), for the stamp. Reads no output file.
 
     ``state(image, stage, latest)`` is the status of an image's output (``StageContext.status``).
-    From ``PARALLEL_FROM`` images on, the images' maps are read and their regions built on ``workers``
-    processes (default: one per core).
     """
     latest = run.latest()
     jobs, left_out, records = [], [], []
+
+    def rid(image: str, stage: str) -> Any:
+        rec = latest.get((image, stage)) or {}
+        return rec.get("rid") or rec
+
     for ref in run.load_images():
         decode, surgery = state(ref.id, "decode", latest), state(ref.id, "surgery", latest)
         if decode.state != "done":
@@ -106,7 +118,17 @@ def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any
             left_out.append({"image": ref.rel, "what": "regions",
                              "reason": f"surgery {surgery.state}" + (f": {surgery.reason}" if surgery.reason else "")})
         jobs.append((ref, surgery.state == "done"))
-        records.append([latest.get((ref.id, "decode")), latest.get((ref.id, "surgery")) if surgery.state == "done" else None])
+        records.append([ref.id, rid(ref.id, "decode"), rid(ref.id, "surgery") if surgery.state == "done" else None])
+    return jobs, left_out, records
+
+
+def build_exports(run: RunDir, jobs: list[tuple[ImageRef, bool]], cfg: ExportConfig, label_map: LabelMap,
+                  workers: int | None = None) -> tuple[list[ExportImage], list[dict]]:
+    """The planned images' labels and regions, and the images that could not be read, with reasons.
+
+    From ``PARALLEL_FROM`` images on, the maps are read and the regions built on ``workers``
+    processes (default: one per core).
+    """
     work = partial(export_one, run.root, cfg.rules, label_map)
     n = workers or os.cpu_count() or 1
     if n > 1 and len(jobs) >= PARALLEL_FROM:
@@ -116,13 +138,21 @@ def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any
             done = list(pool.map(work, jobs, chunksize=max(1, min(256, len(jobs) // (4 * n)))))
     else:
         done = [work(job) for job in jobs]
-    images = []
+    images, unreadable = [], []
     for (ref, _), (image, problem) in zip(jobs, done):
         if problem:
-            left_out.append({"image": ref.rel, "what": "image", "reason": problem})
+            unreadable.append({"image": ref.rel, "what": "image", "reason": problem})
         else:
             images.append(image)
-    return images, left_out, records
+    return images, unreadable
+
+
+def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any, workers: int | None = None
+                 ) -> tuple[list[ExportImage], list[dict], list]:
+    """``plan_exports`` then ``build_exports``: every exportable image, what was left out, the records' ids."""
+    jobs, left_out, records = plan_exports(run, state)
+    images, unreadable = build_exports(run, jobs, cfg, label_map, workers)
+    return images, left_out + unreadable, records
 
 
 def write_formats(run: RunDir, images: list[ExportImage], cfg: ExportConfig, key: str, model: str) -> list[str]:
@@ -148,35 +178,37 @@ class ExportStage(WholeRunStage[ExportConfig]):
     needs = ("decode", "surgery")
 
     def prepare(self, ctx: StageContext[ExportConfig]) -> None:
-        """Before any work: a label map that cannot be read, or a region method surgery does not draw, is an error."""
+        """Before any work: a label map that cannot be read is an error."""
         load_label_map(ctx.config.label_map)
-        methods = (ctx.settings.config.get("surgery") or {}).get("methods", [])
-        if methods and ctx.config.region_method not in methods:
-            raise ConfigError(f"export.region_method: {ctx.config.region_method!r} is not among surgery.methods "
-                              f"{list(methods)}; choose one of those, or add it to surgery.methods")
 
     def run_all(self, ctx: StageContext[ExportConfig]) -> list[str]:
-        cfg, run = ctx.config, ctx.run
+        cfg, run = effective_config(ctx.config, (ctx.settings.config.get("surgery") or {}).get("methods", [])), ctx.run
+        if cfg.region_method != ctx.config.region_method:
+            ctx.log.warning("export: surgery.methods do not include export.region_method %r; boxes come from %r",
+                            ctx.config.region_method, cfg.region_method)
         label_map = load_label_map(cfg.label_map)
-        images, left_out, records = read_exports(run, cfg, label_map, ctx.status)
-        stamp = inputs_stamp({"export": ctx.provenance.settings.get("export"), "model": ctx.settings.model},
-                             label_map, records)
+        jobs, left_out, records = plan_exports(run, ctx.status)
+        stamp = inputs_stamp({"export": ctx.provenance.settings.get("export"), "model": ctx.settings.model,
+                              "region_method": cfg.region_method}, label_map, records)
         old = read_json(run.file(STAMP)) or {}
         outputs = [REGIONS, *[p for f in cfg.formats for p in old.get("files", {}).get(f, [])]]
         if (old.get("stamp") == stamp and set(cfg.formats) <= set(old.get("files", {}))
                 and all(run.file(p).is_file() for p in outputs)):
-            ctx.log.info("export: up to date (%d images)", len(images))
+            ctx.log.info("export: up to date (%d images)", len(jobs))
             return [STAMP, *outputs]
+        images, unreadable = build_exports(run, jobs, cfg, label_map)
+        left_out += unreadable
         key = run_key(run.root.name, stamp)
         run.file(STAMP).unlink(missing_ok=True)  # written last: a kill in between cannot leave a stamp over torn files
         files: dict[str, list[str]] = {}
         for fmt in cfg.formats:
-            files[fmt] = write_formats(run, images, ExportConfig(**{**cfg.__dict__, "formats": (fmt,)}), key, ctx.settings.model)
+            files[fmt] = write_formats(run, images, replace(cfg, formats=(fmt,)), key, ctx.settings.model)
         atomic_write_text(run.file(REGIONS), json.dumps(regions_document(images, stamp), ensure_ascii=False))
         regions = sum(len(lab.regions) for im in images for lab in im.labels)
         for item in left_out:
             ctx.log.warning("export left out %s of %s: %s", item["what"], item["image"], item["reason"])
         atomic_write_json(run.file(STAMP), {"stamp": stamp, "images": len(images), "regions": regions,
+                                            "region_method": cfg.region_method,
                                             "formats": list(cfg.formats), "files": files, "left_out": left_out})
         return [STAMP, REGIONS, *[p for f in files.values() for p in f]]
 
@@ -194,7 +226,7 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
     names: dict[str, list[str]] = {}
     for f in by_file:
         names.setdefault(Path(f).name, []).append(f)
-    everything = ExportConfig(**{**cfg.__dict__, "min_score": None, "top_k": 0, "formats": ()})
+    everything = replace(cfg, min_score=None, top_k=0, formats=())
     images, left_out, _ = read_exports(run, everything, label_map, state)
     matched, seen, unmatched = [], set(), []
     for im in images:

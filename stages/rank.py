@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Literal
 
 from pipeline.config import require
 from pipeline.images import ImageRef
-from pipeline.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_json
+from pipeline.provenance import mark_damaged
+from pipeline.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
 from pipeline.runner import StageContext, WholeRunStage
 from pipeline.tokens import vocab
 
@@ -102,21 +103,24 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
     return sorted(records, key=order)
 
 
-def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | None = None
-             ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """A run's opinions and labels by image id (``prefix`` + id); unreadable files are skipped.
+def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | None = None,
+             unreadable: dict[tuple[str, str], str] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A run's opinions and labels by image id (``prefix`` + id); unreadable files are left out.
 
     ``keep(image_id, stage)`` chooses the outputs to read (e.g. only those made with today's settings).
+    ``unreadable``, when given, receives each kept output that does not parse: ``(image_id, stage) -> reason``.
     """
     opinions, labels = {}, {}
-    for image_id in run.stage_ids("ascend"):
-        doc = read_json(run.opinion(image_id)) if keep is None or keep(image_id, "ascend") else None
-        if doc is not None:
-            opinions[prefix + image_id] = doc
-    for image_id in run.stage_ids("labels"):
-        doc = read_json(run.labels(image_id)) if keep is None or keep(image_id, "decode") else None
-        if doc is not None:
-            labels[prefix + image_id] = doc
+    for stage, folder, path, into, key in (("ascend", "ascend", run.opinion, opinions, "words"),
+                                           ("decode", "labels", run.labels, labels, "labels")):
+        for image_id in run.stage_ids(folder):
+            if keep is not None and not keep(image_id, stage):
+                continue
+            doc, why = read_output(path(image_id), run.root)
+            if isinstance(doc, dict) and key in doc:
+                into[prefix + image_id] = doc
+            elif unreadable is not None:
+                unreadable[(image_id, stage)] = why or f"{folder}/{image_id}.json: not a {stage} output"
     return opinions, labels
 
 
@@ -209,9 +213,18 @@ class RankStage(WholeRunStage[RankConfig]):
 
     def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
         latest = ctx.run.latest()
-        opinions, labels = read_run(ctx.run, keep=lambda i, stage: ctx.status(i, stage, latest).state == "done")
-        records = rank_unusual_words(opinions, labels, ctx.config)
+        unreadable: dict[tuple[str, str], str] = {}
+        opinions, labels = read_run(ctx.run, keep=lambda i, stage: ctx.status(i, stage, latest).state == "done",
+                                    unreadable=unreadable)
         refs = ctx.run.load_images()
+        if unreadable:  # done by its record, but it does not parse: damaged, so the next run redoes it
+            paths = {r.id: r.path for r in refs}
+            mark_damaged(ctx.run, [{"image": i, "path": paths.get(i), "stage": st, "reason": why}
+                                   for (i, st), why in unreadable.items()], ctx.session)
+            for (i, st), why in unreadable.items():
+                ctx.log.warning("rank: %s output of %s is damaged: %s", st, i, why)
+            latest = ctx.run.latest()
+        records = rank_unusual_words(opinions, labels, ctx.config)
         states = {}
         for ref in refs:
             for stage in ("ascend", "decode", "surgery"):

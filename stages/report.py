@@ -25,7 +25,7 @@ from pipeline.config import require
 from pipeline.heatmaps import HEATMAP_METHODS
 from pipeline.images import ImageError, ImageRef, load_image
 from pipeline.provenance import Status
-from pipeline.rundir import EXPORT_REGIONS, REPORT, RunDir, atomic_path, atomic_write_text, read_json
+from pipeline.rundir import EXPORT_REGIONS, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
 from pipeline.runner import StageContext, WholeRunStage
 
 
@@ -90,8 +90,11 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
         docs, failures = {}, []
         for stage, path in readers.items():
             st = status(ref.id, stage, latest)
-            docs[stage] = read_json(path(ref.id)) if st.state == "done" else None
-            if st.state in ("failed", "blocked"):
+            docs[stage], why = read_output(path(ref.id), run.root) if st.state == "done" else (None, None)
+            if st.state == "done" and not isinstance(docs[stage], dict):  # done by its record, but it does not parse
+                docs[stage] = None
+                failures.append((stage, f"{ref.rel}: {why or 'not a ' + stage + ' output'}; rerun {stage} with --force"))
+            if st.state in ("failed", "blocked", "damaged"):
                 failures.append((stage, st.reason))
             elif st.state == "stale":
                 failures.append((stage, f"{ref.rel}: stale, {st.reason}; rerun {stage}"))

@@ -31,7 +31,7 @@ from pipeline.config import ConfigError, require
 from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_slug, map_atlas, map_to_points,
                                overlay_heatmap, upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
-from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
 from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom, writer_pool
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
@@ -312,9 +312,11 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
         results: dict[str, ItemResult] = {}
         ok, pictures, words = [], [], []
         for ref in refs:
-            labels = read_json(ctx.run.labels(ref.id))
-            if labels is None:
-                results[ref.id] = ItemResult(error=f"{ref.rel}: labels/{ref.id}.json is unreadable; rerun decode with --force")
+            labels, why = read_output(ctx.run.labels(ref.id), ctx.run.root)
+            if not isinstance(labels, dict) or not isinstance(labels.get("labels"), list):
+                why = why or f"labels/{ref.id}.json: not a labels file"
+                results[ref.id] = ItemResult(error=f"{ref.rel}: {why}; the next run redoes decode, then surgery",
+                                             damaged={"decode": why})
                 continue
             try:
                 pictures.append(load_image(ref.path, max_side=ctx.settings.max_side))

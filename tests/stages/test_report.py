@@ -59,6 +59,7 @@ def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
                          {"image": "a", "stage": "decode", "status": "failed", "error": "bad", "outputs": []}])
     prov = Provenance(to_dict(RunConfig(model="toy")), RESULT_KEYS, {n: st.needs for n, st in STAGES.items()})
     atomic_write_json(run.labels("a"), {"labels": [], "prompts": []})
+    atomic_write_json(run.opinion("a"), {"words": {}})
     run.append_manifest([{"image": "a", "stage": "ascend", "status": "done", "outputs": [],
                           "provenance": prov.expected["ascend"]}])
     status = lambda image, stage, latest: prov.status(run, latest, image, stage)  # noqa: E731
