@@ -19,20 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.evaluation import EvalImage, TruthObject, evaluate  # noqa: E402
 from pipeline.heatmaps import HEATMAP_METHODS  # noqa: E402
-from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.prompts import prompt_ensemble  # noqa: E402
 from pipeline.regions import heatmap_regions  # noqa: E402
 from stages.export import ExportConfig  # noqa: E402
-from stages.surgery import SurgeryConfig, compute_heatmaps  # noqa: E402
+from stages.surgery import SurgeryConfig  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402
-from tests.benchmarks.toyeval import held_out_scenes  # noqa: E402
+from tests.benchmarks.toyeval import held_out_scenes, scene_heatmaps  # noqa: E402
 
 
 @torch.inference_mode()
@@ -43,15 +41,7 @@ def scene_maps(lm, scenes, cfg: SurgeryConfig) -> list[tuple[list[str], dict[str
     text, empty = prompt_ensemble(lm.model, vocab), prompt_ensemble(lm.model, [""])[0]
     out = []
     for start in range(0, len(scenes), 32):
-        chunk = scenes[start : start + 32]
-
-        def batch(resolution: int) -> torch.Tensor:
-            x = torch.stack([to_tensor(Image.fromarray(s.image), resolution) for s in chunk]).to(lm.device)
-            return normalize(x).to(lm.dtype)
-
-        single = batch(cfg.single_resolution) if "single" in cfg.methods else None
-        res = compute_heatmaps(lm.model, batch(lm.input_resolution), single, per_scene[start : start + 32], vocab, text,
-                               empty, [s.image.shape[:2] for s in chunk], cfg)
+        res = scene_heatmaps(lm, scenes[start : start + 32], per_scene[start : start + 32], vocab, text, empty, cfg)
         out += [(r.words, r.maps) for r in res]
     return out
 

@@ -117,6 +117,18 @@ def pointing_ceiling(scenes: list[Scene], grid: int) -> float:
     return round(hits / objects, 4)
 
 
+def scene_heatmaps(lm: LoadedModel, scenes: list[Scene], words: list[list[str]], vocab: list[str], text: torch.Tensor,
+                   empty: torch.Tensor, cfg: SurgeryConfig) -> list:
+    """The surgery stage's core, ``compute_heatmaps``, on a batch of scenes with the given words as their labels."""
+    def batch(resolution: int) -> torch.Tensor:
+        x = torch.stack([to_tensor(Image.fromarray(s.image), resolution) for s in scenes]).to(lm.device)
+        return normalize(x).to(lm.dtype)
+
+    single = batch(cfg.single_resolution) if "single" in cfg.methods else None
+    return compute_heatmaps(lm.model, batch(lm.input_resolution), single, words, vocab, text, empty,
+                            [s.image.shape[:2] for s in scenes], cfg)
+
+
 @torch.inference_mode()  # the library's cores leave the grad mode to their callers
 def evaluate_localization(lm: LoadedModel, scenes: list[Scene], cfg: SurgeryConfig = SurgeryConfig(),
                           word: Literal["shape", "colour"] = "shape",
@@ -143,14 +155,7 @@ def evaluate_localization(lm: LoadedModel, scenes: list[Scene], cfg: SurgeryConf
     objects = 0
     for start in range(0, len(scenes), 32):
         chunk = scenes[start : start + 32]
-
-        def batch(resolution: int) -> torch.Tensor:
-            x = torch.stack([to_tensor(Image.fromarray(s.image), resolution) for s in chunk]).to(lm.device)
-            return normalize(x).to(lm.dtype)
-
-        single = batch(cfg.single_resolution) if "single" in cfg.methods else None
-        results = compute_heatmaps(lm.model, batch(lm.input_resolution), single, per_scene[start : start + 32], vocab,
-                                   text, empty, [s.image.shape[:2] for s in chunk], cfg)
+        results = scene_heatmaps(lm, chunk, per_scene[start : start + 32], vocab, text, empty, cfg)
         for s, ws, res in zip(chunk, per_scene[start : start + 32], results):
             size = s.image.shape[:2]
             for o in s.objects:
