@@ -297,10 +297,17 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
                     records += [_record(ctx, ref, need, "damaged", why) for need, why in res.damaged.items()]
                     records.append(_record(ctx, ref, stage.name, "failed", res.error, per_image))
                 else:
+                    made_from = {n: (latest.get((ref.id, n)) or {}).get("rid") for n in stage.needs}
+                    try:
+                        records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected,
+                                               made_from))
+                    except OSError as err:  # an output it named cannot be read back for its checksum
+                        summary.failed += 1
+                        records.append(_record(ctx, ref, stage.name, "failed", f"{ref.rel}: an output could not be "
+                                               f"read back: {err}", per_image))
+                        continue
                     summary.done += 1
                     summary.redone += ref.id in stale
-                    made_from = {n: (latest.get((ref.id, n)) or {}).get("rid") for n in stage.needs}
-                    records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected, made_from))
             ctx.run.append_manifest(records)
             if on_done is not None and any(r["status"] == "done" for r in records):
                 on_done()

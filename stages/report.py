@@ -143,9 +143,10 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
         if item.heatmaps:
             _add_maps(card, item.heatmaps, cfg)
             methods.update(item.heatmaps["methods"])
-            if item.regions:  # [class, score, source, [[x, y, w, h], ...]] in the image's pixels
-                card["boxes"] = [[d["label"], d["score"], d["regions"][0]["source"], [r["box"] for r in d["regions"]]]
-                                 for d in item.regions if d["regions"]]
+            if item.regions:  # [class, score, source, [[x, y, w, h], ...]] in whole pixels, as many classes as maps
+                card["boxes"] = [[d["label"], d["score"], d["regions"][0]["source"],
+                                  [[round(v) for v in r["box"]] for r in d["regions"]]]
+                                 for d in item.regions if d["regions"]][: cfg.maps_per_card]
         for stage, error in item.failures:
             failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
         cards.append(card)
