@@ -56,6 +56,7 @@ class Preset(str, enum.Enum):  # stages.PRESETS
 class SceneStyle(str, enum.Enum):  # pipeline.toyworld.Style
     train = "train"
     alt = "alt"
+    varied = "varied"
 
 
 class Recipe(str, enum.Enum):  # "auto" and pipeline.toytrain.RECIPES
@@ -65,6 +66,7 @@ class Recipe(str, enum.Enum):  # "auto" and pipeline.toytrain.RECIPES
     distill_cpu = "distill-cpu"
     distill_init_cpu = "distill-init-cpu"
     surgery_cpu = "surgery-cpu"
+    varied_cpu = "varied-cpu"
     gpu = "gpu"
     cpu = "cpu"
 
@@ -295,6 +297,38 @@ def rank_command(
     out.print(f"merged {len(runs)} runs: {out_dir / 'records.csv'}\nleaderboard: {page}", highlight=False)
 
 
+@app.command("compare")
+def compare_command(
+    run_a: Annotated[Path, typer.Argument(help="The first run directory (A).", show_default=False)],
+    run_b: Annotated[Path, typer.Argument(help="The second run directory (B), over the same images.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for compare.html, compare.json and the maps.")] = Path("outputs/compare"),
+    maps: Annotated[int, typer.Option(help="Images (most disagreeing first) whose shared labels' maps are drawn side by side; 0 for none.")] = 200,
+    maps_per_image: Annotated[int, typer.Option(help="Shared labels drawn per image.")] = 4,
+    method: Annotated[Optional[str], typer.Option(help="The map method to draw (default: surgery when both runs drew it).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare what two runs (two models, or two settings) see in the same images: compare.html and compare.json."""
+    from pipeline.compare import write_comparison
+
+    for r in (run_a, run_b):
+        _open_run(r)
+    if maps < 0 or maps_per_image < 0:
+        _fail("--maps and --maps-per-image must be >= 0")
+    doc = write_comparison(run_a, run_b, out_dir, maps, maps_per_image, method)
+    if as_json:
+        print(json.dumps({"compare_html": str(out_dir / "compare.html"), "compare_json": str(out_dir / "compare.json"),
+                          "overall": doc["overall"], "missing": {k: len(v) for k, v in doc["missing"].items()}}, indent=1))
+        return
+    ov, missing = doc["overall"], doc["missing"]
+    out.print(f"{ov['images_compared']} images compared: mean Jaccard {ov['mean_jaccard']}, "
+              f"{ov['identical_images']} identical, {ov['disjoint_images']} with no label in common", highlight=False)
+    for key, what in (("only_in_a", "only in A"), ("only_in_b", "only in B"), ("unlabelled_in_a", "without labels in A"),
+                      ("unlabelled_in_b", "without labels in B")):
+        if missing[key]:
+            out.print(f"{len(missing[key])} images {what} (listed in compare.html)", highlight=False)
+    out.print(f"comparison: {out_dir / 'compare.html'}", highlight=False)
+
+
 def _formats_set(to: str | None) -> list[str]:
     """``--to coco,yolo`` as a ``--set`` of ``export.formats``."""
     if to is None:
@@ -483,7 +517,7 @@ def toy_scenes(
 @toy_app.command("train")
 def toy_train(
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the fp16 state dict; a .json card goes beside it.")],
-    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'surgery-cpu' (continues --start-from with the patch term on the surgery path too), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
+    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'surgery-cpu' (continues --start-from with the patch term on the surgery path too), 'varied-cpu' (continues --start-from on scenes drawn a new way each time, text tower frozen), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the recipe's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
     workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,

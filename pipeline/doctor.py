@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.models import TOY_CHECKPOINT, cached_file, known_models
+from pipeline.models import TOY_CHECKPOINT, cached_file
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,12 @@ def check_environment(cache: Path, output: Path) -> list[Check]:
     else:
         checks.append(Check("CUDA", None, "no GPU visible: runs use the CPU (fine for the toy demo, slow for ViT-B/16)"))
     try:
-        import clip  # noqa: F401
+        import clip
 
         checks.append(Check("openai-clip", True, "imports"))
     except Exception as err:  # e.g. setuptools >= 81 has no pkg_resources
         checks.append(Check("openai-clip", False, f"{err}; try: pip install 'setuptools>=77,<81'"))
-    present = [n for n in known_models() if not n.startswith("random:") and n != "toy" and cached_file(n, cache).is_file()]
+    present = [n for n in clip.available_models() if cached_file(n, cache).is_file()]
     checks.append(Check("weights cache", None if not present else True,
                         f"{cache}: " + (", ".join(present) if present else "no OpenAI checkpoint yet (downloaded on first "
                                                                            "use; offline, copy the file to the path `models` prints)")))
@@ -46,6 +46,16 @@ def check_environment(cache: Path, output: Path) -> list[Check]:
     free = shutil.disk_usage(probe).free / 2**30
     checks.append(Check("free disk", free >= 1, f"{free:.1f} GiB free at {probe.resolve()} "
                                                 "(overlay PNGs take most of a run's space)"))
+    try:
+        import open_clip
+
+        from pipeline.models import RANDOM_OPENCLIP_PREFIX, openclip_models
+
+        served = sum(n.startswith(RANDOM_OPENCLIP_PREFIX) for n in openclip_models())
+        checks.append(Check("extra: openclip", True, f"open_clip {open_clip.__version__}: {served} architectures served, "
+                                                     "as openclip:ARCH/PRETRAINED or random:openclip:ARCH"))
+    except ImportError:
+        checks.append(Check("extra: openclip", None, "open_clip not installed: pip install -e '.[openclip]' for OpenCLIP models"))
     for module, extra, use in (("segment_anything", "sam", "SAM masks"), ("playwright", "dev", "the report's browser test")):
         found = importlib.util.find_spec(module) is not None
         checks.append(Check(f"extra: {extra}", True if found else None,

@@ -37,7 +37,7 @@ def encode_images(lm: LoadedModel, images: torch.Tensor) -> torch.Tensor:
     Shape:
         - images: :math:`(B, 3, R, R)` in [0, 1]; Output: :math:`(B, D)` float32.
     """
-    f = lm.model.encode_image(normalize(images.to(lm.device)).to(lm.dtype)).float()
+    f = lm.clip.encode_image(normalize(images.to(lm.device)).to(lm.dtype)).float()
     return F.normalize(f, dim=-1)
 
 
@@ -47,7 +47,7 @@ def rescore_texts(lm: LoadedModel, texts: list[str], image_features: torch.Tenso
     Shape:
         - image_features: :math:`(N, D)`, one row per text; Output: :math:`(N,)` on the CPU.
     """
-    ctx_len = lm.model.positional_embedding.shape[0]
+    ctx_len = lm.clip.context_length
     ids = tokenize(texts, ctx_len).to(lm.device)
-    f = F.normalize(lm.model.encode_text(ids).float(), dim=-1)
+    f = F.normalize(lm.clip.encode_text(ids).float(), dim=-1)
     return (f * image_features).sum(-1).cpu()

@@ -1,4 +1,4 @@
-"""Training-free heatmap methods on one block runner over a stock openai-clip model.
+"""Training-free heatmap methods on one block runner over a stock CLIP model of either backend.
 
 Every method here changes only how the last block(s) of CLIP's image encoder attend,
 and reads the stock model's parameters and submodules without copying, swapping or
@@ -27,14 +27,106 @@ ResNets have ``raw``, ``surgery`` and ``maskclip`` (``c_proj(v_proj(x))`` at eve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.surgery import (_check_images, _dual_attention, _interpolate_positions, _resnet_tokens, resnet_pool_tokens,
-                              resnet_trunk)
+from pipeline.adapter import block_parts, is_vit, stem_activations, stock_block, vision_blocks
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+
+
+def _interpolate_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[1 + S*S, C]`` -> ``[1 + gh*gw, C]``, the grid part bilinearly resized. A new tensor, never in place."""
+    side = math.isqrt(pos.shape[0] - 1)
+    if (side, side) == tuple(grid):
+        return pos
+    patch = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, C, S, S]
+    patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([pos[:1], patch])
+
+
+def _dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's own projections, applied as v-v (surgery) and q-k (original) attention in one call.
+
+    Shape:
+        - x: :math:`(B, N, C)`, already through ``ln_1``.
+        - Output: two :math:`(B, N, C)` tensors, surgery then original.
+    """
+    b, n, c = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3C]
+    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # each [B, heads, N, hd]
+    out = F.scaled_dot_product_attention(torch.cat([v, q]), torch.cat([v, k]), torch.cat([v, v]))  # [2B, heads, N, hd]
+    out = F.linear(out.transpose(1, 2).reshape(2 * b, n, c), attn.out_proj.weight, attn.out_proj.bias)
+    return out[:b], out[b:]
+
+
+def resnet_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A ModifiedResNet's stem and four stages, before its attention pool.
+
+    Shape:
+        - images: :math:`(B, 3, H, W)`; Output: :math:`(B, C, H / 32, W / 32)`.
+    """
+    act1, act2, act3 = stem_activations(visual)
+    x = images.to(visual.conv1.weight.dtype)
+    x = act1(visual.bn1(visual.conv1(x)))
+    x = act2(visual.bn2(visual.conv2(x)))
+    x = act3(visual.bn3(visual.conv3(x)))
+    x = visual.avgpool(x)
+    return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # [B, C, gh, gw]
+
+
+def resnet_pool_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention pool's input tokens from the trunk's output: the mean token, then the grid, with positions.
+
+    Shape:
+        - x: :math:`(B, C, gh, gw)`; Output: :math:`(B, 1 + gh \\cdot gw, C)`.
+    """
+    pool = visual.attnpool
+    gh, gw = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, C]
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1+gh*gw, C]
+    return x + _interpolate_positions(pool.positional_embedding, (gh, gw)).to(x.dtype)
+
+
+def _resnet_pool(visual: nn.Module, x: torch.Tensor, surgery: bool, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool's raw tokens (the stock q-k pool at every position) and its surgery tokens (v-v attention, the
+    class token from the stock pool), from the trunk's output ``x``."""
+    pool = visual.attnpool
+    b, c, gh, gw = x.shape
+    x = resnet_pool_tokens(visual, x)
+    heads = pool.num_heads
+    hd = c // heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, heads, hd).transpose(1, 2)  # [B, heads, N, hd]
+
+    q = split(F.linear(x, pool.q_proj.weight, pool.q_proj.bias))
+    k = split(F.linear(x, pool.k_proj.weight, pool.k_proj.bias))
+    v = split(F.linear(x, pool.v_proj.weight, pool.v_proj.bias))
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        return F.linear(t.transpose(1, 2).reshape(b, -1, c), pool.c_proj.weight, pool.c_proj.bias)
+
+    raw = merge(F.scaled_dot_product_attention(q, k, v))
+    if not surgery:
+        return raw, raw
+    if variant == "normalised":  # the paper code's switchable branch: unit keys, 8x the scale
+        kn = v / (v.norm(dim=-1, keepdim=True) + 1e-6)
+        out = merge(F.scaled_dot_product_attention(kn, kn, v, scale=8 * hd**-0.5))
+    elif variant == "official":  # what the released code runs: plain v-v attention
+        out = merge(F.scaled_dot_product_attention(v, v, v))
+    else:
+        raise ValueError(f"resnet_surgery must be 'official' or 'normalised', got {variant!r}")
+    return raw, torch.cat([raw[:, :1], out[:, 1:]], dim=1)
+
 
 # method -> mode of the changed last block; "surgery" and "raw" are computed by the runner itself
 LAST_BLOCK_MODES: dict[str, str] = {"maskclip": "residual", "sclip": "residual", "clearclip": "replace",
@@ -109,39 +201,50 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * hd)  # [B, N, C]
 
 
-def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surgery_depth: int, sigma: float,
-         extra: dict[str, str]) -> MethodTokens:
+def _vit_embed(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch embedding, class token, positions (resized to the grid) and ``ln_pre``: the first block's input."""
     x = visual.conv1(images.to(visual.conv1.weight.dtype))  # [B, width, gh, gw]
     b, width, gh, gw = x.shape
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.to(x.dtype).expand(b, 1, width), x], dim=1)  # [B, N, width]
-    x = visual.ln_pre(x + _interpolate_positions(visual.positional_embedding, (gh, gw)).to(x.dtype))
-    blocks = list(visual.transformer.resblocks)
+    return visual.ln_pre(x + _interpolate_positions(visual.positional_embedding, (gh, gw)).to(x.dtype)), (gh, gw)
+
+
+def _qkv(p, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's ``q, k, v`` ``[B, heads, N, hd]`` of its ``ln_1`` output ``h``."""
+    heads = p.attn.num_heads
+    return tuple(_split(t, heads) for t in F.linear(h, p.attn.in_proj_weight, p.attn.in_proj_bias).chunk(3, -1))  # type: ignore[return-value]
+
+
+def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surgery_depth: int, sigma: float,
+         extra: dict[str, str]) -> MethodTokens:
+    x, (gh, gw) = _vit_embed(visual, images)
+    blocks = vision_blocks(visual)
     layers = len(blocks)
     last = {m: mode for m, mode in {**LAST_BLOCK_MODES, **extra}.items() if m in methods}
     record = set(resclip_blocks(layers)) if "resclip" in last else set()
-    dual_from = layers - min(surgery_depth, layers)  # the stock path runs as pipeline.surgery runs it, bit for bit
+    dual_from = layers - min(surgery_depth, layers)
     recorded, x_s, x_gem, x_last = [], None, None, x
     for i, blk in enumerate(blocks):  # the stock path, once for every method
+        p = block_parts(blk)
         if i == layers - 1:
             x_last = x  # the input of the last block, which last-block methods change
         if i in record or (i >= dual_from and "gem" in methods):
-            heads = blk.attn.num_heads
-            h = blk.ln_1(x)
-            q, k, v = (_split(t, heads) for t in F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1))
+            h = p.ln_1(x)
+            q, k, v = _qkv(p, h)
             scale = q.shape[-1] ** -0.5
             if i in record:
                 recorded.append((q @ k.transpose(-1, -2) * scale).softmax(-1))
             if i >= dual_from:  # GEM's path adds its attention of the stock path's ln_1 output, with no MLP
-                o = F.linear(_merge(_gem(q, k, v, h, scale)), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-                x_gem = (x if x_gem is None else x_gem) + o
+                o = F.linear(_merge(_gem(q, k, v, h, scale)), p.attn.out_proj.weight, p.attn.out_proj.bias)
+                x_gem = (x if x_gem is None else x_gem) + p.ls_1(o)
         if i < dual_from:
-            x = blk(x.permute(1, 0, 2)).permute(1, 0, 2)  # stock blocks take [N, B, C]
+            x = stock_block(blk, x)
         else:  # CLIP Surgery's dual path: v-v and the stock q-k attention in one call
-            a_s, a_o = _dual_attention(blk.attn, blk.ln_1(x))
-            x_s = (x if x_s is None else x_s) + a_s
-            x = x + a_o
-            x = x + blk.mlp(blk.ln_2(x))
+            a_s, a_o = _dual_attention(p.attn, p.ln_1(x))
+            x_s = (x if x_s is None else x_s) + p.ls_1(a_s)  # no MLP on the surgery path
+            x = x + p.ls_1(a_o)
+            x = x + p.ls_2(p.mlp(p.ln_2(x)))
 
     def project(t: torch.Tensor) -> torch.Tensor:
         t = visual.ln_post(t)
@@ -155,21 +258,19 @@ def _vit(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], surg
     if "gem" in methods:
         out["gem"] = project(torch.cat([x[:, :1], x_gem[:, 1:]], 1)) if x_gem is not None else project(x)
     if last:
-        blk = blocks[-1]
-        heads = blk.attn.num_heads
-        q, k, v = (_split(t, heads) for t in F.linear(blk.ln_1(x_last), blk.attn.in_proj_weight,
-                                                      blk.attn.in_proj_bias).chunk(3, -1))
+        p = block_parts(blocks[-1])
+        q, k, v = _qkv(p, p.ln_1(x_last))
         scale = q.shape[-1] ** -0.5
         omega = neighbourhood_bias((gh, gw), sigma, x.device).to(q.dtype) if {"naclip", "resclip"} & set(last) else None
         mean_recorded = torch.stack(recorded).mean(0) if recorded else None
         for m, mode in last.items():
             a = _attention(m, q, k, v, scale, omega, mean_recorded)
-            o = F.linear(_merge(a @ v), blk.attn.out_proj.weight, blk.attn.out_proj.bias)
+            o = F.linear(_merge(a @ v), p.attn.out_proj.weight, p.attn.out_proj.bias)
             if mode == "replace":
                 out[m] = project(o)
             else:
-                t = x_last + o
-                out[m] = project(t + blk.mlp(blk.ln_2(t)))
+                t = x_last + p.ls_1(o)
+                out[m] = project(t + p.ls_2(p.mlp(p.ln_2(t))))
     return MethodTokens(out, (gh, gw))
 
 
@@ -179,7 +280,8 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
     """Every requested method's projected tokens from one forward of a stock CLIP image encoder.
 
     Args:
-        model: a stock openai-clip ``CLIP`` (or its ``visual``), ViT or ModifiedResNet.
+        model: a stock openai-clip or OpenCLIP ``CLIP`` (or its ``visual``, or its ``ClipAdapter``), ViT or
+            ModifiedResNet.
         images: CLIP-normalised images, any size.
         methods: names from ``VIT_METHODS`` (ViT) or ``RESNET_METHODS`` (ResNet).
         surgery_depth: CLIP Surgery's dual-path depth.
@@ -195,7 +297,9 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
     """
     _check_images(images)
     visual = getattr(model, "visual", model)
-    vit = hasattr(visual, "transformer") and hasattr(visual, "conv1")
+    vit = is_vit(visual)
+    if not vit and not hasattr(visual, "attnpool"):
+        raise TypeError(f"expected a CLIP VisionTransformer or ModifiedResNet, got {type(visual).__name__}")
     valid = VIT_METHODS if vit else RESNET_METHODS
     bad = [m for m in methods if m not in valid and m not in (_extra or {})]
     if bad:
@@ -209,11 +313,9 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
 
 def _resnet(visual: nn.Module, images: torch.Tensor, methods: tuple[str, ...], resnet_surgery: str) -> MethodTokens:
     trunk = resnet_trunk(visual, images)  # the unchanged layers, once for every method
-    base = _resnet_tokens(visual, images, 1 if "surgery" in methods else 0, resnet_surgery, trunk=trunk)
-    out = {"raw": base.raw}
-    if "surgery" in methods:
-        out["surgery"] = base.surgery
+    raw, surgery = _resnet_pool(visual, trunk, "surgery" in methods, resnet_surgery)
+    out = {"raw": raw, "surgery": surgery}
     if "maskclip" in methods:  # each position's own value through the pool's projections; the class token stays stock
         pool = visual.attnpool
-        out["maskclip"] = torch.cat([base.raw[:, :1], pool.c_proj(pool.v_proj(resnet_pool_tokens(visual, trunk)))[:, 1:]], 1)
-    return MethodTokens({m: out[m] for m in methods}, base.grid)
+        out["maskclip"] = torch.cat([raw[:, :1], pool.c_proj(pool.v_proj(resnet_pool_tokens(visual, trunk)))[:, 1:]], 1)
+    return MethodTokens({m: out[m] for m in methods}, tuple(trunk.shape[-2:]))  # type: ignore[arg-type]

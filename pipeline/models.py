@@ -8,6 +8,11 @@
   resolution are read from the weights by ``clip.model.build_model``.
 * ``toy`` is the checkpoint shipped in ``pipeline/assets``.
 * ``random:<arch>`` is a seeded random initialisation of a real architecture.
+* ``openclip:ARCH/PRETRAINED`` is an OpenCLIP model (the ``openclip`` extra) with its named
+  pretrained weights, downloaded through open_clip into its cache (PRETRAINED may also be a
+  checkpoint file's path); ``random:openclip:ARCH`` is that architecture with seeded random
+  weights. Only configurations ``pipeline.adapter`` serves faithfully load; the rest are
+  refused with the reason.
 
 Loaded models are in eval mode with frozen parameters: fp32 on CPU, the chosen
 precision on CUDA. Stages read them and never change them.
@@ -15,8 +20,13 @@ precision on CUDA. Stages read them and never change them.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import socket
 import urllib.error
+import urllib.parse
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +35,14 @@ import clip
 import torch
 from clip.model import CLIP, build_model
 
+from pipeline.adapter import ClipAdapter, check_openclip_model, openclip_refusal
+
 ASSETS = Path(__file__).parent / "assets"
 TOY_CHECKPOINT = ASSETS / "toy-clip.pt"
 CACHE_ENV = "CLIPSIGHT_CACHE"
 OPENAI_CONTEXT_LENGTH = 77  # every OpenAI CLIP; loaded models report their own
+OPENCLIP_PREFIX = "openclip:"
+RANDOM_OPENCLIP_PREFIX = "random:openclip:"
 
 # Hyper-parameters for ``random:<arch>`` only: a random model has no weights to read them from.
 # (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, text_width, text_heads, text_layers)
@@ -55,18 +69,23 @@ class ModelError(RuntimeError):
 class LoadedModel:
     """A frozen CLIP model and how it was loaded."""
 
-    model: CLIP
+    model: torch.nn.Module  # openai-clip's CLIP or open_clip.CLIP
     name: str
     device: torch.device
     dtype: torch.dtype
 
+    @functools.cached_property
+    def clip(self) -> ClipAdapter:
+        """The model's adapter: how every stage reaches its towers, whichever backend it is."""
+        return ClipAdapter(self.model)
+
     @property
     def input_resolution(self) -> int:
-        return int(self.model.visual.input_resolution)
+        return self.clip.input_resolution
 
     @property
     def is_vit(self) -> bool:
-        return hasattr(self.model.visual, "conv1") and hasattr(self.model.visual, "proj")
+        return self.clip.is_vit
 
 
 def default_cache_dir() -> Path:
@@ -75,8 +94,19 @@ def default_cache_dir() -> Path:
 
 
 def known_models() -> list[str]:
-    """Every name ``load_model`` accepts besides local paths."""
-    return ["toy", *clip.available_models(), *(f"random:{a}" for a in RANDOM_ARCHS)]
+    """Every name ``load_model`` accepts besides local paths (OpenCLIP's when open_clip is installed)."""
+    return ["toy", *clip.available_models(), *(f"random:{a}" for a in RANDOM_ARCHS), *openclip_models()]
+
+
+def openclip_models() -> list[str]:
+    """The OpenCLIP names the adapter serves: every served architecture's pretrained tags, then its random form."""
+    try:
+        import open_clip
+    except ImportError:
+        return []
+    served = [a for a in open_clip.list_models() if openclip_refusal(a, open_clip.get_model_config(a)) is None]
+    pretrained = [f"{OPENCLIP_PREFIX}{a}/{t}" for a, t in open_clip.list_pretrained() if a in served]
+    return pretrained + [f"{RANDOM_OPENCLIP_PREFIX}{a}" for a in served]
 
 
 def cached_file(name: str, cache_dir: Path) -> Path:
@@ -104,15 +134,19 @@ def load_model(
     """Load a CLIP model, frozen and in eval mode.
 
     Args:
-        name: an openai-clip name, ``toy``, ``random:<arch>``, or a path to a checkpoint.
+        name: an openai-clip name, ``toy``, ``random:<arch>``, ``openclip:ARCH/PRETRAINED``,
+            ``random:openclip:ARCH``, or a path to a checkpoint.
         device: where to put it.
         precision: ``fp16``, ``bf16`` or ``fp32`` on CUDA; the CPU always uses fp32.
-        cache_dir: openai-clip's download cache (default: ``default_cache_dir()``).
+        cache_dir: openai-clip's download cache (default: ``default_cache_dir()``); for OpenCLIP names, the
+            folder open_clip downloads into (default: its own, the Hugging Face hub cache).
         seed: seeds the initialisation of ``random:<arch>``.
 
     Raises:
         ModelError: with a message that says which file was expected and what to do.
     """
+    if name.startswith((OPENCLIP_PREFIX, RANDOM_OPENCLIP_PREFIX)):
+        return _load_openclip(name, device, precision, cache_dir, seed)
     if name in clip.available_models():
         model = _load_openai(name, cache_dir or default_cache_dir())
     elif name == "toy":
@@ -132,6 +166,119 @@ def load_model(
     model = _cast_like_openai(model.to(device), dtype).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, name=name, device=device, dtype=dtype)
+
+
+def _import_open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise ModelError("OpenCLIP models need the open_clip package: pip install -e '.[openclip]'") from None
+    return open_clip
+
+
+def _load_openclip(name: str, device: torch.device, precision: str, cache_dir: Path | None, seed: int) -> LoadedModel:
+    """An ``open_clip.CLIP`` for ``openclip:ARCH/PRETRAINED`` or ``random:openclip:ARCH``, frozen, in eval mode.
+
+    On CUDA the half precisions are open_clip's own (weights in half, layer norms in fp32), as openai-clip's.
+    """
+    open_clip = _import_open_clip()
+    random = name.startswith(RANDOM_OPENCLIP_PREFIX)
+    spec = name.removeprefix(RANDOM_OPENCLIP_PREFIX if random else OPENCLIP_PREFIX)
+    arch, _, tag = spec.partition("/")
+    if not arch or (random and tag) or (not random and not tag):
+        form = "random:openclip:ARCH" if random else "openclip:ARCH/PRETRAINED"
+        raise ModelError(f"model {name!r}: expected {form}, e.g. "
+                         + ("random:openclip:ViT-B-32" if random else "openclip:ViT-B-32/laion2b_s34b_b79k"))
+    refusal = openclip_refusal(arch, open_clip.get_model_config(arch))
+    if refusal == "no such OpenCLIP architecture":
+        raise ModelError(f"model {name!r}: {arch!r} is not an OpenCLIP architecture; `python runall.py models` "
+                         f"lists those clipsight serves")
+    if refusal:
+        raise ModelError(f"model {name!r} is refused: clipsight cannot run {arch} faithfully. Its layout: {refusal}. "
+                         f"clipsight serves open_clip's plain ViT and ModifiedResNet CLIPs (`python runall.py models`).")
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    oc_precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    if random:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            logging.disable(logging.WARNING)  # open_clip's "initialized randomly" is what was asked for
+            try:
+                model = open_clip.create_model(arch, pretrained=None, precision=oc_precision)
+            finally:
+                logging.disable(logging.NOTSET)
+    else:
+        checkpoint = _openclip_checkpoint(open_clip, name, arch, tag, cache_dir)
+        model = open_clip.create_model(arch, pretrained=str(checkpoint), precision=oc_precision)
+    try:
+        check_openclip_model(model, name)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, name=name, device=device, dtype=dtype)
+
+
+def _openclip_checkpoint(open_clip, name: str, arch: str, tag: str, cache_dir: Path | None) -> Path:
+    """The checkpoint file for ``tag``: a file path as given, else the cached download, else downloaded now.
+
+    Offline (no route to the host, or ``HF_HUB_OFFLINE=1``) it fails at once, naming the file and the cache.
+    """
+    if Path(tag).expanduser().is_file():
+        return Path(tag).expanduser()
+    pcfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not pcfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise ModelError(f"model {name!r}: {tag!r} is neither a pretrained tag of {arch} nor a file. Its tags: {tags}")
+    if pcfg.get("quick_gelu") and not open_clip.get_model_config(arch).get("quick_gelu"):
+        warnings.warn(f"{name}: these weights were trained with QuickGELU, but {arch} builds plain GELU, so every "
+                      f"feature is off; use openclip:{arch}-quickgelu/{tag}", UserWarning, stacklevel=3)
+    hub = pcfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        folder = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+        for n in names:
+            hit = try_to_load_from_cache(repo, n, cache_dir=str(folder))
+            if isinstance(hit, str):
+                return Path(hit)
+        url, host, expected = f"https://huggingface.co/{repo}/resolve/main/{names[-1]}", "huggingface.co", names
+        where = f"the Hugging Face cache {folder} (as models--{repo.replace('/', '--')}/snapshots/<revision>/<file>)"
+    else:
+        url = pcfg["url"]
+        folder = Path(cache_dir) if cache_dir else Path(os.path.expanduser("~/.cache/clip"))
+        target = folder / os.path.basename(urllib.parse.urlparse(url).path)
+        if target.is_file():
+            return target
+        host, expected, where = urllib.parse.urlparse(url).hostname or "", [target.name], f"the folder {folder}"
+    reason = _offline_reason(host)
+    if reason is None:
+        try:
+            return Path(open_clip.download_pretrained(pcfg, cache_dir=str(folder) if cache_dir else None))
+        except Exception as err:  # network errors of any library on the way
+            reason = str(err).splitlines()[0]
+    raise ModelError(
+        f"could not load {name!r}: its checkpoint is not in the cache and could not be downloaded ({reason}).\n"
+        f"  expected file: {' or '.join(expected)} in {where}\n"
+        f"  to place it by hand, download {url}\n"
+        f"  on a machine with internet, and give its path as the model: openclip:{arch}/PATH/TO/{expected[-1]}"
+    )
+
+
+def _offline_reason(host: str) -> str | None:
+    """Why a download cannot start now (``HF_HUB_OFFLINE`` set, or no connection to ``host`` within 3 s), or None."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as err:
+        return f"no connection to {host}: {err}"
+    return None
 
 
 def _load_openai(name: str, cache_dir: Path) -> CLIP:
@@ -236,15 +383,29 @@ def _random_model(arch: str, seed: int) -> CLIP:
 
 
 def model_statuses(cache_dir: Path) -> list[tuple[str, str]]:
-    """``(name, status)`` for every known model name: shipped, random, or whether its checkpoint is cached."""
-    rows = []
+    """``(name, status)`` for every known model name: shipped, random, or whether its checkpoint is cached.
+
+    OpenCLIP's random architectures share one row, and one closing row says which families are refused.
+    """
+    rows, random_openclip = [], []
     for name in known_models():
+        if name.startswith(RANDOM_OPENCLIP_PREFIX):
+            random_openclip.append(name.removeprefix(RANDOM_OPENCLIP_PREFIX))
+            continue
         if name == "toy":
             status = "shipped with clipsight"
         elif name.startswith("random:"):
             status = "random weights, for tests and timing"
+        elif name.startswith(OPENCLIP_PREFIX):
+            status = "OpenCLIP: downloaded through open_clip on first use (or openclip:ARCH/PATH to a file)"
         else:
             path = cached_file(name, cache_dir)
             status = f"cached: {path}" if path.is_file() else f"not cached (expected at {path})"
         rows.append((name, status))
+    if random_openclip:
+        rows.append(("random:openclip:ARCH", "random weights of an OpenCLIP architecture: " + ", ".join(random_openclip)))
+        rows.append(("openclip: refused", "SigLIP, CLIPA, CoCa, EVA, MobileCLIP, ConvNeXt and other timm trunks, Hugging "
+                                          "Face text towers: not CLIP's layout (loading one names why)"))
+    else:
+        rows.append(("openclip:ARCH/PRETRAINED", "needs the openclip extra: pip install -e '.[openclip]'"))
     return rows

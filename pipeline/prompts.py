@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.adapter import as_adapter
 from pipeline.rundir import atomic_path
 from pipeline.tokens import tokenize
 
@@ -111,7 +112,7 @@ def prompt_ensemble(model: torch.nn.Module, words: list[str], cache: dict | None
     """Unit text features ``[T, D]`` of ``words``, each the mean over the 85 templates.
 
     Args:
-        model: a stock openai-clip ``CLIP``.
+        model: a stock openai-clip or OpenCLIP ``CLIP``, or its adapter.
         words: the texts to embed.
         cache: optional ``{word: feature}`` for this model; missing words are added.
 
@@ -119,26 +120,27 @@ def prompt_ensemble(model: torch.nn.Module, words: list[str], cache: dict | None
         - Output: :math:`(T, D)`, float32, unit rows, on the model's device.
     """
     cache = {} if cache is None else cache
+    clip = as_adapter(model)
     todo = [w for w in dict.fromkeys(words) if w not in cache]
     if todo:
-        device = model.positional_embedding.device
-        ctx = model.positional_embedding.shape[0]
-        ids = tokenize([t.format(w) for w in todo for t in TEMPLATES], ctx).to(device)
+        device = clip.positional_embedding.device
+        ids = tokenize([t.format(w) for w in todo for t in TEMPLATES], clip.context_length).to(device)
         feats = []
         for start in range(0, len(ids), 1024):
-            feats.append(F.normalize(model.encode_text(ids[start : start + 1024]).float(), dim=-1))
+            feats.append(F.normalize(clip.encode_text(ids[start : start + 1024]).float(), dim=-1))
         per_word = torch.cat(feats).view(len(todo), len(TEMPLATES), -1).mean(1)
         for w, f in zip(todo, F.normalize(per_word, dim=-1)):
             cache[w] = f
     if not words:
-        return torch.empty(0, model.text_projection.shape[1], device=model.positional_embedding.device)
+        return torch.empty(0, clip.text_projection.shape[1], device=clip.positional_embedding.device)
     return torch.stack([cache[w] for w in words])
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of a model's text weights: runs with different weights never share cached features."""
+    clip = as_adapter(model)
     h = hashlib.sha1()
-    for t in (model.token_embedding.weight[::97], model.positional_embedding, model.text_projection):
+    for t in (clip.token_embedding.weight[::97], clip.positional_embedding, clip.text_projection):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -156,7 +158,7 @@ class TextFeatureStore:
         self.features: dict[str, torch.Tensor] = {}
         self.loaded_from_disk = 0
         if self.folder is not None and self.folder.is_dir():
-            device = model.positional_embedding.device
+            device = as_adapter(model).positional_embedding.device
             for shard in sorted(self.folder.glob("*.pt")):
                 try:
                     part = torch.load(shard, map_location=device, weights_only=True)

@@ -3,10 +3,11 @@
 Li et al., "CLIP Surgery for Better Explainability with Enhancement in
 Open-Vocabulary Tasks" (2023), arXiv:2304.05653.
 
-This module wraps a *stock* openai-clip model. It reads the model's parameters and
-calls its own submodules; it never copies, swaps or mutates them. The positional
-embedding is interpolated into a local tensor for other input sizes, and the
-caller chooses the grad mode.
+This module wraps a *stock* CLIP model of either backend (``pipeline.adapter``). It reads
+the model's parameters and calls its own submodules; it never copies, swaps or mutates
+them. The positional embedding is interpolated into a local tensor for other input
+sizes, and the caller chooses the grad mode. The blocks run on the one block runner
+of ``pipeline.maps``, which every heatmap method shares.
 
 * ViT: the last ``surgery_depth`` blocks run two paths from the same input. The
   original path is the stock block; the surgery path adds v-v attention of the
@@ -49,129 +50,6 @@ class ImageTokens:
     grid: tuple[int, int]
 
 
-def _check_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-
-
-def _interpolate_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[1 + S*S, C]`` -> ``[1 + gh*gw, C]``, the grid part bilinearly resized. A new tensor, never in place."""
-    side = math.isqrt(pos.shape[0] - 1)
-    if (side, side) == tuple(grid):
-        return pos
-    patch = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # [1, C, S, S]
-    patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
-    patch = patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-    return torch.cat([pos[:1], patch])
-
-
-def _dual_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's own projections, applied as v-v (surgery) and q-k (original) attention in one call.
-
-    Shape:
-        - x: :math:`(B, N, C)`, already through ``ln_1``.
-        - Output: two :math:`(B, N, C)` tensors, surgery then original.
-    """
-    b, n, c = x.shape
-    heads = attn.num_heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, N, 3C]
-    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # each [B, heads, N, hd]
-    out = F.scaled_dot_product_attention(torch.cat([v, q]), torch.cat([v, k]), torch.cat([v, v]))  # [2B, heads, N, hd]
-    out = F.linear(out.transpose(1, 2).reshape(2 * b, n, c), attn.out_proj.weight, attn.out_proj.bias)
-    return out[:b], out[b:]
-
-
-def _vit_tokens(visual: nn.Module, images: torch.Tensor, depth: int) -> ImageTokens:
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))  # [B, width, gh, gw]
-    b, width, gh, gw = x.shape
-    x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, width]
-    cls = visual.class_embedding.to(x.dtype).expand(b, 1, width)
-    x = torch.cat([cls, x], dim=1)  # [B, 1+gh*gw, width]
-    x = x + _interpolate_positions(visual.positional_embedding, (gh, gw)).to(x.dtype)
-    x = visual.ln_pre(x)
-    blocks = list(visual.transformer.resblocks)
-    depth = min(depth, len(blocks))
-    shared = len(blocks) - depth
-    if shared:
-        x = nn.Sequential(*blocks[:shared])(x.permute(1, 0, 2)).permute(1, 0, 2)  # stock blocks are [N, B, C]
-    x_o, x_s = x, x
-    for block in blocks[shared:]:
-        a_s, a_o = _dual_attention(block.attn, block.ln_1(x_o))
-        x_s = x_s + a_s  # no MLP on the surgery path
-        x_o = x_o + a_o
-        x_o = x_o + block.mlp(block.ln_2(x_o))
-
-    def project(t: torch.Tensor) -> torch.Tensor:
-        t = visual.ln_post(t)
-        return t @ visual.proj if visual.proj is not None else t
-
-    raw = project(x_o)
-    if not depth:
-        return ImageTokens(raw=raw, surgery=raw, grid=(gh, gw))
-    surgery = project(torch.cat([x_o[:, :1], x_s[:, 1:]], dim=1))  # class token from the original path
-    return ImageTokens(raw=raw, surgery=surgery, grid=(gh, gw))
-
-
-def resnet_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """A ModifiedResNet's stem and four stages, before its attention pool.
-
-    Shape:
-        - images: :math:`(B, 3, H, W)`; Output: :math:`(B, C, H / 32, W / 32)`.
-    """
-    x = images.to(visual.conv1.weight.dtype)
-    x = visual.relu1(visual.bn1(visual.conv1(x)))
-    x = visual.relu2(visual.bn2(visual.conv2(x)))
-    x = visual.relu3(visual.bn3(visual.conv3(x)))
-    x = visual.avgpool(x)
-    return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # [B, C, gh, gw]
-
-
-def resnet_pool_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The attention pool's input tokens from the trunk's output: the mean token, then the grid, with positions.
-
-    Shape:
-        - x: :math:`(B, C, gh, gw)`; Output: :math:`(B, 1 + gh \\cdot gw, C)`.
-    """
-    pool = visual.attnpool
-    gh, gw = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, C]
-    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1+gh*gw, C]
-    return x + _interpolate_positions(pool.positional_embedding, (gh, gw)).to(x.dtype)
-
-
-def _resnet_tokens(visual: nn.Module, images: torch.Tensor, depth: int, variant: str = "official",
-                   trunk: torch.Tensor | None = None) -> ImageTokens:
-    x = resnet_trunk(visual, images) if trunk is None else trunk  # [B, C, gh, gw]
-    pool = visual.attnpool
-    b, c, gh, gw = x.shape
-    x = resnet_pool_tokens(visual, x)
-    heads = pool.num_heads
-    hd = c // heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, -1, heads, hd).transpose(1, 2)  # [B, heads, N, hd]
-
-    q = split(F.linear(x, pool.q_proj.weight, pool.q_proj.bias))
-    k = split(F.linear(x, pool.k_proj.weight, pool.k_proj.bias))
-    v = split(F.linear(x, pool.v_proj.weight, pool.v_proj.bias))
-
-    def merge(t: torch.Tensor) -> torch.Tensor:
-        return F.linear(t.transpose(1, 2).reshape(b, -1, c), pool.c_proj.weight, pool.c_proj.bias)
-
-    raw = merge(F.scaled_dot_product_attention(q, k, v))
-    if not depth:
-        return ImageTokens(raw=raw, surgery=raw, grid=(gh, gw))
-    if variant == "normalised":  # the paper code's switchable branch: unit keys, 8x the scale
-        kn = v / (v.norm(dim=-1, keepdim=True) + 1e-6)
-        surgery = merge(F.scaled_dot_product_attention(kn, kn, v, scale=8 * hd**-0.5))
-    elif variant == "official":  # what the released code runs: plain v-v attention
-        surgery = merge(F.scaled_dot_product_attention(v, v, v))
-    else:
-        raise ValueError(f"resnet_surgery must be 'official' or 'normalised', got {variant!r}")
-    surgery = torch.cat([raw[:, :1], surgery[:, 1:]], dim=1)
-    return ImageTokens(raw=raw, surgery=surgery, grid=(gh, gw))
-
-
 def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: int = 6,
                         resnet_surgery: str = "official") -> ImageTokens:
     """Raw and surgery image tokens of stock CLIP in one forward, at any input size.
@@ -180,7 +58,7 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: i
     larger than the number of blocks means every block; 0 gives the raw tokens.
 
     Args:
-        model: a stock openai-clip ``CLIP`` (or its ``visual``), ViT or ModifiedResNet.
+        model: a stock openai-clip or OpenCLIP ``CLIP`` (or its ``visual``, or its adapter), ViT or ModifiedResNet.
         images: CLIP-normalised images. Sides need not match the model's resolution.
         surgery_depth: how many of the last blocks run the dual path.
         resnet_surgery: ResNet only: ``"official"``, plain v-v attention as the released code runs it,
@@ -195,15 +73,14 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: i
         >>> tokens = encode_image_tokens(model, normalize(images), surgery_depth=6)
         >>> tokens.raw[:, 0]  # equals model.encode_image(normalize(images)) at the model's resolution
     """
-    _check_images(images)
     if surgery_depth < 0:
         raise ValueError(f"surgery_depth must be >= 0, got {surgery_depth}")
-    visual = getattr(model, "visual", model)
-    if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
-        return _vit_tokens(visual, images, surgery_depth)
-    if hasattr(visual, "attnpool"):
-        return _resnet_tokens(visual, images, surgery_depth, resnet_surgery)
-    raise TypeError(f"expected an openai-clip VisionTransformer or ModifiedResNet, got {type(visual).__name__}")
+    from pipeline.maps import encode_method_tokens
+
+    out = encode_method_tokens(model, images, ("raw", "surgery") if surgery_depth else ("raw",), surgery_depth,
+                               resnet_surgery=resnet_surgery)
+    raw = out.tokens["raw"]
+    return ImageTokens(raw=raw, surgery=out.tokens.get("surgery", raw), grid=out.grid)
 
 
 def feature_surgery(image_tokens: torch.Tensor, text_features: torch.Tensor,

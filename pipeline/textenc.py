@@ -1,7 +1,7 @@
 """Text encoding over a causal prefix, read out at any position.
 
-Stock ``CLIP.encode_text`` runs all 77 positions with the mask stored in each block.
-With a causal mask the feature at position ``p`` depends only on positions ``0..p``,
+Stock ``CLIP.encode_text`` runs all 77 positions with the model's causal mask (on each
+block in openai-clip, on the model in OpenCLIP). With a causal mask the feature at position ``p`` depends only on positions ``0..p``,
 so these functions run only the prefix up to the read-out, with a local mask; they
 read the model's parameters and never change its modules or buffers.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.adapter import as_adapter, block_parts
 
 
 def causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -39,24 +41,26 @@ def run_text_transformer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The text transformer plus ``ln_final`` over a prefix of embeddings.
 
     Args:
-        model: a stock openai-clip ``CLIP``.
+        model: a stock openai-clip or OpenCLIP ``CLIP``, or its adapter.
         x: token embeddings plus positional embeddings, ``[B, n, width]``.
 
     Shape:
         - Input: :math:`(B, n, W)`; Output: :math:`(B, n, W)`.
     """
+    clip = as_adapter(model)
     mask = causal_mask(x.shape[1], x.device, x.dtype)
-    for block in model.transformer.resblocks:
-        x = x + attention(block.attn, block.ln_1(x), mask)
-        x = x + block.mlp(block.ln_2(x))
-    return model.ln_final(x)  # [B, n, width]
+    for block in clip.text_blocks:
+        p = block_parts(block)
+        x = x + p.ls_1(attention(p.attn, p.ln_1(x), mask))
+        x = x + p.ls_2(p.mlp(p.ln_2(x)))
+    return clip.ln_final(x)  # [B, n, width]
 
 
 def encode_text_embeddings(model: nn.Module, emb: torch.Tensor, readout: torch.Tensor | int) -> torch.Tensor:
     """Text features from token embeddings, read at ``readout``.
 
     Args:
-        model: a stock openai-clip ``CLIP``.
+        model: a stock openai-clip or OpenCLIP ``CLIP``, or its adapter.
         emb: token embeddings (before the positional embedding) of a prefix, ``[B, n, width]``.
         readout: the position to read, one per row or one for all.
 
@@ -66,11 +70,12 @@ def encode_text_embeddings(model: nn.Module, emb: torch.Tensor, readout: torch.T
     Shape:
         - emb: :math:`(B, n, W)`; readout: :math:`(B,)` or int; Output: :math:`(B, D)`.
     """
+    clip = as_adapter(model)
     n = emb.shape[1]
-    x = emb.to(model.dtype) + model.positional_embedding[:n].to(model.dtype)
-    x = run_text_transformer(model, x)
+    x = emb.to(clip.dtype) + clip.positional_embedding[:n].to(clip.dtype)
+    x = run_text_transformer(clip, x)
     rows = torch.arange(x.shape[0], device=x.device)
-    return x[rows, readout] @ model.text_projection
+    return x[rows, readout] @ clip.text_projection
 
 
 def encode_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -81,5 +86,5 @@ def encode_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """
     eot_at = ids.argmax(dim=-1)  # [B], as stock encode_text pools
     n = int(eot_at.max()) + 1
-    emb = model.token_embedding(ids[:, :n])
+    emb = as_adapter(model).token_embedding(ids[:, :n])
     return encode_text_embeddings(model, emb, eot_at)

@@ -270,7 +270,7 @@ def _encode_views(lm: LoadedModel, image: torch.Tensor, cfg: AscentConfig, seed:
             n = min(chunk, cfg.bank_size - start)
             views = aug(image[None].expand(n, -1, -1, -1))
             with torch.no_grad():
-                f = lm.model.encode_image(normalize(views).to(lm.dtype)).float()
+                f = lm.clip.encode_image(normalize(views).to(lm.dtype)).float()
             feats.append(F.normalize(f, dim=-1))
     return torch.cat(feats)
 
@@ -297,7 +297,7 @@ def prompt_frame(lm: LoadedModel, prefix_ids: list[int], readout: str) -> tuple[
     """The fixed embeddings around the learned slots: ``[SOT] + prefix`` before them, ``[EOT]`` after
     (two for ``readout: seed``, the original's second EOT). Built once per batch: building them in the
     loop would copy ids to the device, and wait for it, at every step."""
-    v, emb = vocab(), lm.model.token_embedding.weight
+    v, emb = vocab(), lm.clip.token_embedding.weight
     eots = 2 if readout == "seed" else 1
     ids = torch.tensor([v.sot, *prefix_ids] + [v.eot] * eots, device=emb.device)
     return emb[ids[:-eots]], emb[ids[-eots:]]  # [1+P, W], [eots, W]
@@ -322,7 +322,7 @@ def learned_text_features(lm: LoadedModel, learned: torch.Tensor, frame: tuple[t
     at = seq.shape[1] - 1  # the last EOT of the frame is the read-out
     fast = fast_dtype(lm)
     with torch.autocast(lm.device.type, enabled=fast != lm.dtype, dtype=fast):
-        f = encode_text_embeddings(lm.model, seq, at)
+        f = encode_text_embeddings(lm.clip, seq, at)
     return F.normalize(f.float(), dim=-1)
 
 
@@ -345,12 +345,11 @@ def extract_opinions(
     Shape:
         - images: :math:`(B, 3, R, R)`.
     """
-    model, dev = lm.model, lm.device
+    model, dev = lm.clip, lm.device
     v = vocab()
     B, C, Kt = images.shape[0], cfg.candidates, cfg.tokens
     allowed = torch.tensor(allowed_token_ids(cfg.block_words, cfg.whole_words_only), device=dev)
     table = model.token_embedding.weight[allowed]  # [V', W]: only the learned slots meet the vocabulary
-    V = table.shape[0]
 
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
     banks = torch.stack([_encode_views(lm, images[b].to(dev), cfg, seeds[b]) for b in range(B)])  # [B, bank, D]
@@ -446,7 +445,7 @@ class AscendStage(PerImageStage[AscentConfig]):
     needs: tuple[str, ...] = ()
 
     def batch_size(self, ctx: StageContext[AscentConfig]) -> int:
-        vocab_size = ctx.models.clip.model.token_embedding.weight.shape[0]
+        vocab_size = ctx.models.clip.clip.token_embedding.weight.shape[0]
         return ctx.batches.size(self.name, ctx.config.batch_size, cuda=AUTO_BATCH_CUDA, cpu=AUTO_BATCH_CPU,
                                 bytes_per_image=ascent_bytes_per_image(ctx.config, vocab_size))
 

@@ -33,6 +33,7 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
 from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom, writer_pool
+from pipeline.adapter import input_resolution
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
 
@@ -118,7 +119,7 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
     every other method's tokens (``pipeline.maps``) go through ``cfg.feature_surgery``.
 
     Args:
-        model: a stock openai-clip ``CLIP``.
+        model: a stock openai-clip or OpenCLIP ``CLIP``, or its adapter.
         images: CLIP-normalised images at the model's resolution.
         single_images: the same images at ``cfg.single_resolution`` (needed for the ``single`` method).
         words: each image's labels; every one must be in ``vocab``.
@@ -134,7 +135,7 @@ def compute_heatmaps(model: torch.nn.Module, images: torch.Tensor, single_images
     index = {w: i for i, w in enumerate(vocab)}
     text, empty = text.float(), empty.float()
     native = tuple(m for m in cfg.methods if m != "single")
-    resolution = getattr(model, "visual", model).input_resolution
+    resolution = input_resolution(getattr(model, "visual", model))
     windows = window_offsets(images.shape[-1], resolution) if cfg.window_side else [(0, 0)]
     if native:
         tiles = torch.cat([images[..., y : y + resolution, x : x + resolution] for y, x in windows]) if cfg.window_side else images
@@ -336,7 +337,7 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
                 single = self._tensors(lm, pictures[a:b], cfg.single_resolution) if "single" in cfg.methods else None
                 sizes = [(p.height, p.width) for p in pictures[a:b]]
                 with torch.inference_mode():
-                    return compute_heatmaps(lm.model, base, single, words[a:b], vocab, text, empty, sizes, cfg)
+                    return compute_heatmaps(lm.clip, base, single, words[a:b], vocab, text, empty, sizes, cfg)
 
             heatmaps = split_on_oom(run, 0, len(ok), ctx.batches.on_split(self.name))
             images = [np.asarray(p) for p in pictures]

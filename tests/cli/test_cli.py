@@ -271,3 +271,29 @@ def test_a_vit_only_method_on_a_resnet_is_a_config_error(tmp_path, images):
              "--set", "surgery.methods=[raw,naclip]")
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and "'naclip' has no ResNet form" in said and "random:tiny-rn" in said, said
+
+
+@pytest.mark.parametrize("model, methods", [("random:openclip:ViT-S-32", None), ("random:openclip:RN50", ("raw", "surgery", "maskclip"))])
+def test_whole_pipeline_on_openclip_models(tmp_path, images, model, methods):
+    """An OpenCLIP model runs every stage from the CLI; a ViT writes every method's maps, a ResNet its three."""
+    pytest.importorskip("open_clip")
+    from pipeline.heatmaps import HEATMAP_METHODS
+
+    methods = list(methods or HEATMAP_METHODS)
+    out = tmp_path / "out"
+    # two candidates of two tokens: few words, as the 85-template text features of each cost a 12-block text tower
+    r = _run("--input", str(images), "--model", model, "--output", str(out), "--run-name", "r", "--quiet",
+             *fast_args(ascend__candidates=2, ascend__tokens=2), "--set", f"surgery.methods=[{','.join(methods)}]",
+             "--set", "surgery.overlays=false")
+    assert r.exit_code == 0, r.output
+    run = out / "r"
+    metas = [json.loads(p.read_text()) for p in (run / "surgery").glob("*.json")]
+    assert len(metas) == 3 and all(m["labels"] for m in metas), "a random model's ascent still yields words"
+    for meta in metas:
+        words = [d["word"] for d in meta["labels"]]
+        with np.load(run / "surgery" / f"{meta['image']}.npz") as npz:
+            assert set(npz.files) == {"image_size"} | {f"{m}/{w}" for m in methods for w in words}
+            # 224 px in 32 px patches, or the ResNet's stride of 32: a 7x7 grid either way; single-text at 64 px
+            assert all(npz[f"{m}/{words[0]}"].shape == ((2, 2) if m == "single" else (7, 7)) for m in methods)
+    assert (run / "report.html").is_file() and (run / "records.csv").is_file()
+    assert f"model: {model}" in (run / "run.yaml").read_text()

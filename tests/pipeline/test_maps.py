@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from pipeline.maps import RESNET_METHODS, VIT_METHODS, encode_method_tokens, neighbourhood_bias, resclip_blocks
 from pipeline.models import load_model
-from pipeline.surgery import _interpolate_positions, encode_image_tokens
+from pipeline.maps import _interpolate_positions
+from pipeline.surgery import encode_image_tokens
 
 LAST = ("maskclip", "sclip", "clearclip", "naclip", "resclip")
 

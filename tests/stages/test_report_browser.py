@@ -205,3 +205,30 @@ def test_sam_points_are_offered_and_drawn_when_sam_ran(browser, tmp_path):
     assert page.locator(".maps svg circle").count() == 0
     page.click("#points")
     assert page.locator(".maps svg circle").count() == 2 and page.locator("#points").is_checked()
+
+
+def test_compare_page_opens_with_every_map_and_no_console_error(browser, demo_run, tmp_path):
+    """``compare`` of the demo run and a second toy run (another seed) over the same images, in the browser."""
+    root = demo_run.parent.parent
+    r = CliRunner().invoke(app, ["--input", str(root / "demo"), "--config", "configs/demo.yaml", "--output",
+                                 str(tmp_path / "out"), "--run-name", "other", "--quiet", *FAST, "--set", "seed=4",
+                                 "--set", "surgery.single_resolution=128"],
+                           catch_exceptions=False)
+    assert r.exit_code == 1, r.output  # the broken file fails again
+    r = CliRunner().invoke(app, ["compare", str(demo_run), str(tmp_path / "out" / "other"), "--out", str(tmp_path / "cmp")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    page = browser.new_page(viewport={"width": 1400, "height": 6000})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "cmp" / "compare.html").as_uri())
+    page.wait_for_load_state("load")
+    assert page.locator(".card").count() == doc["overall"]["images_compared"] == 5
+    drawn = sum(len(r.get("maps", {}).get(s, {})) for r in doc["images"] for s in ("a", "b"))
+    assert drawn > 0 and page.locator(".maps img").count() == drawn
+    loaded = page.eval_on_selector_all(".maps img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    assert all(loaded), "a map did not load"
+    assert "broken.png" in page.inner_text("body")  # in neither run's labels: listed, not dropped
+    assert errors == [], errors
