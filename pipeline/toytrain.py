@@ -78,6 +78,9 @@ class ToyTrainConfig:
     surgery_weight: float = 0.0  # weight of the surgery pointing term (see ``surgery_pointing_loss``): the maps users see
     surgery_depth: int = 3  # blocks on the dual path for that term (the demo's surgery.surgery_depth)
     start_from: str | None = None  # a toy checkpoint of this architecture whose weights training starts from
+    freeze_text: bool = False  # keep the text tower as loaded (from ``start_from``), so the words' embeddings stay put
+    style: str = "train"  # the scenes' renderer (``pipeline.toyworld.Style``); "varied" draws fresh choices per scene
+    max_scale: float = 0.40  # the largest object's diameter as a fraction of the image side
 
 
 FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
@@ -108,6 +111,12 @@ RECIPES: dict[str, ToyTrainConfig] = {
     "surgery-cpu": ToyTrainConfig(steps=600, batch_size=64, noise_captions=32, lr=2e-4, arch=FINE4,
                                   dense_weight=1.0, warmup=20, distill_weight=4.0, eval_every=100,
                                   surgery_weight=1.0, surgery_depth=3),
+    # Continues a trained toy (``--start-from``, e.g. the shipped one) on the "varied" renderer, with its text
+    # tower frozen and the patch and surgery terms kept, so it learns shapes and colours drawn in many ways
+    # while its words and its maps stay where they were.
+    "varied-cpu": ToyTrainConfig(steps=1200, batch_size=64, noise_captions=32, lr=2e-4, arch=FINE4,
+                                 dense_weight=1.0, warmup=50, eval_every=100, surgery_weight=1.0, surgery_depth=3,
+                                 freeze_text=True, style="varied", max_scale=0.45),
 }
 
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
@@ -366,11 +375,16 @@ def train_toy_clip(
     torch.manual_seed(cfg.seed)
     arch = cfg.arch
     model = build_toy_model(arch).to(device).train()
-    spec = SceneSpec(size=arch.image_resolution)
+    spec = SceneSpec(size=arch.image_resolution, max_scale=cfg.max_scale, style=cfg.style)  # type: ignore[arg-type]
     null = torch.zeros((), device=device, requires_grad=True)  # the "nothing" logit of background patches
     teacher = _load_teacher(cfg, model, device)
     if cfg.start_from is not None:
         _load_start(cfg, model)
+    if cfg.freeze_text:
+        for n, p in model.named_parameters():
+            if n.startswith(TEXT_TOWER):
+                p.requires_grad_(False)
+    text_trains = teacher is None and not cfg.freeze_text
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
@@ -402,7 +416,7 @@ def train_toy_clip(
             group["lr"] = _lr_at(step, cfg)
         x = normalize(images.to(device).permute(0, 3, 1, 2).float() / 255)
         texts = [tokens, noise] + ([dense_text] if dense_text is not None else [])
-        with torch.set_grad_enabled(teacher is None):
+        with torch.set_grad_enabled(text_trains):
             txt = F.normalize(encode_tokens(model, torch.cat(texts).to(device)), dim=-1)  # [B+N(+K), D]
         if cfg.dense_weight or cfg.surgery_weight:
             both = encode_image_tokens(model, x, surgery_depth=cfg.surgery_depth if cfg.surgery_weight else 0)
@@ -512,7 +526,7 @@ def resolve_recipe(recipe: str, device: torch.device, **overrides) -> tuple[str,
     cfg = replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
     if cfg.distill_weight and cfg.teacher is None:
         raise ValueError(f"recipe {name} distils a teacher: pass --teacher, a toy checkpoint such as the 8x8-grid toy")
-    if cfg.surgery_weight and not cfg.init_from_teacher and cfg.start_from is None:
+    if (cfg.surgery_weight or cfg.freeze_text) and not cfg.init_from_teacher and cfg.start_from is None:
         raise ValueError(f"recipe {name} continues a trained model: pass --start-from, e.g. a distill-init-cpu checkpoint")
     if cfg.teacher is not None and not Path(cfg.teacher).is_file():
         raise ValueError(f"--teacher {cfg.teacher}: no such file")

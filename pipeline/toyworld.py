@@ -11,7 +11,14 @@ Two renderers share one vocabulary:
 
 * ``style="train"``: hard-edged numpy rasterisation, the training distribution;
 * ``style="alt"``: anti-aliased PIL drawing with other shades and backgrounds, to
-  test that the model generalises to differently drawn scenes.
+  test that the model generalises to differently drawn scenes;
+* ``style="varied"``: the training augmentation. Every scene draws its own choices:
+  either renderer's backgrounds, supersampled anti-aliasing or hard edges, each
+  shape's proportions (ring and cross widths, diamond and triangle aspect), colour
+  values jittered and desaturated within each name, blur, noise and JPEG artefacts.
+
+The benchmarks' held-out renderer (``tests/benchmarks/heldout.py``) is a separate
+implementation that training never sees.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 BACKGROUNDS: tuple[str, ...] = ("flat", "noise", "gradient", "stripes")
-Style = Literal["train", "alt"]
+Style = Literal["train", "alt", "varied"]
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,10 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec()) -> Scene
     background = str(rng.choice(spec.backgrounds))
     if spec.style == "train":
         image, masks = _render_train(rng, spec.size, background, placed)
-    else:
+    elif spec.style == "alt":
         image, masks = _render_alt(rng, spec.size, background, placed)
+    else:
+        image, masks = _render_varied(rng, spec.size, background, placed)
     objects = tuple(
         ToyObject(colour=c, shape=s, center=(x, y), size=d, mask=m)
         for (c, s, x, y, d, _), m in zip(placed, masks)
@@ -224,25 +233,34 @@ def _place_objects(rng: np.random.Generator, spec: SceneSpec, n: int) -> list[tu
     return placed
 
 
-def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Inside-test of ``shape`` with outer radius ``r`` in local coordinates (v points down)."""
+GEOMETRY: dict[str, float] = {"ring": 0.55, "square": 0.8, "diamond": 0.75, "cross": 0.32, "triangle": 0.5, "aspect": 1.0}
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float, geo: dict[str, float] = GEOMETRY) -> np.ndarray:
+    """Inside-test of ``shape`` with outer radius ``r`` in local coordinates (v points down).
+
+    ``geo`` holds the proportions: the ring's inner radius, the square's half side, the diamond's
+    half width and the cross's half arm, each as a fraction of ``r``; the triangle's inradius as
+    one; and ``aspect``, the height over the width of the shape's frame.
+    """
+    v = v / geo["aspect"]
     if shape == "circle":
         return u**2 + v**2 <= r**2
     if shape == "ring":
         d2 = u**2 + v**2
-        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+        return (d2 <= r**2) & (d2 >= (geo["ring"] * r) ** 2)
     if shape == "square":
-        return (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+        return (np.abs(u) <= geo["square"] * r) & (np.abs(v) <= geo["square"] * r)
     if shape == "diamond":
-        return np.abs(u) / 0.75 + np.abs(v) <= r
+        return np.abs(u) / geo["diamond"] + np.abs(v) <= r
     if shape == "cross":
-        arm = 0.32 * r
+        arm = geo["cross"] * r
         return ((np.abs(u) <= arm) & (np.abs(v) <= r)) | ((np.abs(v) <= arm) & (np.abs(u) <= r))
     if shape == "triangle":
         inside = np.ones_like(u, dtype=bool)
         for deg in (90.0, 210.0, 330.0):  # outward normals of an upward-pointing triangle
             nx, ny = np.cos(np.radians(deg)), -np.sin(np.radians(deg))
-            inside &= -(nx * u + ny * v) <= 0.5 * r
+            inside &= -(nx * u + ny * v) <= geo["triangle"] * r
         return inside
     raise ValueError(f"unknown shape {shape!r}; valid: {list(SHAPES)}")
 
@@ -293,6 +311,43 @@ def _render_train(rng, size, background, placed):
         img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.4, 1.0)))
     img = img + rng.normal(0, rng.uniform(0, 6), img.shape)
     return np.clip(img, 0, 255).round().astype(np.uint8), masks
+
+
+def _varied_geometry(rng: np.random.Generator) -> dict[str, float]:
+    return {"ring": rng.uniform(0.38, 0.72), "square": rng.uniform(0.68, 0.9), "diamond": rng.uniform(0.55, 0.9),
+            "cross": rng.uniform(0.18, 0.46), "triangle": rng.uniform(0.42, 0.58), "aspect": rng.uniform(0.85, 1.15)}
+
+
+def _render_varied(rng, size, background, placed):
+    """Fresh rendering choices per scene and per object (the training augmentation; see the module notes)."""
+    img = _background(rng, size, background) if rng.random() < 0.5 else _alt_background(rng, size, background).astype(np.float32)
+    k = int(rng.choice([1, 2, 4]))  # supersampling factor: 1 draws hard edges
+    fine = (np.mgrid[0:size * k, 0:size * k].astype(np.float32) + 0.5) / k
+    yy, xx = fine[0], fine[1]
+    covers = []
+    for colour, shape, x, y, d, angle in placed:
+        t = np.radians(angle * 2)  # up to 30 degrees either way
+        dx, dy = xx - x, yy - y
+        u = np.cos(t) * dx + np.sin(t) * dy
+        v = -np.sin(t) * dx + np.cos(t) * dy
+        inside = _shape_mask(shape, u, v, d / 2, _varied_geometry(rng)).astype(np.float32)
+        cover = inside.reshape(size, k, size, k).mean((1, 3))
+        rgb = np.array(COLOURS[colour], np.float32) * rng.uniform(0.75, 1.12) + rng.uniform(-25, 25, 3)
+        if rng.random() < 0.5:  # desaturate towards the colour's own grey
+            rgb = rgb + rng.uniform(0, 0.25) * (rgb.mean() - rgb)
+        img = img * (1 - cover[..., None]) + np.clip(rgb, 0, 255) * cover[..., None]
+        covers.append(cover)
+    masks = [c >= 0.5 for c in covers]
+    for i in range(len(masks)):  # later objects occlude earlier ones
+        for later in masks[i + 1 :]:
+            masks[i] = masks[i] & ~later
+    if rng.random() < 0.4:
+        img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.3, 1.2)))
+    img = np.clip(img + rng.normal(0, rng.uniform(0, 8), img.shape), 0, 255).round().astype(np.uint8)
+    if rng.random() < 0.5:
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 96))])
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return img, masks
 
 
 def _render_alt(rng, size, background, placed):
