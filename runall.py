@@ -74,7 +74,7 @@ class Recipe(str, enum.Enum):  # "auto" and pipeline.toytrain.RECIPES
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set ascend.iterations=50. Repeatable.")]
 DeviceOpt = Annotated[Optional[Device], typer.Option(help="Where to run (default: the config's, else auto).", show_default=False)]
-ModelOpt = Annotated[Optional[str], typer.Option(help="Model: an openai-clip name, 'toy', 'random:<arch>' or a checkpoint path.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model: an openai-clip name, 'toy', 'random:<arch>', 'openclip:ARCH/PRETRAINED', 'random:openclip:ARCH' or a checkpoint path.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo finished work instead of resuming.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for logs).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON on stdout instead of tables.")]

@@ -158,7 +158,9 @@ def load_model(
     else:
         raise ModelError(
             f"unknown model {name!r}: not a known name and no such file. "
-            f"Known names: {', '.join(known_models())}; or give a path to a checkpoint."
+            f"Known names: {', '.join(n for n in known_models() if 'openclip:' not in n)}, "
+            f"openclip:ARCH/PRETRAINED and random:openclip:ARCH (`python runall.py models` lists them); "
+            f"or give a path to a checkpoint."
         )
     dtype = torch.float32
     if device.type == "cuda":

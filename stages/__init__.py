@@ -34,11 +34,11 @@ class RunConfig:
     """The whole resolved config of a run, saved as ``run.yaml``."""
 
     preset: Literal["fast", "classic", "best"] = "classic"  # ascend's speed against thoroughness (PRESETS)
-    model: str = "ViT-B/16"  # openai-clip name, "toy", "random:<arch>", or a checkpoint path
-    model_cache: str | None = None  # openai-clip download cache; default $CLIPSIGHT_CACHE or ~/.cache/clip
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: str = "ViT-B/16"  # openai-clip name, "toy", "random:<arch>", "openclip:ARCH/PRETRAINED", "random:openclip:ARCH", or a checkpoint path
+    model_cache: str | None = None  # download cache; default $CLIPSIGHT_CACHE or ~/.cache/clip (OpenCLIP: its Hugging Face cache)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks CUDA when torch sees a GPU
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # on CUDA; the CPU always runs fp32
-    seed: int = 0
+    seed: int = 0  # every image's random streams derive from the seed and the image's id
     encode_batch_size: int = 32  # images per forward when encoding (decode)
     max_side: int = 4096  # larger inputs are downscaled on load
     input: InputConfig = field(default_factory=InputConfig)

@@ -52,21 +52,21 @@ class AscentConfig:
     prefix: str = ""  # prompt text placed before the learned tokens
     tokens: int = 5  # learned token slots
     candidates: int = 16  # independent candidate prompts per image
-    iterations: int = 400
+    iterations: int = 400  # optimisation steps per image
     lr: float = 5.0  # Adam, for gumbel
     pez_lr: float = 0.1  # AdamW, for pez (the PEZ paper's defaults)
-    pez_weight_decay: float = 0.1
-    gumbel_tau: float = 1000.0
+    pez_weight_decay: float = 0.1  # AdamW weight decay, for pez
+    gumbel_tau: float = 1000.0  # Gumbel-softmax temperature, for gumbel
     views: int = 64  # augmented views averaged per step
     bank_size: int = 256  # augmented views encoded once per image
     degrees: float = 10.0  # RandomAffine rotation range
     translate: float = 0.1  # RandomAffine translation, fraction of the side
     augment_p: float = 0.8  # probability a view is transformed
     readout: Literal["eot", "seed"] = "eot"  # first EOT (stock CLIP) or the original's second EOT
-    checkin_every: int = 10
+    checkin_every: int = 10  # steps between word check-ins (the words' appearances, the CSV's rows)
     block_words: tuple[str, ...] = ()  # any token containing one of these is never chosen
     whole_words_only: bool = False  # allow only tokens that are whole words
-    batch_size: int = 0  # images optimised together; 0 picks by device
+    batch_size: int = 0  # images optimised together; 0 = 4 on CPU, on CUDA as many as fit (up to 128); halves on out-of-memory
 
     def __post_init__(self) -> None:
         require(self.tokens >= 1, f"ascend.tokens must be >= 1, got {self.tokens}")

@@ -32,7 +32,7 @@ STOP_WORDS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    min_frequency: int = 3
+    min_frequency: int = 3  # a label must occur this often among the final candidates
     lowercase: bool = False  # merge words that differ only in case
     block_words: tuple[str, ...] = ()  # labels containing one of these (any case) are dropped
     stop_words: tuple[str, ...] = STOP_WORDS  # labels equal to one of these (any case) are dropped

@@ -48,7 +48,7 @@ class ExportConfig:
     min_area: float = 0.002  # with multi_instance: the smallest component kept, as a fraction of the image's area
     min_score: float | None = None  # labels whose stock-CLIP score is below this are not exported; null keeps all
     top_k: int = 0  # labels (classes) exported per image, best-scored first; 0 = all
-    label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.exports.LabelMap)
+    label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.autolabels.LabelMap)
     path_prefix: str = ""  # put before each image's relative path in Label Studio and FiftyOne (e.g. /data/local-files/?d=)
     yolo_confidence: bool = False  # a sixth column with the label's score in the YOLO .txt files
 

@@ -48,8 +48,8 @@ COLUMNS = tuple(f.name for f in fields(WordRecord))
 
 @dataclass(frozen=True)
 class RankConfig:
-    min_length: int = 1
-    sort_by: Literal["unusualness", "length", "pieces", "images", "score"] = "unusualness"
+    min_length: int = 1  # words shorter than this, in characters, are left off the leaderboard
+    sort_by: Literal["unusualness", "length", "pieces", "images", "score"] = "unusualness"  # the ranking column
     top: int = 50  # rows in records.md
     longest_over: int = 15  # the original's "longest words" file keeps words longer than this
     keep_broken: bool = False  # rank words with broken byte sequences among the rest (by default they go last)

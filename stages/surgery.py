@@ -60,8 +60,8 @@ class SurgeryConfig:
     single_resolution: int = 512  # input side for the single-text maps
     max_labels: int = 0  # highest-scoring labels mapped per image; 0 = all
     points_from: Literal["single", "surgery", "raw"] = "single"  # the map that gives SAM its points
-    point_threshold: float = 0.8
-    point_downsample: int = 2
+    point_threshold: float = 0.8  # SAM's positive points: cells at or above this (the original's rule)
+    point_downsample: int = 2  # the map is pooled by this factor before points are picked (the original's rule)
     overlays: bool = True  # one PNG per label and method; off, the report draws every map from the one atlas per image
     contact_sheet: bool = True  # one PNG per image with every label's maps
     overlay_max_side: int = 512  # overlays are drawn on the image scaled to this side
