@@ -1,8 +1,8 @@
 """Ascent speed: this stage against a loop faithful to the original, in one run; prints JSON.
 
-    python tests/benchmarks/ascent.py [--model toy] [--device auto] [--images 8] [--iterations 400]
+    python tests/benchmarks/ascent.py [--model toy|random:ViT-B/32|random:openclip:ViT-B-32|...] [--device auto] [--images 8] [--iterations 400]
                                       [--methods gumbel pez] [--batches 0 16 64] [--recall 0]
-                                      [--faithful-iterations N] [--profile] [--out FILE]
+                                      [--faithful-iterations N] [--profile] [--versus MODEL] [--out FILE]
 
 The faithful loop exists only here, for comparison: a fresh model load per image,
 64 views re-encoded every step, the dense one-hot over all 77 positions, the full
@@ -16,6 +16,10 @@ constant; the JSON says so). ``--profile`` adds, at each batch size, the view ba
 seconds per image and one loop iteration's milliseconds measured apart, then a
 ``torch.profiler`` view of 20 iterations at the first size: the kernels with the most
 device time, the operators with the most host time, and device busy time against wall time.
+``--versus MODEL`` times the stage on a second model with the same settings and images,
+the two interleaved over ``--rounds`` rounds, and reports ``--model``'s time over
+``MODEL``'s: with ``--model random:openclip:ViT-B-32 --versus random:ViT-B/32`` (the
+same architecture in the two backends) the ratio is the model adapter's cost.
 """
 
 from __future__ import annotations
@@ -60,7 +64,10 @@ def faithful_loop(name: str, dev: torch.device, image: torch.Tensor, iterations:
             views = F.normalize(model.encode_image(normalize(aug(image[None].expand(64, -1, -1, -1)))), dim=-1)
         y = F.gumbel_softmax(logits, tau=1000, hard=True)
         x = torch.cat([sot, y, pad], 1) @ model.token_embedding.weight + model.positional_embedding  # [16, 77, W]
-        x = model.ln_final(model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
+        if lm.clip.backend == "open_clip":  # batch-first blocks, the causal mask on the model
+            x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        else:
+            x = model.ln_final(model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
         f = F.normalize(x[:, 5 + 2] @ model.text_projection, dim=-1)  # the original's second-EOT read-out
         loss = (-100 * f @ views.T).mean()
         opt.zero_grad()
@@ -171,6 +178,8 @@ def main() -> None:
     ap.add_argument("--recall", type=int, default=0, help="also the true-word recall on N held-out toy scenes (toy model only)")
     ap.add_argument("--no-stage", action="store_true", help="skip the stage timings (with --profile: only the breakdown)")
     ap.add_argument("--profile", action="store_true", help="the bank and the loop apart, and a profile of 20 iterations")
+    ap.add_argument("--versus", default=None, help="a second model timed with the same settings, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="with --versus: interleaved rounds of the two models")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     dev = resolve_device(args.device)
@@ -209,7 +218,7 @@ def main() -> None:
         out["faithful"] = {"seconds_per_image": round(faithful, 3), "iterations_run": its,
                            "scaled_to": args.iterations if its != args.iterations else None}
         out["speedup_at_best_batch"] = {m: round(faithful / min(r["seconds_per_image"] for r in rows), 2)
-                                        for m, rows in stage.items()}
+                                        for m, rows in stage.items() if rows}
         save()
     if args.profile:  # the bank and the loop apart, then the loop's steady state under the profiler
         cfg = AscentConfig(method=args.methods[0], iterations=args.iterations)
@@ -218,6 +227,22 @@ def main() -> None:
         small = replace(cfg, iterations=20, bank_size=16, views=16)
         out["profile"] = {"batch": sizes[0], "iterations": small.iterations, "bank_size": small.bank_size,
                           **profile_steps(lm, imgs[: sizes[0]], small)}
+        save()
+    if args.versus:
+        other = load_model(args.versus, dev, precision=args.precision)
+        other_imgs = torch.stack([to_tensor(Image.fromarray(s.image), other.input_resolution) for s in scenes])
+        extract_opinions(other, other_imgs[:1], [0], AscentConfig(iterations=2, bank_size=16, views=8))  # warm-up
+        b = sizes[0]
+        rows: dict[str, dict[str, list[float]]] = {}
+        for method in args.methods:
+            cfg = AscentConfig(method=method, iterations=args.iterations)
+            times = rows.setdefault(method, {args.model: [], args.versus: []})
+            for _ in range(args.rounds):
+                for name, model, x in ((args.versus, other, other_imgs), (args.model, lm, imgs)):
+                    times[name].append(time_stage(model, x[: max(args.images, b)], b, cfg)["seconds_per_image"])
+        out["versus"] = {"model": args.model, "baseline": args.versus, "batch": b, "rounds": args.rounds, "methods": {
+            m: {"seconds_per_image": {k: round(sum(v) / len(v), 4) for k, v in t.items()}, "each_round": t,
+                "ratio": round(sum(t[args.model]) / sum(t[args.versus]), 4)} for m, t in rows.items()}}
         save()
     if args.recall:
         recall_scenes = held_out_single_objects(args.recall)

@@ -2,7 +2,8 @@
 
     python tests/benchmarks/quality.py [--model toy] [--scenes 500] [--ascent 0] [--preset classic] [--localization 200]
 
-* zero-shot accuracy (36-way, colour, shape) on training-style and differently drawn scenes;
+* zero-shot accuracy (36-way, colour, shape) on training-style scenes, the alt renderer's, the
+  varied renderer's (the training augmentation), and ``heldout.py``'s, which no training sees;
 * with ``--ascent N``: recall of the true colour and shape word among the decode labels
   of N single-object scenes, with the original's ascent settings, for each of ``--methods``
   (gumbel and pez);
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from pipeline.models import load_model, resolve_device  # noqa: E402
+from heldout import heldout_scenes  # noqa: E402  (beside this script)
 from toyeval import ascent_recall, evaluate_localization, held_out_scenes, pointing_ceiling  # noqa: E402  (beside this script)
 from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
 from stages import PRESETS  # noqa: E402
@@ -56,7 +58,8 @@ def main() -> None:
     out: dict = {"model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     with torch.no_grad():
         out["zero_shot"] = {style: zero_shot_accuracy(lm.model, held_out_single_objects(args.scenes, style), dev)
-                            for style in ("train", "alt")}
+                            for style in ("train", "alt", "varied")}
+        out["zero_shot"]["heldout_renderer"] = zero_shot_accuracy(lm.model, heldout_scenes(args.scenes), dev)
     out["zero_shot"]["scenes"] = args.scenes
     if args.ascent:
         scenes = held_out_single_objects(args.ascent)
