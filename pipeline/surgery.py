@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.maps import encode_method_tokens
 from pipeline.prompts import prompt_ensemble
 
 __all__ = ["ImageTokens", "encode_image_tokens", "feature_surgery", "prompt_ensemble", "similarity_map", "grid_shape"]
@@ -75,8 +76,6 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: i
     """
     if surgery_depth < 0:
         raise ValueError(f"surgery_depth must be >= 0, got {surgery_depth}")
-    from pipeline.maps import encode_method_tokens
-
     out = encode_method_tokens(model, images, ("raw", "surgery") if surgery_depth else ("raw",), surgery_depth,
                                resnet_surgery=resnet_surgery)
     raw = out.tokens["raw"]
