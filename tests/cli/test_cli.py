@@ -297,3 +297,25 @@ def test_whole_pipeline_on_openclip_models(tmp_path, images, model, methods):
             assert all(npz[f"{m}/{words[0]}"].shape == ((2, 2) if m == "single" else (7, 7)) for m in methods)
     assert (run / "report.html").is_file() and (run / "records.csv").is_file()
     assert f"model: {model}" in (run / "run.yaml").read_text()
+
+
+def test_openclip_names_offline_and_refused_exit_2_with_the_reason(tmp_path, images, monkeypatch):
+    """An uncached pretrained OpenCLIP name offline stops within seconds, naming the file and the cache; a SigLIP or
+    CoCa name is refused with its reason; neither leaves a run directory behind."""
+    pytest.importorskip("open_clip")
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    t = time.time()
+    r = _run("--input", str(images), "--model", "openclip:ViT-B-32/laion2b_s34b_b79k", "--output", str(out),
+             "--quiet", "--set", f"model_cache={tmp_path / 'cache'}")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and time.time() - t < 30, said
+    assert "open_clip_pytorch_model.bin" in said and str(tmp_path / "cache") in said, said
+    for name, reason in (("openclip:ViT-B-16-SigLIP/webli", "SigLIP: last-token text pooling"),
+                         ("openclip:coca_ViT-B-32/laion2b_s13b_b90k", "CoCa: a captioning model")):
+        r = _run("--input", str(images), "--model", name, "--output", str(out), "--quiet")
+        said = " ".join(r.output.split())
+        assert r.exit_code == 2 and "refused" in said and reason in said, said
+    assert not (out / "imgs").exists()
