@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.autolabels import ExportImage, LabelMap, LabelRules, export_one, load_label_map
+from pipeline.autolabels import ExportImage, LabelMap, LabelRules, export_one, load_label_map, read_npz
 from pipeline.config import require
 from pipeline.exports import FORMATS, run_key, write_coco, write_fiftyone, write_labelstudio, write_yolo
 from pipeline.heatmaps import HEATMAP_METHODS
@@ -240,11 +240,10 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
         maps: dict[str, dict[str, np.ndarray]] = {}
         if im.labels and any(lab.heatmap is not None for lab in im.labels):
             best = {lab.words[0]: lab.name for lab in im.labels}
-            with np.load(run.maps(im.id)) as npz:
-                for k in npz.files:
-                    method, _, word = k.partition("/")
-                    if method in methods and word in best:
-                        maps.setdefault(method, {})[best[word]] = npz[k].astype(np.float32)
+            for k, grid in read_npz(run.maps(im.id), "").items():  # the export's fast member reader
+                method, _, word = k.partition("/")
+                if method in methods and word in best:
+                    maps.setdefault(method, {})[best[word]] = grid
         matched.append(EvalImage(truth=by_file[key], scores={lab.name: lab.score for lab in im.labels},
                                  exported=[lab.name for lab in kept],
                                  boxes={lab.name: [r.box for r in lab.regions] for lab in kept},
