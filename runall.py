@@ -326,6 +326,9 @@ def compare_command(
                       ("unlabelled_in_b", "without labels in B")):
         if missing[key]:
             out.print(f"{len(missing[key])} images {what} (listed in compare.html)", highlight=False)
+    if maps and any(r["both"] for r in doc["images"]) and not any("maps" in r for r in doc["images"]):
+        console.print(f"note: no image has {'the ' + repr(method) if method else 'a'} map method drawn by both runs "
+                      "(surgery outputs missing, or another --method): the page has no maps", highlight=False)
     out.print(f"comparison: {out_dir / 'compare.html'}", highlight=False)
 
 

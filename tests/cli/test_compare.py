@@ -67,10 +67,13 @@ def test_compare_writes_both_files_with_every_image_accounted_for(two_runs, tmp_
     assert "extra.png" in page and "only in run B" in page and "decode did not finish" in page
 
 
-def test_compare_refuses_a_folder_that_is_not_a_run(two_runs, tmp_path):
-    a, _, _ = two_runs
+def test_compare_refuses_a_folder_that_is_not_a_run_and_says_when_it_drew_no_map(two_runs, tmp_path):
+    a, b, _ = two_runs
     r = _run("compare", str(a), str(tmp_path), "--out", str(tmp_path / "cmp"))
     assert r.exit_code == 2 and "not a run directory" in r.output
+    r = _run("compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--method", "naclip")  # neither run drew it
+    assert r.exit_code == 0 and "the page has no maps" in " ".join(r.output.split())
+    assert not (tmp_path / "cmp" / "maps").exists()
 
 
 def test_compare_labels_core():
