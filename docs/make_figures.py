@@ -15,7 +15,6 @@ and a Chromium (Debian's ``chromium``, or the path in ``$CLIPSIGHT_CHROMIUM``).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -23,14 +22,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 IMAGES = ROOT / "docs" / "images"
 
 
 def chromium() -> str:
-    for candidate in (os.environ.get("CLIPSIGHT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and (path := shutil.which(candidate)):
-            return path
-    sys.exit("no Chromium found: install it (Debian: apt-get install chromium) or set CLIPSIGHT_CHROMIUM")
+    from pipeline.doctor import find_chromium
+
+    return find_chromium() or sys.exit("no Chromium found: install it (Debian: apt-get install chromium) or set "
+                                       "CLIPSIGHT_CHROMIUM")
 
 
 def run_demo(work: Path) -> Path:

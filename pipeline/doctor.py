@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.models import TOY_CHECKPOINT, cached_file
+
+
+CHROMIUM_ENV = "CLIPSIGHT_CHROMIUM"
+
+
+def find_chromium() -> str | None:
+    """The Chromium the report's browser test, the figures and the report benchmark drive: ``$CLIPSIGHT_CHROMIUM``
+    when set, else the first of Debian's and Google's names on the PATH."""
+    for candidate in (os.environ.get(CHROMIUM_ENV), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (path := shutil.which(candidate)):
+            return path
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,6 @@ def check_environment(cache: Path, output: Path) -> list[Check]:
         found = importlib.util.find_spec(module) is not None
         checks.append(Check(f"extra: {extra}", True if found else None,
                             f"{module} installed" if found else f"{module} not installed: pip install -e '.[{extra}]' for {use}"))
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    browser = find_chromium()
     checks.append(Check("browser", True if browser else None, browser or "no Chromium: the report's browser test will skip"))
     return checks

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import to_dict  # noqa: E402
+from pipeline.doctor import find_chromium  # noqa: E402
 from pipeline.images import ImageRef  # noqa: E402
 from pipeline.provenance import Status  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
         path.write_text(page, encoding="utf-8")
         out["html_mib"] = round(path.stat().st_size / 2**20, 2)
         out["bytes_per_image"] = round(path.stat().st_size / args.images)
-        exe = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+        exe = find_chromium()
         try:
             from playwright.sync_api import sync_playwright
         except ImportError:

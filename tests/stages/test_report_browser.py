@@ -6,12 +6,11 @@ test is skipped with the reason; it never passes silently.
 """
 
 import json
-import os
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.doctor import find_chromium
 from pipeline.toyworld import write_scenes
 from runall import app
 from tests.conftest import fast_args
@@ -20,17 +19,10 @@ FAST = fast_args(ascend__iterations=20, ascend__candidates=8, ascend__bank_size=
                  surgery__single_resolution=512)  # real labels from the toy; the default single-text size
 
 
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("CLIPSIGHT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and (path := shutil.which(candidate)):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
-    exe = _chromium()
+    exe = find_chromium()
     if exe is None:
         pytest.skip("no Chromium found: install it (Debian: apt-get install chromium) or set CLIPSIGHT_CHROMIUM")
     with sync_api.sync_playwright() as p:
