@@ -162,12 +162,17 @@ def load_model(
             f"openclip:ARCH/PRETRAINED and random:openclip:ARCH (`python runall.py models` lists them); "
             f"or give a path to a checkpoint."
         )
-    dtype = torch.float32
-    if device.type == "cuda":
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    dtype = _compute_dtype(device, precision)
     model = _cast_like_openai(model.to(device), dtype).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, name=name, device=device, dtype=dtype)
+
+
+def _compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The precision a model runs in: ``precision`` on CUDA, fp32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 def _import_open_clip():
@@ -191,16 +196,15 @@ def _load_openclip(name: str, device: torch.device, precision: str, cache_dir: P
         form = "random:openclip:ARCH" if random else "openclip:ARCH/PRETRAINED"
         raise ModelError(f"model {name!r}: expected {form}, e.g. "
                          + ("random:openclip:ViT-B-32" if random else "openclip:ViT-B-32/laion2b_s34b_b79k"))
-    refusal = openclip_refusal(arch, open_clip.get_model_config(arch))
-    if refusal == "no such OpenCLIP architecture":
+    config = open_clip.get_model_config(arch)
+    if config is None:
         raise ModelError(f"model {name!r}: {arch!r} is not an OpenCLIP architecture; `python runall.py models` "
                          f"lists those clipsight serves")
+    refusal = openclip_refusal(arch, config)
     if refusal:
         raise ModelError(f"model {name!r} is refused: clipsight cannot run {arch} faithfully. Its layout: {refusal}. "
                          f"clipsight serves open_clip's plain ViT and ModifiedResNet CLIPs (`python runall.py models`).")
-    dtype = torch.float32
-    if device.type == "cuda":
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    dtype = _compute_dtype(device, precision)
     oc_precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     if random:
         with torch.random.fork_rng(devices=[]):
@@ -211,7 +215,7 @@ def _load_openclip(name: str, device: torch.device, precision: str, cache_dir: P
             finally:
                 logging.disable(logging.NOTSET)
     else:
-        checkpoint = _openclip_checkpoint(open_clip, name, arch, tag, cache_dir)
+        checkpoint = _openclip_checkpoint(open_clip, name, arch, config, tag, cache_dir)
         model = open_clip.create_model(arch, pretrained=str(checkpoint), precision=oc_precision)
     try:
         check_openclip_model(model, name)
@@ -222,7 +226,7 @@ def _load_openclip(name: str, device: torch.device, precision: str, cache_dir: P
     return LoadedModel(model=model, name=name, device=device, dtype=dtype)
 
 
-def _openclip_checkpoint(open_clip, name: str, arch: str, tag: str, cache_dir: Path | None) -> Path:
+def _openclip_checkpoint(open_clip, name: str, arch: str, config: dict, tag: str, cache_dir: Path | None) -> Path:
     """The checkpoint file for ``tag``: a file path as given, else the cached download, else downloaded now.
 
     Offline (no route to the host, or ``HF_HUB_OFFLINE=1``) it fails at once, naming the file and the cache.
@@ -233,7 +237,7 @@ def _openclip_checkpoint(open_clip, name: str, arch: str, tag: str, cache_dir: P
     if not pcfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise ModelError(f"model {name!r}: {tag!r} is neither a pretrained tag of {arch} nor a file. Its tags: {tags}")
-    if pcfg.get("quick_gelu") and not open_clip.get_model_config(arch).get("quick_gelu"):
+    if pcfg.get("quick_gelu") and not config.get("quick_gelu"):
         warnings.warn(f"{name}: these weights were trained with QuickGELU, but {arch} builds plain GELU, so every "
                       f"feature is off; use openclip:{arch}-quickgelu/{tag}", UserWarning, stacklevel=3)
     hub = pcfg.get("hf_hub", "")
