@@ -14,8 +14,8 @@ from pipeline.models import LoadedModel
 from pipeline.tokens import tokenize
 
 
-def load_batch(lm: LoadedModel, refs: list[ImageRef], max_side: int) -> tuple[list[ImageRef], torch.Tensor | None, dict[str, str]]:
-    """Decode a batch at the model's resolution.
+def load_batch(resolution: int, refs: list[ImageRef], max_side: int) -> tuple[list[ImageRef], torch.Tensor | None, dict[str, str]]:
+    """Decode a batch at the model's input ``resolution`` (CPU only, so it may run beside the model).
 
     Returns:
         The refs that decoded, their ``[B, 3, R, R]`` tensors in [0, 1] (``None`` when
@@ -24,7 +24,7 @@ def load_batch(lm: LoadedModel, refs: list[ImageRef], max_side: int) -> tuple[li
     ok, tensors, failed = [], [], {}
     for ref in refs:
         try:
-            tensors.append(to_tensor(load_image(ref.path, max_side=max_side), lm.input_resolution))
+            tensors.append(to_tensor(load_image(ref.path, max_side=max_side), resolution))
             ok.append(ref)
         except ImageError as err:
             failed[ref.id] = f"{ref.rel}: {err}"

@@ -16,10 +16,11 @@ import functools
 import logging
 import os
 import shutil
+import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
@@ -71,16 +72,18 @@ class Models:
     def __init__(self, load: Callable[[], LoadedModel], run: RunDir, log: logging.Logger):
         self._load, self._run, self._log = load, run, log
         self._clip: LoadedModel | None = None
+        self._loading = threading.Lock()
         self._text: TextFeatureStore | None = None
         self.sam: SamPredictor | None = None  # set by the surgery stage's prepare when surgery.sam is configured
 
     @property
     def clip(self) -> LoadedModel:
-        if self._clip is None:
-            t = time.time()
-            self._clip = self._load()
-            self._log.info("loaded model %s on %s (%s) in %.1fs", self._clip.name, self._clip.device,
-                           self._clip.dtype, time.time() - t)
+        with self._loading:  # a stage's reading thread may be the first to ask
+            if self._clip is None:
+                t = time.time()
+                self._clip = self._load()
+                self._log.info("loaded model %s on %s (%s) in %.1fs", self._clip.name, self._clip.device,
+                               self._clip.dtype, time.time() - t)
         return self._clip
 
     @property
@@ -148,8 +151,23 @@ class StageContext(Generic[C]):
         return self.provenance.status(self.run, self.run.latest() if latest is None else latest, image, stage)
 
 
+Finish = Callable[[], "list[ItemResult]"]  # a batch's remaining CPU work (drawing, encoding, writing) and its results
+
+
 class PerImageStage(Generic[C]):
-    """A stage that processes batches of images and returns one ``ItemResult`` per image."""
+    """A stage that processes batches of images and returns one ``ItemResult`` per image.
+
+    A batch passes through three steps, which the runner overlaps across batches so the model
+    need not wait on files (see ``run_per_image``):
+
+    * ``load``: read the batch's inputs (decode its images, read the earlier stages' outputs);
+      runs in a background thread while the previous batch is on the model, so it must not
+      use the model or the text-feature store;
+    * ``process``: the model's work, on the calling thread; returns a ``Finish``;
+    * the ``Finish``: the CPU work after the model (drawing, encoding, writing), run in a
+      background thread while the next batch is on the model; it returns one ``ItemResult``
+      per ref, in order.
+    """
 
     name: str
     needs: tuple[str, ...] = ()
@@ -160,7 +178,11 @@ class PerImageStage(Generic[C]):
     def batch_size(self, ctx: StageContext[C]) -> int:
         raise NotImplementedError
 
-    def process(self, ctx: StageContext[C], refs: list[ImageRef]) -> list[ItemResult]:
+    def load(self, ctx: StageContext[C], refs: list[ImageRef]) -> Any:
+        """The batch's inputs, read without the model (see the class notes); passed to ``process``."""
+        return None
+
+    def process(self, ctx: StageContext[C], refs: list[ImageRef], loaded: Any) -> Finish:
         raise NotImplementedError
 
 
@@ -186,6 +208,9 @@ class StageSummary:
     blocked: int = 0  # an earlier stage has no current output for the image
     seconds: float = 0.0
     redone: int = 0  # of done: images whose earlier output was stale
+    model_seconds: float = 0.0  # in ``process``: the model's share of the stage
+    input_wait_seconds: float = 0.0  # the model idle, waiting for a batch's inputs to be read
+    output_wait_seconds: float = 0.0  # the model idle, waiting for the batch before to be written
 
 
 @dataclass
@@ -276,44 +301,107 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
     summary.blocked = len(blocked)
     ctx.run.append_manifest(blocked)
     start = time.time()
-    with _progress(console, quiet) as progress:
-        task = progress.add_task(stage.name, total=len(todo), rate="")
-        i = 0
-        while i < len(todo):
-            batch = todo[i : i + max(1, stage.batch_size(ctx))]
-            t = time.time()
-            ctx.progress = _within(progress, task, i, len(batch))
-            try:
-                results = stage.process(ctx, batch)
-            except Exception as err:  # a bug or resource failure in one batch must not end the run
-                ctx.log.error("%s failed on a batch of %d:\n%s", stage.name, len(batch), traceback.format_exc())
-                results = [ItemResult(error=f"{type(err).__name__}: {err}") for _ in batch]
-            per_image = (time.time() - t) / len(batch)
-            records = []
-            for ref, res in zip(batch, results):
-                if res.error:
+
+    def record(batch: list[ImageRef], results: list[ItemResult], seconds: float) -> None:
+        per_image = seconds / len(batch)
+        records = []
+        for ref, res in zip(batch, results):
+            if res.error:
+                summary.failed += 1
+                ctx.log.warning("%s failed for %s: %s", stage.name, ref.rel, res.error)
+                records += [_record(ctx, ref, need, "damaged", why) for need, why in res.damaged.items()]
+                records.append(_record(ctx, ref, stage.name, "failed", res.error, per_image))
+            else:
+                made_from = {n: (latest.get((ref.id, n)) or {}).get("rid") for n in stage.needs}
+                try:
+                    records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected,
+                                           made_from))
+                except OSError as err:  # an output it named cannot be read back for its checksum
                     summary.failed += 1
-                    ctx.log.warning("%s failed for %s: %s", stage.name, ref.rel, res.error)
-                    records += [_record(ctx, ref, need, "damaged", why) for need, why in res.damaged.items()]
-                    records.append(_record(ctx, ref, stage.name, "failed", res.error, per_image))
-                else:
-                    made_from = {n: (latest.get((ref.id, n)) or {}).get("rid") for n in stage.needs}
-                    try:
-                        records.append(_record(ctx, ref, stage.name, "done", None, per_image, res.outputs, expected,
-                                               made_from))
-                    except OSError as err:  # an output it named cannot be read back for its checksum
-                        summary.failed += 1
-                        records.append(_record(ctx, ref, stage.name, "failed", f"{ref.rel}: an output could not be "
-                                               f"read back: {err}", per_image))
-                        continue
-                    summary.done += 1
-                    summary.redone += ref.id in stale
-            ctx.run.append_manifest(records)
-            if on_done is not None and any(r["status"] == "done" for r in records):
-                on_done()
-            i += len(batch)
+                    records.append(_record(ctx, ref, stage.name, "failed", f"{ref.rel}: an output could not be "
+                                           f"read back: {err}", per_image))
+                    continue
+                summary.done += 1
+                summary.redone += ref.id in stale
+        ctx.run.append_manifest(records)
+        if on_done is not None and any(r["status"] == "done" for r in records):
+            on_done()
+
+    def failed(batch: list[ImageRef], what: str, err: Exception) -> list[ItemResult]:
+        # a bug or resource failure in one batch must not end the run
+        ctx.log.error("%s failed %s a batch of %d:\n%s", stage.name, what, len(batch),
+                      "".join(traceback.format_exception(err)))
+        return [ItemResult(error=f"{type(err).__name__}: {err}") for _ in batch]
+
+    def load(batch: list[ImageRef]) -> tuple[Any, Exception | None, float]:
+        t = time.time()
+        try:
+            return stage.load(ctx, batch), None, time.time() - t
+        except Exception as err:
+            return None, err, time.time() - t
+
+    def finish(batch: list[ImageRef], done: Finish, seconds: float) -> tuple[list[ItemResult], float]:
+        t = time.time()
+        try:
+            results = done()
+        except Exception as err:
+            results = failed(batch, "writing", err)
+        return results, seconds + time.time() - t
+
+    # One batch ahead is read and one behind is written while a batch is on the model: the model waits
+    # only when reading or writing a batch takes longer than the model does.
+    with _progress(console, quiet) as progress, ThreadPoolExecutor(2, thread_name_prefix=f"{stage.name}-io") as io:
+        task = progress.add_task(stage.name, total=len(todo), rate="")
+        recorded = 0
+        writing: tuple[list[ImageRef], Future] | None = None
+
+        def collect() -> None:
+            nonlocal writing, recorded
+            if writing is None:
+                return
+            batch, future = writing
+            t = time.time()
+            results, seconds = future.result()
+            summary.output_wait_seconds += time.time() - t
+            writing = None
+            record(batch, results, seconds)
+            recorded += len(batch)
             elapsed = time.time() - start
-            progress.update(task, completed=i, rate=f"{i / elapsed:.2f} img/s" if elapsed > 0 else "")
+            progress.update(task, rate=f"{recorded / elapsed:.2f} img/s" if elapsed > 0 else "")
+
+        def cut(i: int) -> list[ImageRef]:  # a size an out-of-memory back-off settles on applies from the batch after next
+            return todo[i : i + max(1, stage.batch_size(ctx))]
+
+        i, batch = 0, cut(0)
+        reading = io.submit(load, batch) if batch else None
+        try:
+            while batch:
+                t = time.time()
+                loaded, err, seconds = reading.result()
+                summary.input_wait_seconds += time.time() - t
+                if isinstance(err, ModelError):  # the run's model, not this batch: the run stops as at start-up
+                    raise err
+                after = cut(i + len(batch))
+                reading = io.submit(load, after) if after else None
+                t = time.time()
+                ctx.progress = _within(progress, task, i, len(batch))
+                if err is not None:
+                    done: Finish = functools.partial(failed, batch, "reading", err)
+                else:
+                    try:
+                        done = stage.process(ctx, batch, loaded)
+                    except ModelError:
+                        raise
+                    except Exception as err:
+                        done = functools.partial(failed, batch, "on", err)
+                took = time.time() - t
+                summary.model_seconds += took
+                progress.update(task, completed=i + len(batch))  # the bar counts what the model has done
+                collect()
+                writing = (batch, io.submit(finish, batch, done, seconds + took))
+                i, batch = i + len(batch), after
+        finally:  # on an interrupt too: the batch already on its way to disk is recorded
+            collect()
     summary.seconds = time.time() - start
     return summary
 

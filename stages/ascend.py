@@ -39,7 +39,7 @@ from pipeline.encode import encode_images, load_batch, rescore_texts
 from pipeline.images import ImageRef, normalize
 from pipeline.models import LoadedModel
 from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom
+from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, split_on_oom
 from pipeline.textenc import encode_text_embeddings
 from pipeline.tokens import allowed_token_ids, clean_words, vocab
 
@@ -449,10 +449,14 @@ class AscendStage(PerImageStage[AscentConfig]):
         return ctx.batches.size(self.name, ctx.config.batch_size, cuda=AUTO_BATCH_CUDA, cpu=AUTO_BATCH_CPU,
                                 bytes_per_image=ascent_bytes_per_image(ctx.config, vocab_size))
 
-    def process(self, ctx: StageContext[AscentConfig], refs: list[ImageRef]) -> list[ItemResult]:
+    def load(self, ctx: StageContext[AscentConfig], refs: list[ImageRef]) -> tuple:
+        return load_batch(ctx.models.clip.input_resolution, refs, ctx.settings.max_side)
+
+    def process(self, ctx: StageContext[AscentConfig], refs: list[ImageRef], loaded: tuple) -> Finish:
         cfg, lm = ctx.config, ctx.models.clip
-        ok, images, failed = load_batch(lm, refs, ctx.settings.max_side)
+        ok, images, failed = loaded
         results: dict[str, ItemResult] = {i: ItemResult(error=e) for i, e in failed.items()}
+        written: list[tuple] = []
         if ok:
             t = time.time()
             seeds = [image_seed(ctx.settings.seed, r.id) for r in ok]
@@ -463,9 +467,14 @@ class AscendStage(PerImageStage[AscentConfig]):
                 feats = encode_images(lm, images)
                 per_image = (time.time() - t) / len(ok)
                 opinions = score_candidates(lm, opinions, feats)
-            for ref, seed, op in zip(ok, seeds, opinions):
-                results[ref.id] = ItemResult(outputs=self._write(ctx, ref, seed, op, lm.name, per_image))
-        return [results[r.id] for r in refs]
+            written = [(ref, seed, op, lm.name, per_image) for ref, seed, op in zip(ok, seeds, opinions)]
+
+        def finish() -> list[ItemResult]:
+            for ref, *rest in written:
+                results[ref.id] = ItemResult(outputs=self._write(ctx, ref, *rest))
+            return [results[r.id] for r in refs]
+
+        return finish
 
     @staticmethod
     def _write(ctx: StageContext[AscentConfig], ref: ImageRef, seed: int, op: Opinion, model: str,

@@ -17,7 +17,7 @@ from pipeline.config import require
 from pipeline.encode import encode_images, load_batch
 from pipeline.images import ImageRef
 from pipeline.rundir import atomic_write_json, read_output
-from pipeline.runner import ItemResult, PerImageStage, StageContext
+from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext
 
 
 # Function words that CLIP's opinions are full of and that name nothing in a picture. A label equal to
@@ -125,14 +125,18 @@ class DecodeStage(PerImageStage[DecodeConfig]):
     def batch_size(self, ctx: StageContext[DecodeConfig]) -> int:
         return ctx.settings.encode_batch_size
 
-    def process(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef]) -> list[ItemResult]:
+    def load(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef]) -> tuple:
+        ok, images, failed = load_batch(ctx.models.clip.input_resolution, refs, ctx.settings.max_side)
+        return ok, images, failed, [read_output(ctx.run.opinion(r.id), ctx.run.root) for r in ok]
+
+    def process(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef], loaded: tuple) -> Finish:
         lm = ctx.models.clip
-        ok, images, failed = load_batch(lm, refs, ctx.settings.max_side)
+        ok, images, failed, read = loaded
         results = {i: ItemResult(error=e) for i, e in failed.items()}
+        written = []
         if ok:
             with torch.no_grad():
                 feats = encode_images(lm, images)
-            read = [read_output(ctx.run.opinion(r.id), ctx.run.root) for r in ok]
             opinions = [doc if isinstance(doc, dict) and "words" in doc else None for doc, _ in read]
             for ref, op, (_, why) in zip(ok, opinions, read):
                 if op is None:
@@ -141,8 +145,13 @@ class DecodeStage(PerImageStage[DecodeConfig]):
                                                  damaged={"ascend": why})
             keep = [b for b, op in enumerate(opinions) if op is not None]
             ok, feats, opinions = [ok[b] for b in keep], feats[keep], [opinions[b] for b in keep]
-            for ref, labels in zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)):
+            written = list(zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)))
+
+        def finish() -> list[ItemResult]:
+            for ref, labels in written:
                 path = ctx.run.labels(ref.id)
                 atomic_write_json(path, {"image": ref.id, "labels": labels.labels, "prompts": labels.prompts})
                 results[ref.id] = ItemResult(outputs=[ctx.run.rel(path)])
-        return [results[r.id] for r in refs]
+            return [results[r.id] for r in refs]
+
+        return finish

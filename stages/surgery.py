@@ -32,7 +32,7 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
                                overlay_heatmap, upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
-from pipeline.runner import ItemResult, PerImageStage, StageContext, split_on_oom, writer_pool
+from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, split_on_oom, writer_pool
 from pipeline.adapter import input_resolution
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
@@ -308,8 +308,9 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
     def batch_size(self, ctx: StageContext[SurgeryConfig]) -> int:
         return ctx.batches.size(self.name, ctx.config.batch_size, cuda=32, cpu=8)
 
-    def process(self, ctx: StageContext[SurgeryConfig], refs: list[ImageRef]) -> list[ItemResult]:
-        cfg, lm = ctx.config, ctx.models.clip
+    def load(self, ctx: StageContext[SurgeryConfig], refs: list[ImageRef]) -> tuple:
+        """Each image's labels and picture; the images that have none, with the reason."""
+        cfg = ctx.config
         results: dict[str, ItemResult] = {}
         ok, pictures, words = [], [], []
         for ref in refs:
@@ -327,6 +328,14 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
             ranked = sorted(labels["labels"], key=lambda d: d.get("rank", 0))
             words.append([d["word"] for d in ranked][: cfg.max_labels or None])
             ok.append(ref)
+        return results, ok, pictures, words
+
+    def process(self, ctx: StageContext[SurgeryConfig], refs: list[ImageRef], loaded: tuple) -> Finish:
+        cfg, lm = ctx.config, ctx.models.clip
+        results, ok, pictures, words = loaded
+        images: list[np.ndarray] = []
+        heatmaps: list[HeatmapResult] = []
+        masks: list[list[np.ndarray | None]] = []
         if ok:
             vocab = list(dict.fromkeys(w for ws in words for w in ws))
             text = ctx.models.text_features(vocab)  # one pass for the batch's new words
@@ -344,17 +353,20 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
             masks = [sam_masks(ctx.models.sam, image, hm.points) if ctx.models.sam is not None else [None] * len(hm.words)
                      for image, hm in zip(images, heatmaps)]  # SAM on the device, one image at a time
 
-            def finish(i: int) -> ItemResult:
-                ref, image, hm = ok[i], images[i], heatmaps[i]
-                try:
-                    drawn = draw_heatmaps(image, hm, cfg.methods, cfg.overlay_max_side)
-                    return ItemResult(outputs=self._write(ctx, ref, image, hm, drawn, masks[i]))
-                except OSError as err:
-                    return ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
+        def finish(i: int) -> ItemResult:
+            ref, image, hm = ok[i], images[i], heatmaps[i]
+            try:
+                drawn = draw_heatmaps(image, hm, cfg.methods, cfg.overlay_max_side)
+                return ItemResult(outputs=self._write(ctx, ref, image, hm, drawn, masks[i]))
+            except OSError as err:
+                return ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
 
+        def write() -> list[ItemResult]:  # the batch's images drawn and written side by side
             for ref, result in zip(ok, writer_pool().map(finish, range(len(ok)))):
                 results[ref.id] = result
-        return [results[r.id] for r in refs]
+            return [results[r.id] for r in refs]
+
+        return write
 
     @staticmethod
     def _tensors(lm, pictures: list[Image.Image], resolution: int) -> torch.Tensor:

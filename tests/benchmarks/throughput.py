@@ -4,7 +4,10 @@
                                         [--set KEY=VALUE ...] [--out FILE]
 
 Reports images per hour (wall time of the whole command, model load included), each
-stage's seconds and share of that time, the peak GPU memory and resident memory of
+stage's seconds and share of that time, the time outside the stages (model load, start-up,
+the gaps between stages), and for each per-image stage its time on the model and the
+model's idle gaps between batches (waiting for inputs to be read, or for the batch before to
+be written; the rest is the runner's own bookkeeping), the peak GPU memory and resident memory of
 the run, and, measured apart in this process after the run, two CPU-bound costs the
 stages carry: decoding every input image once at the model's resolution, and
 re-encoding a sample of the PNGs the run wrote.
@@ -55,6 +58,17 @@ def cpu_costs(imgs: Path, run: Path, resolution: int, sample: int = 200) -> dict
             "png_encode_seconds_each": round(encode, 4)}
 
 
+def _gaps(s: dict) -> dict:
+    """A per-image stage's time on the model, and the model's idle gaps between batches: waiting for a
+    batch's inputs to be read, or for the batch before to be written (``pipeline.runner.run_per_image``)."""
+    if not s.get("model_seconds"):
+        return {}
+    return {"model_seconds": round(s["model_seconds"], 2), "input_wait_seconds": round(s["input_wait_seconds"], 2),
+            "output_wait_seconds": round(s["output_wait_seconds"], 2),
+            "other_seconds": round(s["seconds"] - s["model_seconds"] - s["input_wait_seconds"]
+                                   - s["output_wait_seconds"], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=1024)
@@ -83,7 +97,7 @@ def main() -> None:
         except json.JSONDecodeError:
             sys.exit(f"runall.py failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         stages = {s["stage"]: {"seconds": round(s["seconds"], 1), "share": round(s["seconds"] / wall, 4),
-                               "done": s["done"], "failed": s["failed"]} for s in summary["stages"]}
+                               "done": s["done"], "failed": s["failed"], **_gaps(s)} for s in summary["stages"]}
         import torch
 
         from pipeline.models import RANDOM_ARCHS
