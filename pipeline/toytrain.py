@@ -81,6 +81,7 @@ class ToyTrainConfig:
     freeze_text: bool = False  # keep the text tower as loaded (from ``start_from``), so the words' embeddings stay put
     style: str = "train"  # the scenes' renderer (``pipeline.toyworld.Style``); "varied" draws fresh choices per scene
     max_scale: float = 0.40  # the largest object's diameter as a fraction of the image side
+    class_weight: float = 0.0  # weight of the 36-way term: the image embedding against every colour+shape prompt
 
 
 FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
@@ -117,6 +118,12 @@ RECIPES: dict[str, ToyTrainConfig] = {
     "varied-cpu": ToyTrainConfig(steps=1200, batch_size=64, noise_captions=32, lr=2e-4, arch=FINE4,
                                  dense_weight=1.0, warmup=50, eval_every=100, surgery_weight=1.0, surgery_depth=3,
                                  freeze_text=True, style="varied", max_scale=0.45),
+    # Continues a toy (``--start-from``, e.g. a varied-cpu one) on training-style and varied scenes, half each,
+    # adding the 36-way term: the contrastive loss sees a shape's other five only when a batch happens to hold
+    # them, while zero-shot use asks the image embedding to beat all 35 other colour+shape prompts.
+    "mixed-cpu": ToyTrainConfig(steps=1000, batch_size=64, noise_captions=32, lr=3e-4, arch=FINE4,
+                                dense_weight=1.0, warmup=50, eval_every=100, surgery_weight=1.0, surgery_depth=3,
+                                freeze_text=True, style="mixed", max_scale=0.45, class_weight=1.0),
 }
 
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
@@ -152,6 +159,16 @@ def dense_captions() -> tuple[list[str], np.ndarray, np.ndarray]:
     by_colour = np.array([[e[0] in (None, c) for e in entries] for c in colours])
     by_shape = np.array([[e[1] in (None, s) for e in entries] for s in shapes])
     return captions, by_colour, by_shape
+
+
+def class_targets(scenes: list) -> torch.Tensor:
+    """``[N, 36]``: for each scene, an even share over the colour+shape prompts of its objects (``class_prompts`` order)."""
+    pairs = {p: i for i, p in enumerate(class_prompts()[1])}
+    out = torch.zeros(len(scenes), len(pairs))
+    for n, scene in enumerate(scenes):
+        for obj in scene.objects:
+            out[n, pairs[obj.words]] = 1.0
+    return out / out.sum(1, keepdim=True)
 
 
 def patch_targets(scene, patch: int) -> np.ndarray:
@@ -229,6 +246,7 @@ def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_leng
     scenes = [make_scene(rng, spec) for _ in range(cfg.batch_size)]
     dense = _dense_target_table(scenes, cfg.arch.vision_patch_size) if cfg.dense_weight else torch.zeros(0)
     words = word_patch_masks(scenes, cfg.arch.vision_patch_size) if cfg.surgery_weight else torch.zeros(0)
+    classes = class_targets(scenes) if cfg.class_weight else torch.zeros(0)
     images = torch.from_numpy(np.stack([s.image for s in scenes]))  # [B, H, W, 3] uint8
     captions = [s.caption for s in scenes]
     v = vocab()
@@ -239,7 +257,7 @@ def _batch(seed: int, k: int, cfg: ToyTrainConfig, spec: SceneSpec, context_leng
         ids = ids[(ids != v.sot) & (ids != v.eot)]
         seq = [v.sot, *ids.tolist(), v.eot]
         noise[i, : len(seq)] = torch.tensor(seq)
-    return images, tokenize(captions, context_length), captions, noise, dense, words
+    return images, tokenize(captions, context_length), captions, noise, dense, words, classes
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -408,10 +426,11 @@ def train_toy_clip(
         _Batches(cfg, spec, arch.context_length, first), batch_size=None, num_workers=cfg.workers,
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
-    dense_text = tokenize(dense_captions()[0], arch.context_length) if cfg.dense_weight or cfg.surgery_weight else None
+    dense_text = (tokenize(dense_captions()[0], arch.context_length)
+                  if cfg.dense_weight or cfg.surgery_weight or cfg.class_weight else None)
     word_caption = len(COLOURS) * len(SHAPES)  # the one-word captions follow the 36 pairs in dense_captions
     start = time.time()
-    for step, (images, tokens, captions, noise, dense, words) in enumerate(loader, start=first):
+    for step, (images, tokens, captions, noise, dense, words, classes) in enumerate(loader, start=first):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         x = normalize(images.to(device).permute(0, 3, 1, 2).float() / 255)
@@ -444,6 +463,9 @@ def train_toy_clip(
             dense_logits = scale * patches @ txt[b + noise.shape[0]:].T  # [B, G*G, K]
             dense_logits = torch.cat([dense_logits, null.expand(*dense_logits.shape[:2], 1)], -1)  # [B, G*G, K+1]
             loss = loss + cfg.dense_weight * -(dense.to(device) * dense_logits.log_softmax(-1)).sum(-1).mean()
+        if cfg.class_weight:  # the 36 colour+shape captions lead dense_captions, in class_prompts' order
+            class_logits = scale * img @ txt[b + noise.shape[0] : b + noise.shape[0] + word_caption].T  # [B, 36]
+            loss = loss + cfg.class_weight * -(classes.to(device) * class_logits.log_softmax(1)).sum(1).mean()
         if cfg.surgery_weight:
             word_text = txt[b + noise.shape[0] + word_caption :]  # [colours + shapes, D]
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)

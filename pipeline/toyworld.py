@@ -15,7 +15,9 @@ Two renderers share one vocabulary:
 * ``style="varied"``: the training augmentation. Every scene draws its own choices:
   either renderer's backgrounds, supersampled anti-aliasing or hard edges, each
   shape's proportions (ring and cross widths, diamond and triangle aspect), colour
-  values jittered and desaturated within each name, blur, noise and JPEG artefacts.
+  values jittered and desaturated within each name, blur, noise and JPEG artefacts;
+* ``style="mixed"``: each scene drawn by ``train`` or ``varied``, half each, so a
+  model learns the varied looks without losing the training style's.
 
 The benchmarks' held-out renderer (``tests/benchmarks/heldout.py``) is a separate
 implementation that training never sees.
@@ -43,7 +45,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 BACKGROUNDS: tuple[str, ...] = ("flat", "noise", "gradient", "stripes")
-Style = Literal["train", "alt", "varied"]
+Style = Literal["train", "alt", "varied", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,10 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec()) -> Scene
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     placed = _place_objects(rng, spec, n)
     background = str(rng.choice(spec.backgrounds))
-    if spec.style == "train":
+    style = spec.style if spec.style != "mixed" else ("train" if rng.random() < 0.5 else "varied")
+    if style == "train":
         image, masks = _render_train(rng, spec.size, background, placed)
-    elif spec.style == "alt":
+    elif style == "alt":
         image, masks = _render_alt(rng, spec.size, background, placed)
     else:
         image, masks = _render_varied(rng, spec.size, background, placed)

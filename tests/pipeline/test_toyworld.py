@@ -26,7 +26,7 @@ def test_vocabulary_and_variety():
     assert centers.std(0).min() > 8  # anywhere in the frame, not a grid
 
 
-@pytest.mark.parametrize("style, spill", [("train", 0.35), ("alt", 0.35), ("varied", 1.0)])  # varied blurs up to 1.2 px
+@pytest.mark.parametrize("style, spill", [("train", 0.35), ("alt", 0.35), ("varied", 1.0), ("mixed", 1.0)])  # varied blurs up to 1.2 px
 def test_masks_match_drawn_pixels(style, spill):
     near_all = []
     for scene in make_scenes(1, 40, SceneSpec(style=style)):
@@ -87,3 +87,19 @@ def test_heldout_renderer_is_its_own_and_its_masks_match():
         inside = np.median(scene.image[obj.mask].astype(float), 0)
         outside = np.median(scene.image[~obj.mask].astype(float), 0)
         assert np.abs(inside - outside).max() > 20, scene.caption  # the object stands out from its background
+
+
+def test_mixed_scenes_are_drawn_by_both_training_renderers(monkeypatch):
+    """``mixed`` draws each scene with ``train``'s renderer or ``varied``'s, about half each, and stays a
+    pure function of its seed."""
+    import pipeline.toyworld as tw
+
+    first = [s.image for s in make_scenes(2, 60, SceneSpec(style="mixed"))]
+    used = []
+    for name in ("_render_train", "_render_varied", "_render_alt"):
+        real = getattr(tw, name)
+        monkeypatch.setattr(tw, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    again = [s.image for s in make_scenes(2, 60, SceneSpec(style="mixed"))]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert len(used) == 60 and "_render_alt" not in used
+    assert 18 <= used.count("_render_train") <= 42, used.count("_render_train")
