@@ -1,12 +1,14 @@
 """Quality benchmark on held-out toy scenes; prints JSON. Not part of the default test run.
 
-    python tests/benchmarks/quality.py [--model toy] [--scenes 500] [--ascent 0] [--preset classic] [--localization 200]
+    python tests/benchmarks/quality.py [--model toy] [--scenes 500] [--ascent 0] [--preset classic]
+                                       [--bank 256 64] [--seeds 0 1] [--localization 200]
 
 * zero-shot accuracy (36-way, colour, shape) on training-style scenes, the alt renderer's, the
   varied renderer's (the training augmentation), and ``heldout.py``'s, which no training sees;
 * with ``--ascent N``: recall of the true colour and shape word among the decode labels
   of N single-object scenes, with the original's ascent settings, for each of ``--methods``
-  (gumbel and pez);
+  (gumbel and pez), each ``--bank`` size and each of ``--seeds`` (a second seed is the
+  control for how much recall moves by chance alone);
 * with ``--localization N``: pointing game, score contrast and mIoU of each heatmap method
   (raw CLIP, surgery over the scene's labels, single-text surgery) on N held-out
   two-object scenes, for each object's shape word and colour word, with the scene's
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -43,6 +46,10 @@ def main() -> None:
     ap.add_argument("--preset", default="classic", choices=list(PRESETS), help="the run preset whose ascent settings to use")
     ap.add_argument("--methods", nargs="+", default=["gumbel", "pez"], choices=["gumbel", "pez"])
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--bank", type=int, nargs="+", default=[None],
+                    help="ascend.bank_size values to compare (default: the preset's); views stay at most the bank")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="ascent seeds; a second seed measures how much recall moves by chance alone")
     ap.add_argument("--localization", type=int, default=0, help="two-object scenes for the heatmap measures (0 = skip)")
     ap.add_argument("--depth", type=int, nargs="+", default=[2], help="surgery depths to compare")
     ap.add_argument("--single-resolution", type=int, default=64)
@@ -64,15 +71,19 @@ def main() -> None:
     if args.ascent:
         scenes = held_out_single_objects(args.ascent)
         out["ascent_recall"] = []
-        for method in args.methods:
+        for method, bank, seed in itertools.product(args.methods, args.bank, args.seeds):
             settings = {**PRESETS[args.preset].get("ascend", {}), "method": method}
             if args.iterations is not None:
                 settings["iterations"] = args.iterations
+            if bank is not None:
+                settings["bank_size"] = bank
+                settings["views"] = min(bank, AscentConfig(**settings).views)
             cfg = AscentConfig(**settings)
             t = time.time()
-            recall = ascent_recall(lm, scenes, cfg, args.batch)
+            recall = ascent_recall(lm, scenes, cfg, args.batch, seed)
             out["ascent_recall"].append({"scenes": len(scenes), "preset": args.preset, "iterations": cfg.iterations,
-                                         "candidates": cfg.candidates, "method": method, **recall,
+                                         "candidates": cfg.candidates, "bank_size": cfg.bank_size, "views": cfg.views,
+                                         "seed": seed, "method": method, **recall,
                                          "seconds_per_image": round((time.time() - t) / len(scenes), 3)})
     if args.localization:
         scenes = held_out_scenes(args.localization, objects=2)

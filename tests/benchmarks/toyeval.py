@@ -40,13 +40,18 @@ from stages.surgery import SurgeryConfig, compute_heatmaps
 MULTI_OBJECT_SEED = HELD_OUT_SEED + 2  # a held-out stream of its own; training never draws from it
 
 
-def ascent_recall(lm: LoadedModel, scenes: list[Scene], cfg: AscentConfig, batch: int = 8) -> dict[str, float]:
-    """Recall of the true colour and shape words among the decode labels of single-object scenes."""
+def ascent_recall(lm: LoadedModel, scenes: list[Scene], cfg: AscentConfig, batch: int = 8,
+                  seed: int = 0) -> dict[str, float]:
+    """Recall of the true colour and shape words among the decode labels of single-object scenes.
+
+    Scene ``i``'s ascent runs with seed ``seed * 1_000_000 + i``: another ``seed`` is the control
+    for how much recall moves with the random streams alone.
+    """
     hits_c = hits_s = 0
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
         imgs = torch.stack([to_tensor(Image.fromarray(s.image), lm.input_resolution) for s in chunk])
-        ops = extract_opinions(lm, imgs, list(range(start, start + len(chunk))), cfg)
+        ops = extract_opinions(lm, imgs, [seed * 1_000_000 + i for i in range(start, start + len(chunk))], cfg)
         for s, op in zip(chunk, ops):
             labels = {d["word"] for d in decode_labels(op.words, DecodeConfig())}
             colour, shape = s.objects[0].words

@@ -129,3 +129,17 @@ def test_an_interrupt_keeps_the_batch_already_on_its_way_to_disk(tmp_path, image
         run_stages(RunConfig(model="toy", device="cpu"), run, {"ascend": stage}, ["ascend"], RESULT_KEYS,
                    images=images, quiet=True)
     assert _status(run) == {images[0].id: "done", images[1].id: "done"}  # batch 0 was computed: it is kept
+
+
+def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_batch(tmp_path, images):
+    from pipeline.models import ModelError
+
+    class NoModel(Stand):
+        def load(self, ctx, refs):
+            raise ModelError("no weights for 'toy' here")
+
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(ModelError, match="no weights"):
+        run_stages(RunConfig(model="toy", device="cpu"), run, {"ascend": NoModel(batches=4)}, ["ascend"], RESULT_KEYS,
+                   images=images, quiet=True)
+    assert not run.root.exists()  # a failed start leaves nothing behind
