@@ -120,7 +120,7 @@ def test_preset_option_reaches_the_saved_config(tmp_path, images):
 def test_ctrl_c_says_how_to_resume_and_is_logged(tmp_path, images, monkeypatch, capsys):
     from stages import STAGES
 
-    def interrupted(ctx, refs):
+    def interrupted(ctx, refs, loaded):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(STAGES["decode"], "process", interrupted)

@@ -109,13 +109,20 @@ def test_shipped_toy_zero_shot_on_the_cpu_matches_its_card(toy):
     from pipeline.models import TOY_CHECKPOINT
     from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy
 
+    from tests.benchmarks.heldout import heldout_scenes
+
     card = json.loads(TOY_CHECKPOINT.with_suffix(".json").read_text())
     recorded = card["metrics"]["zero_shot_held_out_500_single_object"]
+    scenes = {f"{style}_style": held_out_single_objects(500, style) for style in ("train", "alt", "varied")}
+    scenes["heldout_renderer"] = heldout_scenes(500)
+    assert set(recorded) == set(scenes)
     with torch.no_grad():
-        for style in ("train", "alt"):
-            measured = zero_shot_accuracy(toy.model, held_out_single_objects(500, style), toy.device)
-            for key, value in recorded[f"{style}_style"].items():
-                assert abs(measured[key] - value) <= 0.01, (style, key, measured, recorded)
-    # A floor that a broken checkpoint cannot pass: the alt renderer's target. The training renderer's
-    # target (0.97) is missed by the shipped 16x16-grid toy (0.94; the README says what was tried).
-    assert recorded["train_style"]["joint36"] >= 0.93 and recorded["alt_style"]["joint36"] >= 0.93
+        for name, these in scenes.items():
+            measured = zero_shot_accuracy(toy.model, these, toy.device)
+            for key, value in recorded[name].items():
+                assert abs(measured[key] - value) <= 0.01, (name, key, measured, recorded)
+    # Floors that a broken checkpoint cannot pass: the alt renderer's target, and today's figures on the
+    # others. The targets for the training style (0.97) and the held-out renderer (0.93) are not met yet
+    # (docs/toy-world.md says what was tried).
+    assert recorded["alt_style"]["joint36"] >= 0.95 and recorded["train_style"]["joint36"] >= 0.94
+    assert recorded["heldout_renderer"]["joint36"] >= 0.8

@@ -19,8 +19,9 @@ from pipeline.toyworld import TRUTH_COCO, write_scenes
 from runall import app
 from tests.conftest import fast_args
 
-# Enough ascent for the toy to name its scenes' words; every label is mapped.
-FAST = fast_args(ascend__iterations=30, ascend__candidates=6)
+# Enough ascent for the toy to name its scenes' words; every label is mapped. No score floor: these tests read
+# the formats, and a scene whose words all score below decode's default floor (0) would export no labels.
+FAST = fast_args(ascend__iterations=30, ascend__candidates=6, decode__min_score="null")
 FORMATS = "coco,labelstudio,fiftyone,yolo"
 
 
