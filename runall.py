@@ -225,6 +225,16 @@ def _open_run(path: Path) -> RunDir:
     return RunDir(path)
 
 
+def _state_of(rd, cfg):
+    """The status of a run's outputs under ``cfg`` (``(image id, stage, latest records) -> Status``), as ``status`` shows it."""
+    from pipeline.config import to_dict
+    from pipeline.provenance import Provenance
+    from stages import RESULT_KEYS, STAGES
+
+    prov = Provenance(to_dict(cfg), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
+    return lambda image, stage, latest: prov.status(rd, latest, image, stage)
+
+
 def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool, as_json: bool = False) -> int:
     rd = _open_run(run)
     cfg = _resolve(config, rd.load_config(), {"model": model, "device": _value(device)}, set_,
@@ -312,11 +322,13 @@ def compare_command(
     """Compare what two runs (two models, or two settings) see in the same images: compare.html and compare.json."""
     from pipeline.compare import write_comparison
 
-    for r in (run_a, run_b):
-        _open_run(r)
+    states = []
+    for r in (run_a, run_b):  # each run's outputs are judged by its own settings: stale or damaged ones are left out
+        rd = _open_run(r)
+        states.append(_state_of(rd, _resolve(None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))))
     if maps < 0 or maps_per_image < 0:
         _fail("--maps and --maps-per-image must be >= 0")
-    doc = write_comparison(run_a, run_b, out_dir, maps, maps_per_image, method)
+    doc = write_comparison(run_a, run_b, out_dir, maps, maps_per_image, method, states=(states[0], states[1]))
     if as_json:
         print(json.dumps({"compare_html": str(out_dir / "compare.html"), "compare_json": str(out_dir / "compare.json"),
                           "overall": doc["overall"], "missing": {k: len(v) for k, v in doc["missing"].items()}}, indent=1))
@@ -391,9 +403,7 @@ def eval_command(
     """Measure the run's labels and regions against ground truth: precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
     from pipeline.evaluation import eval_table, format_table
     from pipeline.autolabels import load_label_map
-    from pipeline.provenance import Provenance
     from pipeline.rundir import atomic_write_json
-    from stages import RESULT_KEYS, STAGES
     from stages.export import effective_config, evaluate_run
 
     rd = _open_run(run)
@@ -406,12 +416,9 @@ def eval_command(
         lmap = load_label_map(cfg.export.label_map)
     except (OSError, ValueError) as err:
         _fail(f"{truth}: {err}" if not isinstance(err, ConfigError) else str(err))
-    from pipeline.config import to_dict
-
-    prov = Provenance(to_dict(cfg), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
     methods = list(cfg.surgery.methods)
     export_cfg = effective_config(cfg.export, methods)
-    result = evaluate_run(rd, doc, export_cfg, lmap, lambda i, s, latest: prov.status(rd, latest, i, s), methods)
+    result = evaluate_run(rd, doc, export_cfg, lmap, _state_of(rd, cfg), methods)
     result["truth"] = str(truth)
     target = out_file or rd.file("export", "eval.json")
     atomic_write_json(target, result)

@@ -18,15 +18,19 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 from PIL import Image
 
 from pipeline.heatmaps import fit_side, label_slug, overlay_heatmap, upsample_map
 from pipeline.images import ImageError, ImageRef, load_image
+from pipeline.provenance import Status
 from pipeline.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_output
 
 PARTICULAR = 20  # words listed as most particular to each run
+
+StateOf = Callable[[str, str, Mapping], Status]  # (image id, stage, latest records) -> that output's status
 
 
 @dataclass
@@ -39,25 +43,50 @@ class RunSide:
     images: dict[str, ImageRef]
     labels: dict[str, list[str]]
     unlabelled: dict[str, str] = field(default_factory=dict)  # image id -> why it has no labels here
+    no_maps: dict[str, str] = field(default_factory=dict)  # image id -> why its maps are not drawn (surgery not done)
 
 
-def read_side(root: Path) -> RunSide:
-    """A run's images and labels (``labels/<id>.json``); an image without a readable labels file is unlabelled."""
+NO_LABELS = "no labels (decode did not finish this image)"
+
+
+def _not_done(stage: str, st: Status, pending: str) -> str:
+    """Why an output that is not done cannot be used: ``pending`` when it was never finished, else its state."""
+    head = pending if st.state == "pending" else f"{stage} {st.state}"
+    return head + (f": {st.reason}" if st.reason else "")
+
+
+def read_side(root: Path, state: StateOf | None = None) -> RunSide:
+    """A run's images and labels (``labels/<id>.json``); an image without a readable labels file is unlabelled.
+
+    With ``state`` (the run's own settings' status of an output, as ``status`` shows it), an image whose
+    decode output is not done (stale, damaged, failed, pending) is unlabelled too, with that reason, and
+    one whose surgery output is not done has its maps left undrawn, so nothing out of date is compared.
+    """
     run = RunDir(root)
     config = run.load_config() if run.has_config() else {}
     images = {r.id: r for r in run.load_images()}
-    labels, unlabelled = {}, {}
+    latest = run.latest() if state is not None else {}
+    labels, unlabelled, no_maps = {}, {}, {}
     for image_id in images:
+        if state is not None:
+            st = state(image_id, "surgery", latest)
+            if st.state != "done":
+                no_maps[image_id] = _not_done("surgery", st, "no maps (surgery did not finish this image)")
+            st = state(image_id, "decode", latest)
+            if st.state != "done":
+                unlabelled[image_id] = _not_done("decode", st, NO_LABELS)
+                continue
         path = run.labels(image_id)
         if not path.is_file():
-            unlabelled[image_id] = "no labels (decode did not finish this image)"
+            unlabelled[image_id] = NO_LABELS
             continue
         doc, why = read_output(path, root)
         if isinstance(doc, dict) and isinstance(doc.get("labels"), list):
             labels[image_id] = [d["word"] for d in doc["labels"] if isinstance(d, dict) and "word" in d]
         else:
             unlabelled[image_id] = why or f"labels/{image_id}.json: not a decode output"
-    return RunSide(root=root, model=str(config.get("model", "?")), images=images, labels=labels, unlabelled=unlabelled)
+    return RunSide(root=root, model=str(config.get("model", "?")), images=images, labels=labels, unlabelled=unlabelled,
+                   no_maps=no_maps)
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -169,7 +198,8 @@ def _map_pngs(side: RunSide, image_id: str, method: str, words: list[str], pictu
 
 
 def write_comparison(a_root: Path, b_root: Path, out: Path, maps: int = 200, maps_per_image: int = 4,
-                     method: str | None = None, side: int = 160) -> dict:
+                     method: str | None = None, side: int = 160,
+                     states: tuple[StateOf, StateOf] | None = None) -> dict:
     """Compare two runs and write ``compare.json`` and ``compare.html`` (and the map PNGs) into ``out``.
 
     Args:
@@ -177,8 +207,10 @@ def write_comparison(a_root: Path, b_root: Path, out: Path, maps: int = 200, map
         maps_per_image: shared labels drawn per image, in run A's rank order.
         method: the map method to draw (default: ``surgery`` when both runs drew it, else the first both drew).
         side: the drawn pictures' longest side in pixels.
+        states: each run's status of an output under its own settings (see ``read_side``); without them
+            every labels file found is believed.
     """
-    a, b = read_side(a_root), read_side(b_root)
+    a, b = read_side(a_root, states[0] if states else None), read_side(b_root, states[1] if states else None)
     doc = compare_labels(a.labels, b.labels)
     doc = {"run_a": {"path": str(a_root), "model": a.model, "images": len(a.images), "labelled": len(a.labels)},
            "run_b": {"path": str(b_root), "model": b.model, "images": len(b.images), "labelled": len(b.labels)},
@@ -187,6 +219,10 @@ def write_comparison(a_root: Path, b_root: Path, out: Path, maps: int = 200, map
     drawn: dict[str, dict] = {}
     for row in doc["images"][:maps]:
         image_id, shared = row["image"], row["both"][:maps_per_image]
+        why = [f"run {k}: {s.no_maps[image_id]}" for k, s in (("A", a), ("B", b)) if image_id in s.no_maps]
+        if shared and why:
+            row["no_maps"] = "; ".join(why)
+            continue
         m = _common_method(a_root, b_root, image_id, method) if shared else None
         if m is None:
             continue
@@ -263,6 +299,8 @@ table{{border-collapse:collapse;margin:8px 0 20px}}td,th{{border:1px solid #ddd;
                     cells = "".join(f'<img src="{e(maps[k][w])}" alt="{e(k.upper())}: {e(w)}" loading="lazy">' if w in maps[k]
                                     else f'<span class="none">no {k.upper()} map</span>' for k in ("a", "b"))
                     pairs += f'<div class="pair"><div style="display:flex;gap:4px">{cells}</div>{e(w)} (A | B, {e(maps["method"])})</div>'
+        if not pairs and "no_maps" in row:
+            pairs = f'<span class="none">no maps: {e(row["no_maps"])}</span>'
         parts.append(f"""<div class="card"><div><b>{e(ref.rel)}</b><br>Jaccard {row['jaccard']:.3f}
 <p>both: {_chips(row['both'], 'both')}</p><p>only A: {_chips(row['only_a'], 'a')}</p><p>only B: {_chips(row['only_b'], 'b')}</p></div>
 <div class="maps">{pairs}</div></div>""")

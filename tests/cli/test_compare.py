@@ -86,3 +86,30 @@ def test_compare_labels_core():
     ov = doc["overall"]
     assert ov["pooled_jaccard"] == pytest.approx(2 / 4, abs=1e-4) and ov["identical_images"] == 2 and ov["a_labels_b_found"] == pytest.approx(2 / 3, abs=1e-4)
     assert [d["word"] for d in doc["particular"]["a"]] == ["cat"] and [d["word"] for d in doc["particular"]["b"]] == ["cow"]
+
+
+def test_compare_leaves_out_damaged_labels_and_undrawn_maps_with_the_reason(two_runs, tmp_path):
+    """Outputs changed outside the program are not compared: a cut-short labels file in A and a damaged surgery
+    output in B, each named with its reason, while the other images compare as before."""
+    a, b, unlabelled = two_runs
+    a2, b2 = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, a2)
+    shutil.copytree(b, b2)
+    ids = sorted(p.stem for p in (a2 / "labels").glob("*.json"))
+    cut, no_maps = ids[0], ids[-1]
+    labels = a2 / "labels" / f"{cut}.json"
+    labels.write_bytes(labels.read_bytes()[:20])  # a bad copy: the size no longer matches the record
+    surgery = b2 / "surgery" / f"{no_maps}.json"
+    surgery.write_bytes(surgery.read_bytes() + b" ")
+    r = _run("compare", str(a2), str(b2), "--out", str(tmp_path / "cmp"))
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    why = {m["image"]: m["reason"] for m in doc["missing"]["unlabelled_in_a"]}
+    assert set(why) == {unlabelled, cut}
+    assert why[cut].startswith("decode damaged") and f"labels/{cut}.json" in why[cut]
+    assert doc["overall"]["images_compared"] == 1
+    row = next(r for r in doc["images"] if r["image"] == no_maps)
+    assert row["both"], "the two runs share no label there: no map would have been drawn anyway"
+    assert "maps" not in row and row["no_maps"].startswith("run B: surgery damaged")
+    assert "no maps: run B: surgery damaged" in (tmp_path / "cmp" / "compare.html").read_text()
+    assert not list((tmp_path / "cmp").glob(f"maps/{no_maps}/*"))
