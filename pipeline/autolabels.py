@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.images import ImageRef
 from pipeline.regions import Region, heatmap_regions, mask_region
-from pipeline.rundir import RunDir, read_json
+from pipeline.rundir import RunDir, read_output
 
 
 @dataclass(frozen=True)
@@ -179,12 +179,12 @@ def export_one(root: Path, cfg: LabelRules, label_map: LabelMap, job: tuple[Imag
     """One image's export from its files, or why it cannot be exported."""
     ref, surgery_done = job
     run = RunDir(root)
-    labels = read_json(run.labels(ref.id))
+    labels, why = read_output(run.labels(ref.id), root)
     if not isinstance(labels, dict) or not isinstance(labels.get("labels"), list):
-        return None, f"labels/{ref.id}.json is unreadable (not valid JSON or not a labels file): rerun decode"
-    heatmaps = read_json(run.heatmaps(ref.id)) if surgery_done else None
-    if surgery_done and heatmaps is None:
-        return None, f"surgery/{ref.id}.json is unreadable: rerun surgery"
+        return None, f"{why or f'labels/{ref.id}.json: not a labels file'}: rerun decode"
+    heatmaps, why = read_output(run.heatmaps(ref.id), root) if surgery_done else (None, None)
+    if surgery_done and not isinstance(heatmaps, dict):
+        return None, f"{why or f'surgery/{ref.id}.json: not a surgery output'}: rerun surgery"
     try:
         maps, masks = maps_and_masks(run, ref, heatmaps, cfg)
     except (OSError, ValueError, KeyError) as err:
