@@ -296,15 +296,19 @@ def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
     return img.astype(np.float32)
 
 
+def _object_frame(xx, yy, x, y, angle_deg):
+    """Pixel coordinates in an object's frame: centred on ``(x, y)`` and turned by ``angle_deg``."""
+    t = np.radians(angle_deg)
+    dx, dy = xx - x, yy - y
+    return np.cos(t) * dx + np.sin(t) * dy, -np.sin(t) * dx + np.cos(t) * dy
+
+
 def _render_train(rng, size, background, placed):
     img = _background(rng, size, background)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     masks = []
     for colour, shape, x, y, d, angle in placed:
-        t = np.radians(angle)
-        dx, dy = xx - x, yy - y
-        u = np.cos(t) * dx + np.sin(t) * dy
-        v = -np.sin(t) * dx + np.cos(t) * dy
+        u, v = _object_frame(xx, yy, x, y, angle)
         mask = _shape_mask(shape, u, v, d / 2)
         base = np.array(COLOURS[colour], np.float32) * rng.uniform(0.8, 1.12)
         rgb = np.clip(base + rng.uniform(-22, 22, 3), 0, 255)
@@ -329,10 +333,7 @@ def _render_varied(rng, size, background, placed):
     yy, xx = fine[0], fine[1]
     covers = []
     for colour, shape, x, y, d, angle in placed:
-        t = np.radians(angle * 2)  # up to 30 degrees either way
-        dx, dy = xx - x, yy - y
-        u = np.cos(t) * dx + np.sin(t) * dy
-        v = -np.sin(t) * dx + np.cos(t) * dy
+        u, v = _object_frame(xx, yy, x, y, angle * 2)  # up to 30 degrees either way
         inside = _shape_mask(shape, u, v, d / 2, _varied_geometry(rng)).astype(np.float32)
         cover = inside.reshape(size, k, size, k).mean((1, 3))
         rgb = np.array(COLOURS[colour], np.float32) * rng.uniform(0.75, 1.12) + rng.uniform(-25, 25, 3)
