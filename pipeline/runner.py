@@ -122,6 +122,19 @@ class BatchSizer:
             return fit_batch(free, bytes_per_image, cuda)
         return cuda
 
+    def run(self, stage: str, fn: Callable[[int, int], list], n: int) -> list:
+        """``fn`` over a batch's index range ``[0, n)``, in chunks of the size a back-off settled on (when one did),
+        each halved again on CUDA out-of-memory (``split_on_oom``).
+
+        The runner cuts the next batch before this one is on the model, so a batch can still be of the size that
+        ran out of memory; it runs at the settled size at once, without failing first.
+        """
+        size = self.settled.get(stage) or n
+        out: list = []
+        for a in range(0, n, max(1, size)):
+            out += split_on_oom(fn, a, min(n, a + max(1, size)), self.on_split(stage))
+        return out
+
     def on_split(self, stage: str) -> Callable[[int], None]:
         """The ``on_split`` for ``split_on_oom``: later batches of ``stage`` use the size that fitted."""
         def remember(size: int) -> None:
@@ -369,7 +382,7 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
             elapsed = time.time() - start
             progress.update(task, rate=f"{recorded / elapsed:.2f} img/s" if elapsed > 0 else "")
 
-        def cut(i: int) -> list[ImageRef]:  # a size an out-of-memory back-off settles on applies from the batch after next
+        def cut(i: int) -> list[ImageRef]:  # cut before the batch ahead runs; ``BatchSizer.run`` splits it if it backs off
             return todo[i : i + max(1, stage.batch_size(ctx))]
 
         i, batch = 0, cut(0)

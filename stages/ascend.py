@@ -39,7 +39,7 @@ from pipeline.encode import encode_images, load_batch, rescore_texts
 from pipeline.images import ImageRef, normalize
 from pipeline.models import LoadedModel
 from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, split_on_oom
+from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext
 from pipeline.textenc import encode_text_embeddings
 from pipeline.tokens import allowed_token_ids, clean_words, vocab
 
@@ -460,9 +460,8 @@ class AscendStage(PerImageStage[AscentConfig]):
         if ok:
             t = time.time()
             seeds = [image_seed(ctx.settings.seed, r.id) for r in ok]
-            opinions = split_on_oom(lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg, ctx.progress),
-                                    0, len(seeds),
-                                    ctx.batches.on_split(self.name))  # results do not depend on batching
+            opinions = ctx.batches.run(self.name, lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg, ctx.progress),
+                                       len(seeds))  # results do not depend on batching
             with torch.no_grad():
                 feats = encode_images(lm, images)
                 per_image = (time.time() - t) / len(ok)

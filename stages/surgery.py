@@ -32,7 +32,7 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
                                overlay_heatmap, upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
-from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, split_on_oom, writer_pool
+from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, writer_pool
 from pipeline.adapter import input_resolution
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
@@ -348,7 +348,7 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
                 with torch.inference_mode():
                     return compute_heatmaps(lm.clip, base, single, words[a:b], vocab, text, empty, sizes, cfg)
 
-            heatmaps = split_on_oom(run, 0, len(ok), ctx.batches.on_split(self.name))
+            heatmaps = ctx.batches.run(self.name, run, len(ok))
             images = [np.asarray(p) for p in pictures]
             masks = [sam_masks(ctx.models.sam, image, hm.points) if ctx.models.sam is not None else [None] * len(hm.words)
                      for image, hm in zip(images, heatmaps)]  # SAM on the device, one image at a time

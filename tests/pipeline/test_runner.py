@@ -60,6 +60,30 @@ def test_batch_size_keeps_what_fitted_after_a_back_off():
     assert sizer.size("surgery", 0, cuda=32, cpu=8) == 8  # per stage
 
 
+def test_a_batch_cut_before_the_back_off_runs_at_the_settled_size_without_failing_again():
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.runner import BatchSizer
+
+    sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cuda", 0))), logging.getLogger("t"))
+    calls, ooms = [], []
+
+    def fn(a, b):
+        calls.append((a, b))
+        if b - a > 3:
+            ooms.append((a, b))
+            raise torch.OutOfMemoryError("simulated")
+        return [i * 10 for i in range(a, b)]
+
+    assert sizer.run("surgery", fn, 8) == [i * 10 for i in range(8)]  # 8 fails, then 4, then 2 fits
+    assert ooms == [(0, 8), (0, 4), (4, 8)] and sizer.settled == {"surgery": 2}
+    calls.clear(), ooms.clear()
+    assert sizer.run("surgery", fn, 7) == [i * 10 for i in range(7)]  # the next batch, cut at the old size
+    assert ooms == [] and calls == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert sizer.run("ascend", fn, 3) == [0, 10, 20] and calls[-1] == (0, 3)  # per stage
+
+
 def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     import logging
     from types import SimpleNamespace
