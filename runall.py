@@ -532,6 +532,9 @@ def toy_train(
     recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'surgery-cpu' (continues --start-from with the patch term on the surgery path too), 'varied-cpu' (continues --start-from on scenes drawn a new way each time, text tower frozen), 'mixed-cpu' (the same on training-style and varied scenes, with a 36-way class term on the image embedding), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the recipe's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the recipe's).")] = None,
+    class_weight: Annotated[Optional[float], typer.Option(help="Weight of the 36-way colour+shape term on the image embedding (default: the recipe's).")] = None,
+    freeze_text: Annotated[Optional[bool], typer.Option("--freeze-text/--train-text", help="Keep the text tower as loaded from --start-from, or train it (default: the recipe's).", show_default=False)] = None,
     workers: Annotated[int, typer.Option(help="Scene-drawing worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     teacher: Annotated[Optional[Path], typer.Option(help="A toy checkpoint for the distill- recipes: its text tower is copied and frozen, its image embedding distilled.")] = None,
@@ -546,7 +549,8 @@ def toy_train(
 
     dev = resolve_device(_value(device) or "auto")
     try:
-        name, cfg = resolve_recipe(recipe.value, dev, steps=steps, batch_size=batch_size, workers=workers, seed=seed,
+        name, cfg = resolve_recipe(recipe.value, dev, steps=steps, batch_size=batch_size, lr=lr, class_weight=class_weight,
+                                   freeze_text=freeze_text, workers=workers, seed=seed,
                                    teacher=str(teacher.resolve()) if teacher else None,
                                    start_from=str(start_from.resolve()) if start_from else None)
     except ValueError as err:

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.models import TOY_CHECKPOINT
 from pipeline.toyworld import write_scenes
 from runall import app
 from tests.conftest import fast_args
@@ -132,6 +133,11 @@ def test_toy_train_writes_a_checkpoint_stock_clip_loads(tmp_path):
     assert model.visual.input_resolution == 64 and model.visual.conv1.kernel_size == (4, 4)  # a 16x16 grid
     r = _run("toy", "train", "--out", str(out), "--steps", "1", "--batch-size", "4", "--recipe", "gpu", "--device", "cpu")
     assert r.exit_code == 0 and json.loads(out.with_suffix(".json").read_text())["recipe"]["lr"] == RECIPES["gpu"].lr
+    r = _run("toy", "train", "--out", str(tmp_path / "m.pt"), "--steps", "1", "--batch-size", "4", "--recipe", "mixed-cpu",
+             "--start-from", str(TOY_CHECKPOINT), "--lr", "0.001", "--class-weight", "4", "--train-text", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    recipe = json.loads((tmp_path / "m.json").read_text())["recipe"]
+    assert (recipe["lr"], recipe["class_weight"], recipe["freeze_text"]) == (0.001, 4.0, False)  # the recipe's are 3e-4, 1, frozen
     r = _run("toy", "train", "--out", str(out), "--steps", "2", "--recipe", "cpu", "--resume", "--device", "cpu")
     assert r.exit_code == 2 and "another recipe" in r.output  # the checkpoint beside --out is the gpu recipe's
     assert _run("toy", "train", "--out", str(out), "--recipe", "laptop").exit_code == 2
