@@ -227,11 +227,10 @@ def _open_run(path: Path) -> RunDir:
 
 def _state_of(rd, cfg):
     """The status of a run's outputs under ``cfg`` (``(image id, stage, latest records) -> Status``), as ``status`` shows it."""
-    from pipeline.config import to_dict
-    from pipeline.provenance import Provenance
+    from pipeline.runner import stage_provenance
     from stages import RESULT_KEYS, STAGES
 
-    prov = Provenance(to_dict(cfg), RESULT_KEYS, {n: s.needs for n, s in STAGES.items()})
+    prov = stage_provenance(cfg, STAGES, RESULT_KEYS)
     return lambda image, stage, latest: prov.status(rd, latest, image, stage)
 
 

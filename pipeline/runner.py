@@ -476,10 +476,16 @@ def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
     return summary
 
 
+def stage_provenance(config: Any, stages: Mapping[str, PerImageStage | WholeRunStage],
+                     result_keys: Mapping[str, tuple[str, ...]]) -> Provenance:
+    """The stages' fingerprints under ``config``, to judge a run's outputs by (``Provenance.status``)."""
+    return Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
+
+
 def stage_status(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | WholeRunStage],
                  result_keys: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, list[tuple[str, str]]]]:
     """Each per-image stage's images by state (done, stale, failed, blocked, pending), with reasons."""
-    prov = Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
+    prov = stage_provenance(config, stages, result_keys)
     return run_status(run, prov, [n for n, s in stages.items() if isinstance(s, PerImageStage)])
 
 

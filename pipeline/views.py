@@ -16,7 +16,7 @@ from rich.text import Text
 from pipeline.doctor import Check
 from pipeline.images import ImageRef
 from pipeline.rundir import RunDir
-from pipeline.runner import PerImageStage, RunOutcome, WholeRunStage
+from pipeline.runner import PerImageStage, RunOutcome, WholeRunStage, stage_provenance
 
 
 def outcome_views(outcome: RunOutcome) -> list:
@@ -111,10 +111,7 @@ def dry_run_plan(config: Any, run: RunDir, names: list[str], refs: list[ImageRef
     per image come from this run's images finished with today's settings, else from the other runs
     beside it (in the same output folder) that finished images with the same settings.
     """
-    from pipeline.config import to_dict
-    from pipeline.provenance import Provenance
-
-    prov = Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
+    prov = stage_provenance(config, stages, result_keys)
     done: dict[str, set[str]] = {n: set() for n in names}
     if run.has_config():
         latest = run.latest()
