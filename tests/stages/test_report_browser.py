@@ -94,6 +94,8 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     assert page.locator("svg.boxes rect").count() == 0
     broken = page.locator(".card", has=page.locator("h3", has_text="broken.png"))
     assert "not an image" in broken.locator(".fail").first.inner_text()  # the reason is on the card itself
+    # the placeholder replaces the picture on its load error, which fires after each re-render: wait for it
+    broken.locator(".missing").wait_for(state="attached", timeout=10_000)
     assert broken.locator(".missing").count() == 1 and broken.locator("img").count() == 0  # no broken-image icon
     assert page.locator("#pager").is_hidden()  # one page: no pager
     page.wait_for_load_state("load")
