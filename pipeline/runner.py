@@ -129,10 +129,10 @@ class BatchSizer:
         The runner cuts the next batch before this one is on the model, so a batch can still be of the size that
         ran out of memory; it runs at the settled size at once, without failing first.
         """
-        size = self.settled.get(stage) or n
+        size = max(1, self.settled.get(stage) or n)
         out: list = []
-        for a in range(0, n, max(1, size)):
-            out += split_on_oom(fn, a, min(n, a + max(1, size)), self.on_split(stage))
+        for a in range(0, n, size):
+            out += split_on_oom(fn, a, min(n, a + size), self.on_split(stage))
         return out
 
     def on_split(self, stage: str) -> Callable[[int], None]:
