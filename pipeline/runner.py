@@ -124,16 +124,12 @@ class BatchSizer:
 
     def run(self, stage: str, fn: Callable[[int, int], list], n: int) -> list:
         """``fn`` over a batch's index range ``[0, n)``, in chunks of the size a back-off settled on (when one did),
-        each halved again on CUDA out-of-memory (``split_on_oom``).
+        halved again on CUDA out-of-memory (``split_on_oom``).
 
         The runner cuts the next batch before this one is on the model, so a batch can still be of the size that
         ran out of memory; it runs at the settled size at once, without failing first.
         """
-        size = max(1, self.settled.get(stage) or n)
-        out: list = []
-        for a in range(0, n, size):
-            out += split_on_oom(fn, a, min(n, a + size), self.on_split(stage))
-        return out
+        return split_on_oom(fn, 0, n, self.on_split(stage), size=self.settled.get(stage))
 
     def on_split(self, stage: str) -> Callable[[int], None]:
         """The ``on_split`` for ``split_on_oom``: later batches of ``stage`` use the size that fitted."""
@@ -259,24 +255,36 @@ def writer_pool() -> ThreadPoolExecutor:
 
 
 def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
-                 on_split: Callable[[int], None] | None = None) -> list:
-    """``fn(start, end)`` over a batch's index range; on CUDA out-of-memory, halve the range and retry.
+                 on_split: Callable[[int], None] | None = None, size: int | None = None) -> list:
+    """``fn(start, end)`` over a batch's index range in chunks of ``size`` (default: the whole range); on CUDA
+    out-of-memory, the chunk is halved and the rest of the range runs at the smaller size.
 
-    ``fn`` returns one result per index. ``on_split`` is told the smaller size, so a
+    ``fn`` returns one result per index. ``on_split`` is told each smaller size, so a
     stage can use it for later batches. A single item that does not fit re-raises.
     """
-    try:
-        return fn(start, end)
-    except torch.OutOfMemoryError:
-        if end - start <= 1:
-            raise
-    # Retry outside the handler: while it runs, the traceback keeps the failed attempt's frames,
-    # and so its tensors, alive, and the halves would run beside them.
-    torch.cuda.empty_cache()
-    mid = (start + end) // 2
-    if on_split is not None:
-        on_split(mid - start)
-    return split_on_oom(fn, start, mid, on_split) + split_on_oom(fn, mid, end, on_split)
+    size = max(1, size or end - start)
+    out: list = []
+    a = start
+    while a < end:
+        b = min(end, a + size)
+        failed = False
+        try:
+            part = fn(a, b)
+        except torch.OutOfMemoryError:
+            if b - a <= 1:
+                raise
+            failed = True
+        if failed:
+            # Retry outside the handler: while it runs, the traceback keeps the failed attempt's frames,
+            # and so its tensors, alive, and the smaller chunks would run beside them.
+            torch.cuda.empty_cache()
+            size = (b - a + 1) // 2
+            if on_split is not None:
+                on_split(size)
+            continue
+        out += part
+        a = b
+    return out
 
 
 def _progress(console: Console, quiet: bool) -> Progress:

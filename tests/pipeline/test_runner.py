@@ -7,17 +7,19 @@ from pipeline.runner import split_on_oom
 
 
 def test_batches_halve_on_out_of_memory_and_keep_order():
-    fitted, sizes = [], []
+    fitted, sizes, ooms = [], [], []
 
     def fn(a, b):
         if b - a > 2:
+            ooms.append((a, b))
             raise torch.OutOfMemoryError("simulated")
         fitted.append((a, b))
         return [i * 10 for i in range(a, b)]
 
     assert split_on_oom(fn, 0, 7, sizes.append) == [i * 10 for i in range(7)]  # every item once, in order
     assert [i for a, b in fitted for i in range(a, b)] == list(range(7)) and all(b - a <= 2 for a, b in fitted)
-    assert sizes and min(sizes) <= 2  # the stage is told the size that fits
+    assert sizes == [4, 2]  # the stage is told each smaller size
+    assert ooms == [(0, 7), (0, 4)]  # the rest of the range runs at the size that fitted, without failing first
 
 
 def test_a_failed_attempts_tensors_are_freed_before_the_halves_run():
@@ -77,7 +79,7 @@ def test_a_batch_cut_before_the_back_off_runs_at_the_settled_size_without_failin
         return [i * 10 for i in range(a, b)]
 
     assert sizer.run("surgery", fn, 8) == [i * 10 for i in range(8)]  # 8 fails, then 4, then 2 fits
-    assert ooms == [(0, 8), (0, 4), (4, 8)] and sizer.settled == {"surgery": 2}
+    assert ooms == [(0, 8), (0, 4)] and sizer.settled == {"surgery": 2}  # (4, 8) runs at 2 at once
     calls.clear(), ooms.clear()
     assert sizer.run("surgery", fn, 7) == [i * 10 for i in range(7)]  # the next batch, cut at the old size
     assert ooms == [] and calls == [(0, 2), (2, 4), (4, 6), (6, 7)]
