@@ -510,6 +510,15 @@ def held_out_single_objects(count: int, style: str = "train", size: int = 64) ->
     return [make_scene(scene_rng(HELD_OUT_SEED, i, spec.style), spec) for i in range(count)]
 
 
+def image_embeddings(model: torch.nn.Module, scenes: list, device: torch.device) -> torch.Tensor:
+    """``[N, D]`` float ``encode_image`` of the scenes' images, resized to the model's side when they differ."""
+    res = model.visual.input_resolution
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).to(device).permute(0, 3, 1, 2).float() / 255
+    if images.shape[-1] != res:
+        images = F.interpolate(images, size=(res, res), mode="bicubic", align_corners=False).clamp(0, 1)
+    return model.encode_image(normalize(images).to(model.dtype)).float()
+
+
 def zero_shot_accuracy(model: torch.nn.Module, scenes: list, device: torch.device) -> dict[str, float]:
     """Zero-shot accuracy over the 36 colour+shape prompts on single-object scenes.
 
@@ -518,11 +527,7 @@ def zero_shot_accuracy(model: torch.nn.Module, scenes: list, device: torch.devic
     prompts, pairs = class_prompts()
     ctx = model.positional_embedding.shape[0]
     txt = F.normalize(encode_tokens(model, tokenize(prompts, ctx).to(device)).float(), dim=-1)
-    res = model.visual.input_resolution
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).to(device).permute(0, 3, 1, 2).float() / 255
-    if images.shape[-1] != res:
-        images = F.interpolate(images, size=(res, res), mode="bicubic", align_corners=False).clamp(0, 1)
-    img = F.normalize(model.encode_image(normalize(images).to(model.dtype)).float(), dim=-1)
+    img = F.normalize(image_embeddings(model, scenes, device), dim=-1)
     probs = (100 * img @ txt.T).softmax(-1).cpu()  # [N, 36]
     colours, shapes = list(COLOURS), list(SHAPES)
     col_idx = torch.tensor([colours.index(c) for c, _ in pairs])

@@ -21,14 +21,12 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from heldout import heldout_scenes  # noqa: E402  (beside this script)
-from pipeline.images import normalize  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
+from pipeline.toytrain import held_out_single_objects, image_embeddings, zero_shot_accuracy  # noqa: E402
 from pipeline.toyworld import SHAPES, SceneSpec, make_scene, scene_rng  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402
 
@@ -36,13 +34,10 @@ PROBE_SEED = 424_242  # a scene stream of its own: training draws "train", the h
 
 
 def embeddings(model: torch.nn.Module, scenes: list, batch: int = 256) -> torch.Tensor:
-    """``[N, D]`` image embeddings (``encode_image``), as zero-shot reads them."""
-    out = []
+    """``[N, D]`` image embeddings, as zero-shot reads them (``image_embeddings``), a batch at a time."""
     with torch.no_grad():
-        for i in range(0, len(scenes), batch):
-            x = torch.from_numpy(np.stack([s.image for s in scenes[i : i + batch]])).permute(0, 3, 1, 2).float() / 255
-            out.append(model.encode_image(normalize(x)).float())
-    return torch.cat(out)
+        return torch.cat([image_embeddings(model, scenes[i : i + batch], torch.device("cpu"))
+                          for i in range(0, len(scenes), batch)])
 
 
 def shapes_of(scenes: list) -> torch.Tensor:
