@@ -131,8 +131,8 @@ def _summary_json(outcome: RunOutcome) -> dict:
 
 
 def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool, as_json: bool = False,
-         images=None) -> int:
-    """Run the stages, print the outcome, and return the exit code."""
+         images=None, summary: bool = True) -> int:
+    """Run the stages, print the outcome (with ``summary`` off, its failures only), and return the exit code."""
     from pipeline.models import ModelError
     from pipeline.rundir import RunLocked
     from pipeline.runner import run_stages
@@ -150,7 +150,7 @@ def _run(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool
         if as_json:
             print(json.dumps(_summary_json(outcome), indent=1, default=str))
         else:
-            for view in outcome_views(outcome):
+            for view in outcome_views(outcome, summary):
                 out.print(view, highlight=False)
     return outcome.exit_code
 
@@ -360,7 +360,10 @@ def export_command(
     label_map: Annotated[Optional[Path], typer.Option(help="YAML file mapping words to classes and dropping words (keys: map, drop, only_mapped).")] = None,
     min_score: Annotated[Optional[float], typer.Option(help="Leave out labels whose stock-CLIP score is below this.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Labels per image, best first (0 = all).")] = None,
-    path_prefix: Annotated[Optional[str], typer.Option(help="Put before each image's relative path, for tools that serve files (Label Studio: /data/local-files/?d=).")] = None,
+    path_prefix: Annotated[Optional[str], typer.Option(help="Label Studio's image URLs: local (its local files, under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT), local:ROOT, or a prefix put before each relative path, e.g. s3://bucket/folder/.")] = None,
+    categories: Annotated[Optional[Path], typer.Option(help="A COCO file whose categories (names and ids) and image ids the export takes; classes are matched by name.")] = None,
+    new_categories: Annotated[Optional[str], typer.Option(help="Classes that match none of --categories: drop, or keep (new ids after the file's).")] = None,
+    val: Annotated[Optional[float], typer.Option("--val", help="YOLO: the fraction of images in a val split (seed: export.split_seed); 0 = no split.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -372,15 +375,23 @@ def export_command(
     rd = _open_run(run)
     sets = _formats_set(to)
     for key, value in (("label_map", str(label_map.resolve()) if label_map else None), ("min_score", min_score),
-                       ("top_k", top_k), ("path_prefix", path_prefix)):
+                       ("top_k", top_k), ("path_prefix", path_prefix),
+                       ("categories", str(categories.resolve()) if categories else None),
+                       ("new_categories", new_categories), ("yolo_val", val)):
         if value is not None:
             sets.append(f"export.{key}={json.dumps(value)}")
     cfg = _resolve(config, rd.load_config(), {}, [*sets, *(set_ or [])], base_source=str(rd.file("run.yaml")))
-    code = _run(cfg, rd, ["export"], False, quiet, as_json)
+    code = _run(cfg, rd, ["export"], False, quiet, as_json, summary=False)
     stamp = read_json(rd.file("export", "export.json")) or {}
     if not as_json and stamp:
-        out.print(f"exported {stamp['images']} images, {stamp['regions']} regions: "
-                  + ", ".join(f"{f} -> {rd.file('export', f)}" for f in stamp.get("formats", [])), highlight=False)
+        out.print(f"exported {stamp['images']} images: {stamp.get('labels', 0)} labels, {stamp['regions']} regions; "
+                  f"{stamp.get('labels_without_region', 0)} labels without a region (a flat map, or a box over "
+                  "nearly all the image)", highlight=False)
+        for fmt, files in stamp.get("files", {}).items():
+            out.print(f"  {fmt}: {rd.file('export', fmt)} ({', '.join(Path(f).name for f in files)})", highlight=False)
+        out.print(f"  regions: {rd.file('export', 'regions.json')}", highlight=False)
+        for warning in stamp.get("warnings", []):
+            console.print(f"warning: {warning.removeprefix('export: ')}", highlight=False)
         left = stamp.get("left_out", [])
         if left:
             console.print(f"left out {len(left)}: " + "; ".join(f"{d['what']} of {d['image']} ({d['reason']})"
@@ -401,7 +412,7 @@ def eval_command(
 ) -> None:
     """Measure the run's labels and regions against ground truth: precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
     from pipeline.evaluation import eval_table, format_table
-    from pipeline.autolabels import load_label_map
+    from pipeline.autolabels import categories_from_coco, load_label_map
     from pipeline.rundir import atomic_write_json
     from stages.export import effective_config, evaluate_run
 
@@ -412,6 +423,7 @@ def eval_command(
         doc = json.loads(truth.read_text(encoding="utf-8"))
         if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
             raise ValueError("not a COCO file: it needs 'images', 'annotations' and 'categories' lists")
+        categories_from_coco(doc)  # its categories, checked before the run is read
         lmap = load_label_map(cfg.export.label_map)
     except (OSError, ValueError) as err:
         _fail(f"{truth}: {err}" if not isinstance(err, ConfigError) else str(err))
@@ -429,8 +441,11 @@ def eval_command(
     out.print(format_table(eval_table(result, methods, export_cfg.region_method)), highlight=False)
     o = result["overall"]
     best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
+    ap = result["box_ap"]
     out.print(f"coverage {o['coverage']} of {o['pairs']} true (image, category) pairs named by CLIP; "
               f"best tau by method: {best}; {len(result['missing_from_run'])} truth images not in the run\n"
+              f"COCO box AP {ap['ap']} (AP50 {ap['ap50']}, AP75 {ap['ap75']}) of the exported boxes; "
+              f"{result['labels_without_region']} of {result['labels_exported']} exported labels have no box\n"
               f"written: {target}", highlight=False)
 
 

@@ -4,7 +4,8 @@
 image's classes, each with its stock-CLIP score, the words behind it, its regions
 (``pipeline.regions``) and the map they came from. ``export_image`` builds one from an
 image's labels and maps; ``export_one`` reads those from the run directory first.
-``LabelMap`` maps many model words to one class and drops words, from a YAML file.
+``LabelMap`` maps many model words to one class and drops words, from a YAML file, and
+``Categories`` matches classes to a user's own COCO categories and ids.
 
 This module imports no torch, so the export can read a large run on worker processes
 that start in a fraction of a second.
@@ -13,11 +14,12 @@ that start in a fraction of a second.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
-from typing import Mapping
+from functools import cached_property, lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Mapping
 
 import numpy as np
 import yaml
@@ -25,7 +27,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.images import ImageRef
-from pipeline.regions import Region, heatmap_regions, mask_region
+from pipeline.regions import Region, heatmap_regions, map_contrast, mask_region, too_large
 from pipeline.rundir import RunDir, read_output
 
 
@@ -39,6 +41,8 @@ class LabelRules:
     min_area: float = 0.002
     min_score: float | None = None
     top_k: int = 0
+    min_contrast: float = 0.0
+    max_box_area: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class ExportLabel:
     words: tuple[str, ...]
     regions: tuple[Region, ...] = ()
     heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
+    no_region: str = ""  # why a label with a map has no region (a flat map, a box over nearly all the image)
 
 
 @dataclass
@@ -85,14 +90,101 @@ class LabelMap:
     drop: frozenset[str] = frozenset()
     only_mapped: bool = False
     source: str = ""  # the file's text, so a changed file redoes the export
+    categories: "Categories | None" = None  # the user's categories, which a class is matched to by name
 
     def classify(self, word: str) -> str | None:
-        """The class of ``word``, or ``None`` when it is dropped."""
+        """The class of ``word`` (the user's category name where one matches), or ``None`` when it is dropped."""
         if word in self.drop:
             return None
-        if word in self.mapping:
-            return self.mapping[word]
-        return None if self.only_mapped else word
+        name = self.mapping.get(word, None if self.only_mapped else word)
+        if name is None or self.categories is None:
+            return name
+        return self.categories.match(name)
+
+
+@dataclass(frozen=True)
+class Categories:
+    """A user's COCO categories and images (``export.categories``): the ids an export gives its classes and images.
+
+    A class matches a category of the same name, else one whose name is the same but for case and surrounding
+    spaces. A class that matches none gets a new id after the user's when ``keep_new``, else it is dropped.
+    """
+
+    ids: dict[str, int]  # category name -> id, as the file gives them
+    images: dict[str, int] = field(default_factory=dict)  # image file_name -> id, as the file gives them
+    keep_new: bool = False
+    source: str = ""  # the file's text, so a changed file redoes the export
+
+    def match(self, name: str) -> str | None:
+        """The user's category name for class ``name``; ``name`` itself, or ``None``, when none matches."""
+        if name in self.ids:
+            return name
+        return self._folded.get(name.casefold().strip(), name if self.keep_new else None)
+
+    @cached_property
+    def _folded(self) -> dict[str, str]:
+        return {n.casefold().strip(): n for n in sorted(self.ids, reverse=True)}  # the first name wins a tie
+
+    @cached_property
+    def _by_base(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for f, i in self.images.items():
+            base = PurePosixPath(f).name
+            out[base] = None if base in out else i  # a name the file holds twice matches neither
+        return out
+
+    def category_ids(self, names: Iterable[str]) -> dict[str, int]:
+        """Every category's id: the user's, then ``names`` that are not among them, numbered on after the largest."""
+        out = dict(self.ids)
+        after = max(out.values(), default=0)
+        for n in sorted(set(names) - set(out)):
+            after += 1
+            out[n] = after
+        return out
+
+    def image_id(self, file_name: str) -> int | None:
+        """The user's id of an image: by its path relative to the input root, else by a file name the user's file
+        holds once; ``None`` when the file does not list it."""
+        if file_name in self.images:
+            return self.images[file_name]
+        return self._by_base.get(PurePosixPath(file_name).name)
+
+
+def categories_from_coco(doc: dict, keep_new: bool = False, source: str = "") -> Categories:
+    """The categories and images of a COCO document (a dict).
+
+    Raises:
+        ValueError: no ``categories`` list, or an entry without an integer ``id`` and a ``name``.
+    """
+    cats = doc.get("categories") if isinstance(doc, dict) else None
+    if not isinstance(cats, list) or not cats:
+        raise ValueError("a COCO file needs a non-empty 'categories' list of {id, name}")
+    ids: dict[str, int] = {}
+    for c in cats:
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)):
+            raise ValueError(f"a category needs an integer 'id' and a 'name', got {c!r}")
+        ids.setdefault(c["name"], c["id"])
+    images = {im["file_name"]: im["id"] for im in doc.get("images") or []
+              if isinstance(im, dict) and isinstance(im.get("file_name"), str) and isinstance(im.get("id"), int)}
+    return Categories(ids, images, keep_new, source)
+
+
+def load_categories(path: str | Path | None, keep_new: bool = False) -> Categories | None:
+    """The categories of the COCO file at ``path`` (``None`` when no path is given).
+
+    Raises:
+        ConfigError: a missing file, a file that is not JSON, or one without categories; the message names the file.
+    """
+    if not path:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"export.categories: no file at {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return categories_from_coco(json.loads(text), keep_new, text)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def load_label_map(path: str | Path | None) -> LabelMap:
@@ -162,14 +254,20 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         word = best["word"]
         regions: tuple[Region, ...] = ()
         grid = maps.get(word) if heatmaps is not None else None
+        why = ""
         if heatmaps is not None and word in masks:
             region = mask_region(masks[word])
             regions = (region,) if region is not None else ()
+        elif grid is not None and (contrast := map_contrast(grid)) < cfg.min_contrast:
+            why = f"flat map: contrast {contrast:.2f} < export.min_contrast {cfg.min_contrast}"
         elif grid is not None:
             rng = ranges.get(word)
             regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
                                             cfg.min_area, tuple(rng) if rng else None))
-        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), regions, grid))
+        kept = tuple(r for r in regions if not too_large(r, (height, width), cfg.max_box_area))
+        if len(kept) < len(regions) and not kept:
+            why = f"its box covers more than export.max_box_area ({cfg.max_box_area:g}) of the image"
+        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why))
     out.sort(key=lambda lab: -lab.score)
     return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out[: cfg.top_k or None])
 

@@ -13,6 +13,9 @@ Pure functions over plain data; the ``eval`` command reads a run and a COCO trut
 * **MaxBoxAccV2** (Choe et al., CVPR 2020), per method: boxes around every component of the
   map thresholded at tau, the best IoU with a true box; the best tau's box accuracy, averaged
   over IoU 0.3, 0.5 and 0.7. The tau it picks is reported, to be used on other images.
+* **Box AP**: COCO's detection AP (pycocotools' ``COCOeval``, IoU 0.50:0.95, 0.50 and 0.75) of
+  the exported boxes, each scored by its label's stock-CLIP score: what the COCO export's
+  ``results.json`` scores against the same truth.
 
 Localisation scores count the pairs whose category CLIP named (the only ones with a map);
 ``coverage`` says what share of the true pairs that is.
@@ -165,6 +168,37 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
         categories[c] = {"images": row["images"], **labels_block(row["tp"], row["fp"], row["fn"], row["ranked"], row["pairs"]),
                          **loc_block(row["pointing"], row["ious"], row["corloc"])}
     return {"overall": overall, "categories": categories, "taus": list(TAUS), "ious": list(IOUS)}
+
+
+def coco_box_ap(truth: dict, results: list[dict]) -> dict:
+    """COCO's box AP of a results list (``[{image_id, category_id, bbox, score}]``) against a truth document, by
+    pycocotools' ``COCOeval``: ``ap`` (IoU 0.50:0.95), ``ap50`` and ``ap75``; ``None`` where the truth has no
+    object, 0 where there is no result. Truth annotations without ``area`` or ``iscrowd`` get the box's area and 0.
+    """
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    doc = copy.deepcopy(truth)
+    for ann in doc.get("annotations", []):
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+    if not doc.get("annotations"):
+        return {"ap": None, "ap50": None, "ap75": None}
+    if not results:
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and its table
+        gt = COCO()
+        gt.dataset = doc
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: _r(max(0.0, float(ev.stats[i]))) for i, k in enumerate(("ap", "ap50", "ap75"))}
 
 
 def _r(x: float) -> float | None:

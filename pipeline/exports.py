@@ -10,7 +10,8 @@ each writer here only lays those out in its format, and never computes a box:
   matching ``label_config.xml``;
 * ``write_fiftyone``: ``samples.json``, one heatmap PNG per label, and ``load.py``, which
   builds a FiftyOne dataset with Classifications, Detections and a Heatmap per label;
-* ``write_yolo``: ``data.yaml`` and one ``.txt`` per image (confidence only behind an option).
+* ``write_yolo``: a dataset ultralytics trains from: ``data.yaml``, ``images/`` (links or
+  copies) and one ``.txt`` per image in ``labels/``, optionally split into train and val.
 
 The label type itself, ``ExportImage``, and the label map live in ``pipeline.autolabels``.
 """
@@ -19,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -28,7 +32,7 @@ import cv2
 import numpy as np
 import yaml
 
-from pipeline.autolabels import ExportImage, ExportLabel
+from pipeline.autolabels import Categories, ExportImage, ExportLabel
 from pipeline.heatmaps import label_slug
 from pipeline.regions import Region
 from pipeline.rundir import atomic_write_text
@@ -36,9 +40,38 @@ from pipeline.rundir import atomic_write_text
 FORMATS: tuple[str, ...] = ("coco", "labelstudio", "fiftyone", "yolo")
 
 
-def class_names(images: Iterable[ExportImage]) -> list[str]:
-    """Every class the export uses, in a stable (sorted) order."""
-    return sorted({lab.name for im in images for lab in im.labels})
+def category_ids(images: Iterable[ExportImage], categories: Categories | None = None) -> dict[str, int]:
+    """The COCO id of every category: 1, 2, ... over the sorted class names the export uses; or, with the user's
+    ``categories``, every one of theirs with its id, then the export's other classes numbered on after the largest."""
+    used = sorted({lab.name for im in images for lab in im.labels})
+    if categories is None:
+        return {n: i for i, n in enumerate(used, 1)}
+    return categories.category_ids(used)
+
+
+def class_names(images: Iterable[ExportImage], categories: Categories | None = None) -> list[str]:
+    """Every category, in id order (``category_ids``): YOLO's class index is a name's place in this list."""
+    ids = category_ids(images, categories)
+    return sorted(ids, key=ids.__getitem__)
+
+
+def image_ids(images: list[ExportImage], categories: Categories | None) -> list[int]:
+    """Each image's COCO id: 1, 2, ... in order, or the user's id where the user's file lists the image, and new
+    ids after the user's largest for the rest."""
+    if categories is None:
+        return list(range(1, len(images) + 1))
+    out, after = [], max(categories.images.values(), default=0)
+    for im in images:
+        known = categories.image_id(im.file_name)
+        if known is None:
+            after += 1
+        out.append(after if known is None else known)
+    return out
+
+
+# Label Studio serves files it reaches through a local storage under this URL, ``d`` relative to its document root.
+LOCAL_FILES = "/data/local-files/?d="
+LOCAL_ROOT_ENV = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
 
 
 def served_path(prefix: str, file_name: str) -> str:
@@ -46,6 +79,40 @@ def served_path(prefix: str, file_name: str) -> str:
     if not prefix:
         return file_name
     return prefix + file_name if prefix.endswith(("/", "=")) else f"{prefix}/{file_name}"
+
+
+def local_root(prefix: str) -> str | None:
+    """The document root of the ``local`` preset (``local`` or ``local:ROOT``), ``None`` for any other prefix.
+
+    Raises:
+        ValueError: ``local`` without a root, and no root in the environment.
+    """
+    if prefix != "local" and not prefix.startswith("local:"):
+        return None
+    root = prefix[len("local:"):] if prefix.startswith("local:") else os.environ.get(LOCAL_ROOT_ENV, "")
+    if not root:
+        raise ValueError(f"export.path_prefix 'local' needs Label Studio's document root: set {LOCAL_ROOT_ENV} "
+                         "as Label Studio has it, or write local:/that/folder")
+    return root
+
+
+def image_url(prefix: str, im: ExportImage) -> str:
+    """The image's URL in a Label Studio task.
+
+    ``prefix`` is put before the image's path relative to the input root (a cloud storage URL such as
+    ``s3://bucket/photos/``), or is the preset ``local`` / ``local:ROOT``: Label Studio's local file URL with the
+    image's path relative to the document root (``ROOT``, else ``$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``).
+
+    Raises:
+        ValueError: with ``local``, an image outside the document root, or no root given.
+    """
+    root = local_root(prefix)
+    if root is None:
+        return served_path(prefix, im.file_name)
+    rel = os.path.relpath(im.path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        raise ValueError(f"export.path_prefix {prefix!r}: {im.path} is not under Label Studio's document root {root}")
+    return LOCAL_FILES + PurePosixPath(*Path(rel).parts).as_posix()
 
 
 def _region_attributes(lab: ExportLabel, region: Region) -> dict:
@@ -61,15 +128,21 @@ def _rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def coco_documents(images: list[ExportImage], description: str) -> tuple[dict, list[dict], list[dict]]:
-    """COCO's ``instances`` document, the results list, and the image-level labels."""
-    names = class_names(images)
-    cat = {n: i for i, n in enumerate(names, 1)}
+def coco_documents(images: list[ExportImage], description: str, categories: Categories | None = None
+                   ) -> tuple[dict, list[dict], list[dict]]:
+    """COCO's ``instances`` document, the results list, and the image-level labels.
+
+    With ``categories`` (the user's COCO file), categories and images take the user's ids, and the results list
+    holds only the images the user's file lists, so that it scores against that file as it is.
+    """
+    cat = category_ids(images, categories)
     doc: dict[str, Any] = {"info": {"description": description, "version": "1.0"}, "licenses": [],
-                           "images": [], "categories": [{"id": cat[n], "name": n, "supercategory": "clip"} for n in names],
+                           "images": [], "categories": [{"id": i, "name": n, "supercategory": "clip"}
+                                                        for n, i in sorted(cat.items(), key=lambda t: t[1])],
                            "annotations": []}
     results, tags = [], []
-    for image_id, im in enumerate(images, 1):
+    for image_id, im in zip(image_ids(images, categories), images):
+        scored = categories is None or not categories.images or categories.image_id(im.file_name) is not None
         doc["images"].append({"id": image_id, "file_name": im.file_name, "width": im.width, "height": im.height,
                               "clipsight_id": im.id})
         tags.append({"image_id": image_id, "file_name": im.file_name,
@@ -84,13 +157,15 @@ def coco_documents(images: list[ExportImage], description: str) -> tuple[dict, l
                 if region.mask is not None:
                     ann["segmentation"] = res["segmentation"] = _rle(region.mask)
                 doc["annotations"].append(ann)
-                results.append(res)
+                if scored:
+                    results.append(res)
     return doc, results, tags
 
 
-def write_coco(folder: Path, images: list[ExportImage], description: str) -> list[Path]:
+def write_coco(folder: Path, images: list[ExportImage], description: str, categories: Categories | None = None
+               ) -> list[Path]:
     """``instances.json``, ``results.json`` and ``labels.json`` in ``folder``."""
-    doc, results, tags = coco_documents(images, description)
+    doc, results, tags = coco_documents(images, description, categories)
     paths = [folder / "instances.json", folder / "results.json", folder / "labels.json"]
     for path, data in zip(paths, (doc, results, {"info": doc["info"], "categories": doc["categories"], "images": tags})):
         atomic_write_text(path, json.dumps(data, ensure_ascii=False) + "\n")
@@ -141,17 +216,18 @@ def labelstudio_task(im: ExportImage, model_version: str, prefix: str) -> dict:
                 rle = mask2rle((region.mask.astype(np.uint8) * 255))
                 result.append(item("brushlabels", LS_BRUSH, {"format": "rle", "rle": [int(v) for v in rle],
                                                              "brushlabels": [lab.name]}, lab.score, size))
-    return {"data": {LS_IMAGE: served_path(prefix, im.file_name), "clipsight_id": im.id},
+    return {"data": {LS_IMAGE: image_url(prefix, im), "clipsight_id": im.id},
             "predictions": [{"model_version": model_version, "score": _unit(im.certainty), "result": result}]}
 
 
-def write_labelstudio(folder: Path, images: list[ExportImage], model_version: str, prefix: str) -> list[Path]:
+def write_labelstudio(folder: Path, images: list[ExportImage], model_version: str, prefix: str,
+                      categories: Categories | None = None) -> list[Path]:
     """``tasks.json`` (least certain first) and ``label_config.xml``."""
     order = sorted(images, key=lambda im: (im.certainty, im.file_name))
     tasks = [labelstudio_task(im, model_version, prefix) for im in order]
     paths = [folder / "tasks.json", folder / "label_config.xml"]
     atomic_write_text(paths[0], json.dumps(tasks, ensure_ascii=False) + "\n")
-    atomic_write_text(paths[1], labelstudio_config(class_names(images)))
+    atomic_write_text(paths[1], labelstudio_config(class_names(images, categories)))
     return paths
 
 
@@ -240,7 +316,8 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
                 rel = PurePosixPath("heatmaps", f"{run_key}__{im.id}__{slug}.png")
                 pngs.append((rel, np.round(np.clip(lab.heatmap, 0, 1) * 255).astype(np.uint8)))
                 heatmaps[f"heatmap_{slug.replace('-', '_').replace('.', '_')}"] = str(rel)
-        samples.append({"id": im.id, "filepath": served_path(prefix, im.file_name) if prefix else im.path,
+        plain = prefix and local_root(prefix) is None  # FiftyOne reads files: the local preset is Label Studio's
+        samples.append({"id": im.id, "filepath": served_path(prefix, im.file_name) if plain else im.path,
                         "classifications": [{"label": lab.name, "confidence": lab.score} for lab in im.labels],
                         "detections": detections, "heatmaps": heatmaps})
     return {"name": f"clipsight-{run_key}", "samples": samples}, pngs
@@ -263,12 +340,73 @@ def write_fiftyone(folder: Path, images: list[ExportImage], run_key: str, prefix
     return [folder / "samples.json", folder / "load.py"]
 
 
-def write_yolo(folder: Path, images: list[ExportImage], with_confidence: bool) -> list[Path]:
-    """``data.yaml`` and ``labels/<relative path>.txt`` per image (``class cx cy w h`` normalised)."""
-    names = class_names(images)
+YOLO_IMAGES = ("link", "copy")
+
+
+def dataset_path(file_name: str) -> PurePosixPath:
+    """An image's path inside a dataset folder: its path relative to the input root, without a root or ``..``
+    (an image listed by absolute path keeps its folders below the root)."""
+    return PurePosixPath(*[p for p in PurePosixPath(file_name).parts if p not in ("/", "..", ".")])
+
+
+def yolo_split(images: list[ExportImage], val: float, seed: int) -> dict[str, str]:
+    """Each image's split, ``train`` or ``val``: ``val`` is the fraction that goes to val (at least one image, and
+    at least one left to train, when there are two or more), drawn by ``seed`` from the images in name order, so
+    the same run and seed always split alike; ``val`` 0 puts every image in one set, named ``""``."""
+    names = sorted(im.file_name for im in images)
+    if val <= 0 or len(names) < 2:
+        return dict.fromkeys(names, "")
+    random.Random(seed).shuffle(names)
+    n_val = min(len(names) - 1, max(1, round(val * len(names))))
+    return {n: "val" if i < n_val else "train" for i, n in enumerate(names)}
+
+
+def place_image(source: str, target: Path, mode: str) -> str:
+    """Put an image into a dataset folder as a symbolic link (``link``; a copy where the filesystem refuses links)
+    or a copy (``copy``); an up-to-date one is kept. Returns how it was placed, ``link`` or ``copy``."""
+    source = os.path.abspath(source)
+    if mode == "link":
+        if target.is_symlink() and os.readlink(target) == source:
+            return "link"
+        target.unlink(missing_ok=True)
+        try:
+            os.symlink(source, target)
+            return "link"
+        except OSError:  # a filesystem or OS without symbolic links: copy instead
+            pass
+    st = os.stat(source)
+    if not target.is_symlink() and target.is_file():
+        tt = target.stat()
+        if tt.st_size == st.st_size and int(tt.st_mtime) == int(st.st_mtime):
+            return "copy"
+    target.unlink(missing_ok=True)
+    shutil.copy2(source, target)
+    return "copy"
+
+
+def _prune(folder: Path, keep: set[Path]) -> None:
+    """Remove what an earlier export left in ``folder`` that this one did not write, and folders left empty."""
+    if not folder.is_dir():
+        return
+    for old in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if old.is_symlink() or old.is_file():
+            if old not in keep:
+                old.unlink()
+        elif old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+
+
+def write_yolo(folder: Path, images: list[ExportImage], with_confidence: bool, categories: Categories | None = None,
+               images_mode: str = "link", val: float = 0.0, seed: int = 0) -> list[Path]:
+    """A dataset that ultralytics trains from as written: ``images/`` (links to the inputs, or copies) beside
+    ``labels/`` (``class cx cy w h`` normalised, one ``.txt`` per image, mirroring the input folder), and
+    ``data.yaml`` with the folder's absolute ``path``. With ``val`` > 0 both are split into ``train/`` and ``val/``
+    (``yolo_split``). Files an earlier export left there are removed."""
+    names = class_names(images, categories)
     cls = {n: i for i, n in enumerate(names)}
-    labels = folder / "labels"
-    written = set()
+    split = yolo_split(images, val, seed)
+    keep: set[Path] = set()
+    placed = set()
     for im in images:
         lines = []
         for lab in im.labels:
@@ -276,15 +414,20 @@ def write_yolo(folder: Path, images: list[ExportImage], with_confidence: bool) -
                 x, y, w, h = region.box
                 row = f"{cls[lab.name]} {(x + w / 2) / im.width:.6f} {(y + h / 2) / im.height:.6f} {w / im.width:.6f} {h / im.height:.6f}"
                 lines.append(row + (f" {lab.score:.4f}" if with_confidence else ""))
-        path = labels / PurePosixPath(im.file_name).with_suffix(".txt")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_plain(path, "".join(line + "\n" for line in lines).encode("utf-8"))
-        written.add(path)
-    for old in labels.rglob("*.txt") if labels.is_dir() else []:
-        if old not in written:
-            old.unlink()
-    data = {"path": ".", "train": "images", "val": "images", "names": dict(enumerate(names)),
-            "clipsight": {"labels": "labels/ mirrors the input folder: put it beside an images/ copy of that folder",
+        rel = dataset_path(im.file_name)
+        part = split[im.file_name]
+        label = folder / "labels" / part / rel.with_suffix(".txt")
+        image = folder / "images" / part / rel
+        label.parent.mkdir(parents=True, exist_ok=True)
+        image.parent.mkdir(parents=True, exist_ok=True)
+        write_plain(label, "".join(line + "\n" for line in lines).encode("utf-8"))
+        placed.add(place_image(im.path, image, images_mode))
+        keep.update((label, image))
+    _prune(folder / "labels", keep)
+    _prune(folder / "images", keep)
+    sets = ("images/train", "images/val") if any(split.values()) else ("images", "images")
+    data = {"path": str(folder.resolve()), "train": sets[0], "val": sets[1], "names": dict(enumerate(names)),
+            "clipsight": {"images": "/".join(sorted(placed)) or images_mode, "val_fraction": val, "split_seed": seed,
                           "confidence_column": with_confidence}}
     atomic_write_text(folder / "data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return [folder / "data.yaml"]

@@ -4,7 +4,9 @@ A heatmap becomes boxes by CAM's rule (Zhou et al., CVPR 2016): upsample the gri
 the image's size, min-max it, keep the pixels at or above ``tau`` times its maximum, and
 take the box around the largest connected component (or around every component of at
 least ``min_area`` when ``multi_instance`` is on). A SAM mask becomes one box around its
-pixels, and keeps the mask. ``tau`` should be chosen on held-out images: the ``eval``
+pixels, and keeps the mask. A map too flat to localise (``map_contrast`` below a floor) gives
+no box, and neither does a box over nearly all the image (``too_large``): such a label stays
+an image-level label. ``tau`` should be chosen on held-out images: the ``eval``
 command reports the best one on data with truth (wsolevaluation, Choe et al., CVPR 2020).
 
 These are pure functions of arrays; ``stages/export.py`` reads the run and writes the formats.
@@ -131,6 +133,25 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
             sim = round(lo + peak * (hi - lo), 5)
         out.append(Region(box=box, area=area, source=method, tau=tau, peak=round(peak, 4), peak_similarity=sim))
     return out
+
+
+def map_contrast(grid_map: np.ndarray) -> float:
+    """How far a map's peak stands above its mean, as a fraction of the map's range: ``(max - mean) / (max - min)``,
+    1 minus the mean of the map min-maxed. A map with one small hot spot is near 1, even noise 0.5, a map high
+    nearly everywhere (its peak barely above its mean) near 0, and a constant map 0.
+
+    Shape:
+        - grid_map: :math:`(gh, gw)`.
+    """
+    m = np.asarray(grid_map, dtype=np.float64)
+    lo, hi = float(m.min()), float(m.max())
+    return 0.0 if hi <= lo else float(1.0 - ((m - lo) / (hi - lo)).mean())
+
+
+def too_large(region: Region, size: tuple[int, int], max_area: float) -> bool:
+    """Whether a region's box covers more than ``max_area`` of the image (``size`` is ``(H, W)``)."""
+    _, _, w, h = region.box
+    return w * h > max_area * size[0] * size[1]
 
 
 def mask_region(mask: np.ndarray) -> Region | None:

@@ -19,8 +19,9 @@ from pipeline.rundir import RunDir
 from pipeline.runner import PerImageStage, RunOutcome, WholeRunStage, stage_provenance
 
 
-def outcome_views(outcome: RunOutcome) -> list:
-    """The stage table, up to 20 failures, the top words and the report's path, in print order."""
+def outcome_views(outcome: RunOutcome, summary: bool = True) -> list:
+    """The stage table, up to 20 failures, the top words and the report's path, in print order; with ``summary``
+    off, the failures only (a command that prints what it did itself)."""
     ranks = (f" (per-image counts of rank 0 of {outcome.dist.world_size}; all ranks are in manifest.jsonl)"
              if outcome.dist.enabled else "")
     table = Table(title=f"run {outcome.run.root}{ranks}")
@@ -29,13 +30,13 @@ def outcome_views(outcome: RunOutcome) -> list:
     for s in outcome.summaries:
         table.add_row(s.stage, str(s.done), f"[red]{s.failed}[/]" if s.failed else "0", str(s.skipped), str(s.blocked),
                       f"{s.seconds:.1f}")
-    views: list = [table]
+    views: list = [table] if summary else []
     views += [Text.assemble(("failed", "red"), f" {r['stage']}: {r['error']}") for r in outcome.failures[:20]]
     if len(outcome.failures) > 20:
         views.append(f"... and {len(outcome.failures) - 20} more; see {outcome.run.file('manifest.jsonl')}")
-    if outcome.records:
+    if outcome.records and summary:
         views.append(top_words_table(outcome.records))
-    if outcome.report:
+    if outcome.report and summary:
         views.append(f"report: {outcome.report}")
     return views
 

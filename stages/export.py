@@ -27,9 +27,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.autolabels import ExportImage, LabelMap, LabelRules, export_one, load_label_map, read_npz
-from pipeline.config import require
-from pipeline.exports import FORMATS, run_key, write_coco, write_fiftyone, write_labelstudio, write_yolo
+from pipeline.autolabels import (ExportImage, LabelMap, LabelRules, categories_from_coco, export_one, load_categories,
+                                 load_label_map, read_npz)
+from pipeline.config import ConfigError, require
+from pipeline.exports import (FORMATS, YOLO_IMAGES, coco_documents, local_root, run_key, write_coco, write_fiftyone, write_labelstudio,
+                              write_yolo)
 from pipeline.heatmaps import HEATMAP_METHODS
 from pipeline.images import ImageRef
 from pipeline.rundir import (EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
@@ -49,8 +51,15 @@ class ExportConfig:
     min_score: float | None = None  # labels whose stock-CLIP score is below this are not exported; null keeps all
     top_k: int = 0  # labels (classes) exported per image, best-scored first; 0 = all
     label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.autolabels.LabelMap)
-    path_prefix: str = ""  # put before each image's relative path in Label Studio and FiftyOne (e.g. /data/local-files/?d=)
+    min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
+    max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
+    categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
+    new_categories: str = "drop"  # classes that match none of `categories`: drop, or keep with new ids after the file's
+    path_prefix: str = ""  # put before each image's relative path in Label Studio and FiftyOne: s3://bucket/folder/, or local (Label Studio's local files)
     yolo_confidence: bool = False  # a sixth column with the label's score in the YOLO .txt files
+    yolo_images: str = "link"  # the YOLO dataset's images/: link (symbolic links; copies where links fail) or copy
+    yolo_val: float = 0.0  # the fraction of images in the YOLO dataset's val split; 0 = one set for train and val
+    split_seed: int = 0  # the seed that draws the val split
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -60,10 +69,26 @@ class ExportConfig:
         require(0 < self.tau <= 1, f"export.tau must be in (0, 1], got {self.tau}")
         require(0 <= self.min_area < 1, f"export.min_area must be in [0, 1) (a fraction of the image), got {self.min_area}")
         require(self.top_k >= 0, f"export.top_k must be >= 0 (0 = all), got {self.top_k}")
+        require(0 <= self.min_contrast < 1, f"export.min_contrast must be in [0, 1) (0 = off), got {self.min_contrast}")
+        require(0 < self.max_box_area <= 1, f"export.max_box_area must be in (0, 1] (1 = off), got {self.max_box_area}")
+        require(self.new_categories in ("drop", "keep"),
+                f"export.new_categories must be drop or keep, got {self.new_categories!r}")
+        require(self.yolo_images in YOLO_IMAGES, f"export.yolo_images must be one of {list(YOLO_IMAGES)}, got {self.yolo_images!r}")
+        require(0 <= self.yolo_val < 1, f"export.yolo_val must be in [0, 1), got {self.yolo_val}")
 
     @property
     def rules(self) -> LabelRules:
-        return LabelRules(self.region_method, self.tau, self.multi_instance, self.min_area, self.min_score, self.top_k)
+        return LabelRules(self.region_method, self.tau, self.multi_instance, self.min_area, self.min_score, self.top_k,
+                          self.min_contrast, self.max_box_area)
+
+
+def export_label_map(cfg: ExportConfig) -> LabelMap:
+    """The export's label map, matched to the user's categories when ``export.categories`` names a file.
+
+    Raises:
+        ConfigError: a label map or categories file that cannot be read, named.
+    """
+    return replace(load_label_map(cfg.label_map), categories=load_categories(cfg.categories, cfg.new_categories == "keep"))
 
 
 def regions_document(images: list[ExportImage], stamp: str) -> dict:
@@ -71,15 +96,18 @@ def regions_document(images: list[ExportImage], stamp: str) -> dict:
     return {"stamp": stamp, "images": {
         im.id: [{"label": lab.name, "score": lab.score, "words": list(lab.words),
                  "regions": [{"box": [round(v, 1) for v in r.box], "source": r.source, "tau": r.tau, "peak": r.peak,
-                              "area": r.area} for r in lab.regions]}
+                              "area": r.area} for r in lab.regions],
+                 **({"no_region": lab.no_region} if lab.no_region else {})}
                 for lab in im.labels]
         for im in images}, "size": {im.id: [im.width, im.height] for im in images}}
 
 
 def inputs_stamp(settings: Mapping, label_map: LabelMap, records: list[Any]) -> str:
-    """A hash of what an export is made from: its settings, the label map's text, and the manifest records
-    of the labels and maps it read (a redone image changes its record)."""
-    blob = json.dumps({"settings": settings, "label_map": label_map.source, "records": records},
+    """A hash of what an export is made from: its settings, the label map's and categories' text, and the
+    manifest records of the labels and maps it read (a redone image changes its record)."""
+    categories = label_map.categories.source if label_map.categories else None
+    blob = json.dumps({"settings": settings, "label_map": label_map.source, "categories": categories,
+                       "records": records},
                       sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
@@ -155,20 +183,38 @@ def read_exports(run: RunDir, cfg: ExportConfig, label_map: LabelMap, state: Any
     return images, left_out + unreadable, records
 
 
-def write_formats(run: RunDir, images: list[ExportImage], cfg: ExportConfig, key: str, model: str) -> list[str]:
-    """Each configured format under ``export/<format>/``; the files written, relative to the run."""
+def write_formats(run: RunDir, images: list[ExportImage], cfg: ExportConfig, key: str, model: str,
+                  label_map: LabelMap | None = None) -> list[str]:
+    """Each configured format under ``export/<format>/``; the files written, relative to the run. ``label_map``
+    carries the user's categories, whose ids and order the formats take.
+
+    Raises:
+        ValueError: ``path_prefix`` is Label Studio's ``local`` preset and an image is outside its document root.
+    """
+    categories = label_map.categories if label_map else None
     written: list[Path] = []
     for fmt in cfg.formats:
         folder = run.file(EXPORT, fmt)
         if fmt == "coco":
-            written += write_coco(folder, images, f"clipsight run {run.root.name} ({model})")
+            written += write_coco(folder, images, f"clipsight run {run.root.name} ({model})", categories)
         elif fmt == "labelstudio":
-            written += write_labelstudio(folder, images, f"clipsight {model} {key}", cfg.path_prefix)
+            written += write_labelstudio(folder, images, f"clipsight {model} {key}", cfg.path_prefix, categories)
         elif fmt == "fiftyone":
             written += write_fiftyone(folder, images, key, cfg.path_prefix)
         elif fmt == "yolo":
-            written += write_yolo(folder, images, cfg.yolo_confidence)
+            written += write_yolo(folder, images, cfg.yolo_confidence, categories, cfg.yolo_images, cfg.yolo_val,
+                                  cfg.split_seed)
     return [run.rel(p) for p in written]
+
+
+def prefix_warning(cfg: ExportConfig) -> str:
+    """What to tell a user whose Label Studio tasks would hold bare relative names, which Label Studio cannot
+    show; ``""`` when the prefix is set or Label Studio is not exported."""
+    if "labelstudio" not in cfg.formats or cfg.path_prefix:
+        return ""
+    return ("export: Label Studio tasks hold bare relative image names, which Label Studio cannot show; set "
+            "export.path_prefix (--path-prefix): local for its local files (with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT "
+            "set), or the storage URL of the input folder, e.g. s3://bucket/folder/")
 
 
 class ExportStage(WholeRunStage[ExportConfig]):
@@ -178,18 +224,28 @@ class ExportStage(WholeRunStage[ExportConfig]):
     needs = ("decode", "surgery")
 
     def prepare(self, ctx: StageContext[ExportConfig]) -> None:
-        """Before any work: a label map that cannot be read is an error."""
-        load_label_map(ctx.config.label_map)
+        """Before any work: a label map or categories file that cannot be read, or a ``local`` prefix without
+        Label Studio's document root, is an error."""
+        export_label_map(ctx.config)
+        try:
+            local_root(ctx.config.path_prefix)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def run_all(self, ctx: StageContext[ExportConfig]) -> list[str]:
         cfg, run = effective_config(ctx.config, (ctx.settings.config.get("surgery") or {}).get("methods", [])), ctx.run
         if cfg.region_method != ctx.config.region_method:
             ctx.log.warning("export: surgery.methods do not include export.region_method %r; boxes come from %r",
                             ctx.config.region_method, cfg.region_method)
-        label_map = load_label_map(cfg.label_map)
+        label_map = export_label_map(cfg)
+        warnings = [w for w in (prefix_warning(cfg),) if w]
+        for warning in warnings:
+            ctx.log.warning(warning)
         jobs, left_out, records = plan_exports(run, ctx.status)
         stamp = inputs_stamp({"export": ctx.provenance.settings.get("export"), "model": ctx.settings.model,
-                              "region_method": cfg.region_method}, label_map, records)
+                              "region_method": cfg.region_method, "local_root": local_root(cfg.path_prefix),
+                              "folder": str(run.root.resolve())},  # data.yaml holds it: a moved run exports anew
+                             label_map, records)
         old = read_json(run.file(STAMP)) or {}
         outputs = [REGIONS, *[p for f in cfg.formats for p in old.get("files", {}).get(f, [])]]
         if (old.get("stamp") == stamp and set(cfg.formats) <= set(old.get("files", {}))
@@ -202,14 +258,18 @@ class ExportStage(WholeRunStage[ExportConfig]):
         run.file(STAMP).unlink(missing_ok=True)  # written last: a kill in between cannot leave a stamp over torn files
         files: dict[str, list[str]] = {}
         for fmt in cfg.formats:
-            files[fmt] = write_formats(run, images, replace(cfg, formats=(fmt,)), key, ctx.settings.model)
+            files[fmt] = write_formats(run, images, replace(cfg, formats=(fmt,)), key, ctx.settings.model, label_map)
         atomic_write_text(run.file(REGIONS), json.dumps(regions_document(images, stamp), ensure_ascii=False))
         regions = sum(len(lab.regions) for im in images for lab in im.labels)
+        no_region = sum(bool(lab.no_region) for im in images for lab in im.labels)
         for item in left_out:
             ctx.log.warning("export left out %s of %s: %s", item["what"], item["image"], item["reason"])
         atomic_write_json(run.file(STAMP), {"stamp": stamp, "images": len(images), "regions": regions,
+                                            "labels": sum(len(im.labels) for im in images),
+                                            "labels_without_region": no_region,
                                             "region_method": cfg.region_method,
-                                            "formats": list(cfg.formats), "files": files, "left_out": left_out})
+                                            "formats": list(cfg.formats), "files": files, "left_out": left_out,
+                                            "warnings": warnings})
         return [STAMP, REGIONS, *[p for f in files.values() for p in f]]
 
 
@@ -218,17 +278,21 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
     """A run's labels and regions against a COCO truth document (``pipeline.evaluation``).
 
     Images are matched by their path relative to the input root (the truth's ``file_name``),
-    else by file name when that is unique; truth images the run lacks are listed.
+    else by file name when that is unique; truth images the run lacks are listed. Classes are
+    matched to the truth's categories as ``export --categories`` matches them, so the COCO box AP
+    reported here is what the export's ``results.json`` scores against the same file.
     """
-    from pipeline.evaluation import EvalImage, evaluate, truth_by_file
+    from pipeline.evaluation import EvalImage, coco_box_ap, evaluate, truth_by_file
 
     by_file = truth_by_file(truth)
     names: dict[str, list[str]] = {}
     for f in by_file:
         names.setdefault(Path(f).name, []).append(f)
     everything = replace(cfg, min_score=None, top_k=0, formats=())
+    categories = categories_from_coco(truth, keep_new=True)
+    label_map = replace(label_map, categories=categories)
     images, left_out, _ = read_exports(run, everything, label_map, state)
-    matched, seen, unmatched = [], set(), []
+    matched, seen, unmatched, scored = [], set(), [], []
     for im in images:
         key = im.file_name if im.file_name in by_file else (names.get(Path(im.file_name).name) or [None, None])
         key = key if isinstance(key, str) else (key[0] if len(key) == 1 else None)
@@ -237,6 +301,7 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
             continue
         seen.add(key)
         kept = [lab for lab in im.labels if cfg.min_score is None or lab.score >= cfg.min_score][: cfg.top_k or None]
+        scored.append(replace(im, labels=kept))
         maps: dict[str, dict[str, np.ndarray]] = {}
         if im.labels and any(lab.heatmap is not None for lab in im.labels):
             best = {lab.words[0]: lab.name for lab in im.labels}
@@ -251,6 +316,9 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
     result = evaluate(matched, methods)
     result["region_method"], result["tau"] = cfg.region_method, cfg.tau
     result["min_score"], result["top_k"] = cfg.min_score, cfg.top_k
+    result["box_ap"] = coco_box_ap(truth, coco_documents(scored, "", categories)[1])
+    result["labels_without_region"] = sum(bool(lab.no_region) for im in scored for lab in im.labels)
+    result["labels_exported"] = sum(len(im.labels) for im in scored)
     result["missing_from_run"] = sorted(set(by_file) - seen)
     result["not_in_truth"] = unmatched
     result["left_out"] = left_out

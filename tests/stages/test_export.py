@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,7 +233,10 @@ def test_eval_corloc_matches_an_independent_computation_from_the_coco_files(run,
 
 def test_export_is_redone_only_when_something_changed(run):
     stamp = run / "export" / "export.json"
+    copied = json.loads(stamp.read_text())["stamp"]
+    assert _run("export", "--run", str(run), "--to", FORMATS, "-q").exit_code == 0
     before = (stamp.stat().st_mtime_ns, json.loads(stamp.read_text())["stamp"])
+    assert before[1] != copied  # a run copied elsewhere exports anew: data.yaml holds the folder
     assert _run("export", "--run", str(run), "--to", FORMATS, "-q").exit_code == 0
     assert (stamp.stat().st_mtime_ns, json.loads(stamp.read_text())["stamp"]) == before  # nothing changed
     assert _run("export", "--run", str(run), "--to", "coco", "--set", "export.tau=0.2", "-q").exit_code == 0
@@ -299,3 +303,161 @@ def test_worker_processes_build_the_same_regions_and_name_an_unreadable_file(run
     images, left_out, _ = export.read_exports(rd, export.ExportConfig(), LabelMap(), done, workers=1)
     assert victim.id not in {im.id for im in images} and len(images) == len(serial) - 1
     assert any(d["what"] == "image" and d["reason"].startswith(f"labels/{victim.id}.json: not valid JSON") for d in left_out)
+
+
+def _yaml(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_yolo_folder_is_a_dataset_by_the_formats_rules(run, toy_run):
+    folder = run / "export" / "yolo"
+    r = _run("export", "--run", str(run), "--to", FORMATS)  # a copied run: data.yaml's absolute path is redone
+    assert r.exit_code == 0 and "yolo:" in r.output
+    data = _yaml(folder / "data.yaml")
+    root = Path(data["path"])
+    assert root.is_absolute() and root == folder.resolve() and data["train"] == data["val"] == "images"
+    images = sorted(p for p in (root / "images").rglob("*") if p.is_file())
+    assert [p.name for p in images] == sorted(p.name for p in (toy_run / "imgs").glob("*.png"))
+    for p in images:  # each image has its label file where the format looks for it: /images/ -> /labels/, .txt
+        assert p.is_symlink() and p.read_bytes() == (toy_run / "imgs" / p.name).read_bytes()
+        assert (root / "labels" / p.relative_to(root / "images")).with_suffix(".txt").is_file()
+
+
+def test_yolo_dataset_loads_in_ultralytics_from_another_folder(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))  # its settings file, kept out of the home folder
+    pytest.importorskip("ultralytics")
+    from ultralytics.data import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    coco = _coco(run)
+    data = check_det_dataset(str(run / "export" / "yolo" / "data.yaml"))
+    assert data["nc"] == len(coco["categories"])
+    ds = YOLODataset(img_path=data["train"], data=data, task="detect", augment=False, imgsz=64, cache=False)
+    assert len(ds.im_files) == len(coco["images"]) == 4
+    assert sum(len(lab["cls"]) for lab in ds.labels) == len(coco["annotations"]) > 0
+    for i in range(len(ds)):  # every image and its boxes, through the loader training uses
+        item = ds[i]
+        assert item["img"].shape[0] == 3 and item["cls"].shape[0] == item["bboxes"].shape[0]
+
+
+def test_yolo_split_is_seeded_and_an_earlier_layout_is_removed(run, toy_run):
+    from pipeline.exports import yolo_split
+
+    folder = run / "export" / "yolo"
+    assert _run("export", "--run", str(run), "--to", "yolo", "--val", "0.5", "-q").exit_code == 0
+    data = _yaml(folder / "data.yaml")
+    assert (data["train"], data["val"]) == ("images/train", "images/val")
+    split = {p.name: p.parent.name for p in (folder / "images").rglob("*.png")}
+    assert sorted(split.values()) == ["train", "train", "val", "val"] and len(split) == 4  # the flat images/ are gone
+    labels = {p.with_suffix(".png").name: p.parent.name for p in (folder / "labels").rglob("*.txt")}
+    assert labels == split
+    assert _run("export", "--run", str(run), "--to", "yolo", "--val", "0.5", "--set", "export.yolo_images=copy",
+                "-q").exit_code == 0
+    again = {p.name: p.parent.name for p in (folder / "images").rglob("*.png")}
+    assert again == split and not any(p.is_symlink() for p in (folder / "images").rglob("*.png"))
+    ims = [ExportImage(str(i), f"d/{i}.png", f"/x/{i}.png", 8, 8) for i in range(20)]
+    a, b = yolo_split(ims, 0.25, 0), yolo_split(list(reversed(ims)), 0.25, 0)
+    assert a == b and sum(v == "val" for v in a.values()) == 5  # the same seed splits alike, whatever the order
+    assert yolo_split(ims, 0.25, 1) != a and set(yolo_split(ims, 0.0, 0).values()) == {""}
+
+
+def test_categories_take_the_users_ids_and_cocoeval_of_results_gives_evals_ap(run, toy_run):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    truth_path = toy_run / "imgs" / TRUTH_COCO
+    truth = json.loads(truth_path.read_text())
+    theirs = {c["name"]: c["id"] for c in truth["categories"]}
+    r = _run("export", "--run", str(run), "--to", "coco,yolo", "--categories", str(truth_path))
+    assert r.exit_code == 0, r.output
+    doc = _coco(run)
+    assert {c["name"]: c["id"] for c in doc["categories"]} == theirs  # every one of theirs; words not in it dropped
+    assert {im["file_name"]: im["id"] for im in doc["images"]} == {im["file_name"]: im["id"] for im in truth["images"]}
+    assert list(_yaml(run / "export" / "yolo" / "data.yaml")["names"].values()) == sorted(theirs, key=theirs.get)
+    gt = COCO(str(truth_path))
+    ev = COCOeval(gt, gt.loadRes(str(run / "export" / "coco" / "results.json")), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    r = _run("eval", "--run", str(run), "--truth", str(truth_path))
+    assert r.exit_code == 0, r.output
+    result = json.loads((run / "export" / "eval.json").read_text())
+    assert result["box_ap"]["ap50"] > 0  # the toy's boxes find some of its objects
+    assert result["box_ap"]["ap"] == pytest.approx(ev.stats[0], abs=1e-4)
+    assert result["box_ap"]["ap50"] == pytest.approx(ev.stats[1], abs=1e-4)
+    assert f"COCO box AP {result['box_ap']['ap']}" in r.output
+    assert _run("export", "--run", str(run), "--to", "coco", "--categories", str(truth_path),
+                "--new-categories", "keep", "-q").exit_code == 0
+    kept = {c["name"]: c["id"] for c in _coco(run)["categories"]}
+    new = {n: i for n, i in kept.items() if n not in theirs}
+    assert {n: kept[n] for n in theirs} == theirs and all(i > max(theirs.values()) for i in new.values())
+    assert new or all(lab["name"] in theirs for t in json.loads((run / "export" / "coco" / "labels.json").read_text())["images"]
+                      for lab in t["labels"])
+
+
+def test_bad_categories_file_exits_2_naming_it(run, tmp_path):
+    bad = tmp_path / "cats.json"
+    bad.write_text('{"categories": [{"name": "cat"}]}')
+    r = _run("export", "--run", str(run), "--to", "coco", "--categories", str(bad))
+    assert r.exit_code == 2 and "cats.json" in r.output and "'id'" in r.output
+    r = _run("export", "--run", str(run), "--to", "coco", "--categories", str(tmp_path / "none.json"))
+    assert r.exit_code == 2 and "none.json" in r.output
+
+
+def _flat_case(grid):
+    from pipeline.autolabels import LabelRules, LabelMap, export_image
+    from pipeline.images import ImageRef
+
+    ref = ImageRef(id="a-1", path="/x/a.png", rel="a.png", root="/x")
+    return export_image(ref, (64, 64), [{"word": "cat", "score": 0.3}], {"labels": [{"word": "cat"}]},
+                        {"cat": grid}, {}, LabelRules(min_contrast=0.25, max_box_area=0.9), LabelMap()).labels[0]
+
+
+def test_a_flat_map_or_a_box_over_nearly_all_the_image_gives_no_box_and_says_why():
+    from pipeline.regions import map_contrast
+
+    spot = np.zeros((16, 16))
+    spot[4:7, 9:12] = 1.0
+    noise = np.random.default_rng(0).random((16, 16))
+    assert map_contrast(spot) > 0.9 and 0.4 < map_contrast(noise) < 0.6 and map_contrast(np.ones((4, 4))) == 0
+    hot = _flat_case(spot)
+    assert len(hot.regions) == 1 and hot.no_region == ""
+    x, y, w, h = hot.regions[0].box
+    assert w * h < 0.2 * 64 * 64
+    plateau = 1.0 - 0.2 * spot  # the peak barely above the mean: high everywhere but one shallow dip
+    assert map_contrast(plateau) < 0.25
+    flat = _flat_case(plateau)
+    assert flat.regions == () and flat.no_region.startswith("flat map")
+    frame = np.zeros((16, 16))
+    frame[[0, -1], :] = frame[:, [0, -1]] = 1.0  # peaked enough, but its one component spans the image
+    assert map_contrast(frame) > 0.25
+    whole = _flat_case(frame)
+    assert whole.regions == () and "max_box_area" in whole.no_region
+
+
+def test_no_exported_box_covers_more_than_90_percent_of_its_image(run):
+    doc = _coco(run)
+    size = {im["id"]: im["width"] * im["height"] for im in doc["images"]}
+    assert doc["annotations"] and all(a["bbox"][2] * a["bbox"][3] <= 0.9 * size[a["image_id"]] for a in doc["annotations"])
+    assert _run("export", "--run", str(run), "--to", "coco", "--set", "export.max_box_area=0.001", "-q").exit_code == 0
+    stamp = json.loads((run / "export" / "export.json").read_text())
+    assert _coco(run)["annotations"] == [] and stamp["labels_without_region"] == stamp["labels"] > 0
+
+
+def test_label_studio_local_preset_warning_and_an_image_outside_the_root(run, toy_run, monkeypatch):
+    r = _run("export", "--run", str(run), "--to", "labelstudio")
+    assert r.exit_code == 0 and "warning: Label Studio tasks hold bare relative image names" in r.output
+    r = _run("export", "--run", str(run), "--to", "labelstudio", "--path-prefix", f"local:{toy_run}")
+    assert r.exit_code == 0 and "warning" not in r.output
+    tasks = json.loads((run / "export" / "labelstudio" / "tasks.json").read_text())
+    assert all(t["data"]["image"].startswith("/data/local-files/?d=imgs/scene_") for t in tasks)
+    monkeypatch.delenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", raising=False)
+    r = _run("export", "--run", str(run), "--to", "labelstudio", "--path-prefix", "local")
+    assert r.exit_code == 2 and "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in r.output
+    r = _run("export", "--run", str(run), "--to", "labelstudio", "--path-prefix", f"local:{toy_run / 'elsewhere'}")
+    assert r.exit_code == 1 and "is not under Label Studio's document root" in r.output
