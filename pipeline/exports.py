@@ -345,8 +345,10 @@ YOLO_IMAGES = ("link", "copy")
 
 def dataset_path(file_name: str) -> PurePosixPath:
     """An image's path inside a dataset folder: its path relative to the input root, without a root or ``..``
-    (an image listed by absolute path keeps its folders below the root)."""
-    return PurePosixPath(*[p for p in PurePosixPath(file_name).parts if p not in ("/", "..", ".")])
+    (an image listed by absolute path keeps its folders below the root), and a folder named ``images`` renamed
+    ``images_``: YOLO finds an image's label by replacing the last ``/images/`` of its path with ``/labels/``."""
+    parts = [p for p in PurePosixPath(file_name).parts[:-1] if p not in ("/", "..", ".")]
+    return PurePosixPath(*["images_" if p == "images" else p for p in parts], PurePosixPath(file_name).name)
 
 
 def yolo_split(images: list[ExportImage], val: float, seed: int) -> dict[str, str]:

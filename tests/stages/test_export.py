@@ -366,6 +366,20 @@ def test_yolo_split_is_seeded_and_an_earlier_layout_is_removed(run, toy_run):
     assert yolo_split(ims, 0.25, 1) != a and set(yolo_split(ims, 0.0, 0).values()) == {""}
 
 
+def test_yolo_finds_the_labels_of_images_in_a_folder_named_images(tmp_path):
+    from pipeline.exports import write_yolo
+
+    src = tmp_path / "in" / "images" / "a.png"
+    src.parent.mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(src)
+    box = Region(box=(4.0, 3.0, 8.0, 6.0), area=48.0, source="single", tau=0.5, peak=1.0)
+    im = ExportImage("a-1", "images/a.png", str(src), 40, 30, [ExportLabel("cat", 0.3, ("cat",), (box,))])
+    write_yolo(tmp_path / "yolo", [im], False)
+    (image,) = [p for p in (tmp_path / "yolo" / "images").rglob("*.png")]
+    label = Path("/labels/".join(str(image).rsplit("/images/", 1))).with_suffix(".txt")  # YOLO's own rule
+    assert label.read_text().split() == ["0", "0.200000", "0.200000", "0.200000", "0.200000"]
+
+
 def test_categories_take_the_users_ids_and_cocoeval_of_results_gives_evals_ap(run, toy_run):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
