@@ -441,10 +441,11 @@ def eval_command(
     out.print(format_table(eval_table(result, methods, export_cfg.region_method)), highlight=False)
     o = result["overall"]
     best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
-    ap = result["box_ap"]
+    ap = result["detection"]
     out.print(f"coverage {o['coverage']} of {o['pairs']} true (image, category) pairs named by CLIP; "
               f"best tau by method: {best}; {len(result['missing_from_run'])} truth images not in the run\n"
-              f"COCO box AP {ap['ap']} (AP50 {ap['ap50']}, AP75 {ap['ap75']}) of the exported boxes; "
+              f"detection (COCO): AP {ap['ap']}, AP50 {ap['ap50']}, AP75 {ap['ap75']}; at IoU 0.5 precision "
+              f"{ap['precision']}, recall {ap['recall']} ({ap['tp']} TP, {ap['fp']} FP, {ap['fn']} FN); "
               f"{result['labels_without_region']} of {result['labels_exported']} exported labels have no box\n"
               f"written: {target}", highlight=False)
 

@@ -13,9 +13,10 @@ Pure functions over plain data; the ``eval`` command reads a run and a COCO trut
 * **MaxBoxAccV2** (Choe et al., CVPR 2020), per method: boxes around every component of the
   map thresholded at tau, the best IoU with a true box; the best tau's box accuracy, averaged
   over IoU 0.3, 0.5 and 0.7. The tau it picks is reported, to be used on other images.
-* **Box AP**: COCO's detection AP (pycocotools' ``COCOeval``, IoU 0.50:0.95, 0.50 and 0.75) of
-  the exported boxes, each scored by its label's stock-CLIP score: what the COCO export's
-  ``results.json`` scores against the same truth.
+* **Detection**: COCO's AP (pycocotools' ``COCOeval``, IoU 0.50:0.95, 0.50 and 0.75) of the
+  exported boxes, each scored by its label's stock-CLIP score: what the COCO export's
+  ``results.json`` scores against the same truth; and at IoU 0.5, the boxes' precision and
+  recall as a detector's (each true object matched once, best-scored box first).
 
 Localisation scores count the pairs whose category CLIP named (the only ones with a map);
 ``coverage`` says what share of the true pairs that is.
@@ -170,10 +171,15 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
     return {"overall": overall, "categories": categories, "taus": list(TAUS), "ious": list(IOUS)}
 
 
-def coco_box_ap(truth: dict, results: list[dict]) -> dict:
-    """COCO's box AP of a results list (``[{image_id, category_id, bbox, score}]``) against a truth document, by
-    pycocotools' ``COCOeval``: ``ap`` (IoU 0.50:0.95), ``ap50`` and ``ap75``; ``None`` where the truth has no
-    object, 0 where there is no result. Truth annotations without ``area`` or ``iscrowd`` get the box's area and 0.
+def coco_detection(truth: dict, results: list[dict]) -> dict:
+    """COCO's detection metrics of a results list (``[{image_id, category_id, bbox, score}]``) against a truth
+    document, by pycocotools' ``COCOeval``: ``ap`` (IoU 0.50:0.95), ``ap50``, ``ap75``, and at IoU 0.5 the
+    matches ``tp``, ``fp``, ``fn`` with ``precision`` and ``recall``.
+
+    AP is COCO's, over the truth's categories only. In the counts a box whose category the truth does not have is
+    a false positive, as a dataset tool's evaluator counts it (FiftyOne's ``evaluate_detections``). Metrics are
+    ``None`` where the truth has no object; truth annotations without ``area`` or ``iscrowd`` get the box's area
+    and 0.
     """
     import contextlib
     import copy
@@ -186,19 +192,37 @@ def coco_box_ap(truth: dict, results: list[dict]) -> dict:
     for ann in doc.get("annotations", []):
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
-    if not doc.get("annotations"):
-        return {"ap": None, "ap50": None, "ap75": None}
-    if not results:
-        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    objects = sum(not a["iscrowd"] for a in doc.get("annotations", []))
+    known = {c["id"] for c in doc.get("categories", [])}
+    stranger = sum(r["category_id"] not in known for r in results)
+    out = dict.fromkeys(("ap", "ap50", "ap75", "precision", "recall"))
+    if not objects:
+        return {**out, "tp": 0, "fp": len(results), "fn": 0}
+    inside = [r for r in results if r["category_id"] in known]
+    if not inside:
+        return {**out, "ap": 0.0, "ap50": 0.0, "ap75": 0.0, "tp": 0, "fp": stranger, "fn": objects,
+                "precision": 0.0 if stranger else None, "recall": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and its table
         gt = COCO()
         gt.dataset = doc
         gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "bbox")
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(inside)), "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: _r(max(0.0, float(ev.stats[i]))) for i, k in enumerate(("ap", "ap50", "ap75"))}
+    t = ev.params.iouThrs.tolist().index(0.5)
+    tp = fp = fn = 0
+    for e in ev.evalImgs:  # each (category, area range, image); area range "all" counts every object once
+        if e is None or e["aRng"] != ev.params.areaRng[0]:
+            continue
+        matched, ignored = np.asarray(e["dtMatches"][t]) > 0, np.asarray(e["dtIgnore"][t], bool)
+        tp += int((matched & ~ignored).sum())
+        fp += int((~matched & ~ignored).sum())
+        fn += int(((np.asarray(e["gtMatches"][t]) == 0) & ~np.asarray(e["gtIgnore"], bool)).sum())
+    fp += stranger
+    return {"ap": _r(max(0.0, float(ev.stats[0]))), "ap50": _r(max(0.0, float(ev.stats[1]))),
+            "ap75": _r(max(0.0, float(ev.stats[2]))), "tp": tp, "fp": fp, "fn": fn,
+            "precision": _r(tp / (tp + fp)) if tp + fp else None, "recall": _r(tp / (tp + fn)) if tp + fn else None}
 
 
 def _r(x: float) -> float | None:

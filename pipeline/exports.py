@@ -9,7 +9,7 @@ each writer here only lays those out in its format, and never computes a box:
 * ``write_labelstudio``: ``tasks.json`` with predictions, least certain first, and the
   matching ``label_config.xml``;
 * ``write_fiftyone``: ``samples.json``, one heatmap PNG per label, and ``load.py``, which
-  builds a FiftyOne dataset with Classifications, Detections and a Heatmap per label;
+  builds a FiftyOne dataset with Classifications, Detections and a Heatmap per label rank;
 * ``write_yolo``: a dataset ultralytics trains from: ``data.yaml``, ``images/`` (links or
   copies) and one ``.txt`` per image in ``labels/``, optionally split into train and val.
 
@@ -234,8 +234,10 @@ def write_labelstudio(folder: Path, images: list[ExportImage], model_version: st
 FIFTYONE_LOADER = '''"""Build a FiftyOne dataset from this clipsight export: python load.py [--name NAME] [--launch]
 
 Each sample gets ``clip_labels`` (Classifications with CLIP's scores), ``clip_regions``
-(Detections: boxes, and masks where SAM made them) and one ``heatmap_<class>`` (Heatmap)
-per label, read from the PNGs beside this file.
+(Detections: boxes, and masks where SAM made them) and ``heatmap_1``, ``heatmap_2``, ...
+(Heatmap): the map of its best-scored label, its second, ..., each carrying its ``label``
+and ``confidence``, read from the PNGs beside this file. Classes are label values, never
+field names, so the schema does not grow with the vocabulary.
 """
 
 import argparse
@@ -267,8 +269,9 @@ def samples():
             detections.append(fo.Detection(label=d["label"], bounding_box=d["bounding_box"], mask=mask,
                                            confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"]))
         sample["clip_regions"] = fo.Detections(detections=detections)
-        for field, path in s["heatmaps"].items():
-            sample[field] = fo.Heatmap(map_path=str(HERE / path), range=[0, 255])
+        for h in s["heatmaps"]:
+            sample[h["field"]] = fo.Heatmap(map_path=str(HERE / h["map"]), range=[0, 255], label=h["label"],
+                                            confidence=h["confidence"])
         out.append(sample)
     return doc["name"], out
 
@@ -299,8 +302,8 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
     names unique to the run."""
     samples, pngs = [], []
     for im in images:
-        detections, heatmaps = [], {}
-        for lab in im.labels:
+        detections, heatmaps = [], []
+        for rank, lab in enumerate(im.labels, 1):
             slug = label_slug(lab.name)
             for k, region in enumerate(lab.regions):
                 x, y, w, h = region.box
@@ -315,7 +318,7 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
             if lab.heatmap is not None:
                 rel = PurePosixPath("heatmaps", f"{run_key}__{im.id}__{slug}.png")
                 pngs.append((rel, np.round(np.clip(lab.heatmap, 0, 1) * 255).astype(np.uint8)))
-                heatmaps[f"heatmap_{slug.replace('-', '_').replace('.', '_')}"] = str(rel)
+                heatmaps.append({"field": f"heatmap_{rank}", "label": lab.name, "confidence": lab.score, "map": str(rel)})
         plain = prefix and local_root(prefix) is None  # FiftyOne reads files: the local preset is Label Studio's
         samples.append({"id": im.id, "filepath": served_path(prefix, im.file_name) if plain else im.path,
                         "classifications": [{"label": lab.name, "confidence": lab.score} for lab in im.labels],

@@ -279,10 +279,10 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
 
     Images are matched by their path relative to the input root (the truth's ``file_name``),
     else by file name when that is unique; truth images the run lacks are listed. Classes are
-    matched to the truth's categories as ``export --categories`` matches them, so the COCO box AP
-    reported here is what the export's ``results.json`` scores against the same file.
+    matched to the truth's categories as ``export --categories`` matches them, so the COCO detection
+    metrics reported here are what the export's ``results.json`` scores against the same file.
     """
-    from pipeline.evaluation import EvalImage, coco_box_ap, evaluate, truth_by_file
+    from pipeline.evaluation import EvalImage, coco_detection, evaluate, truth_by_file
 
     by_file = truth_by_file(truth)
     names: dict[str, list[str]] = {}
@@ -316,7 +316,7 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
     result = evaluate(matched, methods)
     result["region_method"], result["tau"] = cfg.region_method, cfg.tau
     result["min_score"], result["top_k"] = cfg.min_score, cfg.top_k
-    result["box_ap"] = coco_box_ap(truth, coco_documents(scored, "", categories)[1])
+    result["detection"] = coco_detection(truth, coco_documents(scored, "", categories)[1])
     result["labels_without_region"] = sum(bool(lab.no_region) for im in scored for lab in im.labels)
     result["labels_exported"] = sum(len(im.labels) for im in scored)
     result["missing_from_run"] = sorted(set(by_file) - seen)

