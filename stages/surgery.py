@@ -11,7 +11,7 @@ original's order:
   feature as the redundant feature, one label at a time.
 
 Points for SAM come from each label's map by the original's rule. The model is
-loaded once per run, and SAM too when ``sam.checkpoint`` is set. See
+loaded once per run, and SAM (``pipeline.sam``) too when ``sam.checkpoint`` is set. See
 ``pipeline/surgery.py`` for the method and its paper.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,20 +31,13 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
                                overlay_heatmap, upsample_map)
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
+from pipeline.sam import SamConfig, load_sam, sam_masks
 from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, writer_pool
 from pipeline.adapter import input_resolution
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
 
 METHODS: tuple[str, ...] = tuple(HEATMAP_METHODS)
-SAM_TYPES = ("vit_h", "vit_l", "vit_b")
-
-
-@dataclass(frozen=True)
-class SamConfig:
-    checkpoint: str | None = None  # a SAM checkpoint file; unset = no masks
-    model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"  # must match the checkpoint
-
 
 @dataclass(frozen=True)
 class SurgeryConfig:
@@ -182,47 +174,6 @@ def _patch_ranges(sim: torch.Tensor, grid: tuple[int, int]) -> list[tuple[float,
     _, _, has_cls = grid_shape(sim.shape[1], grid)
     patches = sim[0, 1:] if has_cls else sim[0]  # [gh*gw, T]
     return [(round(float(lo), 5), round(float(hi), 5)) for lo, hi in zip(patches.amin(0), patches.amax(0))]
-
-
-def load_sam(cfg: SamConfig, device: torch.device) -> Any:
-    """A ``SamPredictor`` for the configured checkpoint; a ``ConfigError`` that says what to do otherwise."""
-    try:
-        from segment_anything import SamPredictor, sam_model_registry
-    except ImportError:
-        raise ConfigError("surgery.sam.checkpoint is set, but segment-anything is not installed. "
-                          "Install the extra with: pip install -e '.[sam]'") from None
-    path = Path(cfg.checkpoint or "").expanduser()
-    if not path.is_file():
-        raise ConfigError(f"surgery.sam.checkpoint: no file at {path}. Download the {cfg.model_type} checkpoint "
-                          "listed at https://github.com/facebookresearch/segment-anything#model-checkpoints "
-                          "and set surgery.sam.checkpoint to its path.")
-    try:
-        sam = sam_model_registry[cfg.model_type](checkpoint=str(path))
-    except Exception as err:
-        raise ConfigError(f"surgery.sam.checkpoint: {path} did not load as SAM {cfg.model_type} "
-                          f"(is surgery.sam.model_type right? one of {', '.join(SAM_TYPES)}): {err}") from None
-    return SamPredictor(sam.to(device).eval())
-
-
-def sam_masks(predictor: Any, image: np.ndarray, points: list[tuple[list[list[int]], list[int]]]) -> list[np.ndarray | None]:
-    """SAM's best mask (by its own score) for each point set; ``None`` where a label has no points.
-
-    Shape:
-        - image: :math:`(H, W, 3)` RGB uint8. Output masks: :math:`(H, W)` bool.
-    """
-    if not any(p for p, _ in points):
-        return [None] * len(points)
-    with torch.inference_mode():
-        predictor.set_image(image)
-        out = []
-        for pts, labels in points:
-            if not pts:
-                out.append(None)
-                continue
-            masks, scores, _ = predictor.predict(point_coords=np.asarray(pts, dtype=np.float32),
-                                                 point_labels=np.asarray(labels), multimask_output=True)
-            out.append(np.asarray(masks[int(np.argmax(scores))], dtype=bool))
-    return out
 
 
 def window_offsets(side: int, window: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from pipeline.config import ConfigError
 from pipeline.toyworld import write_scenes
 from runall import app
-from stages.surgery import SamConfig, load_sam
+from pipeline.sam import SamConfig, load_sam
 from tests.conftest import fast_args
 
 FAST = fast_args()
