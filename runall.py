@@ -505,6 +505,15 @@ def models_command(cache: CacheOpt = None) -> None:
     out.print(models_table(model_statuses(cache or default_cache_dir()), cache or default_cache_dir()))
 
 
+@app.command("config-reference")
+def config_reference_command() -> None:
+    """Print every config key with its type, default and meaning (docs/config.md is this output, in Markdown)."""
+    from pipeline.configdoc import config_reference
+    from stages import PRESETS, RunConfig
+
+    sys.stdout.write(config_reference(RunConfig, PRESETS))
+
+
 @app.command("doctor")
 def doctor(
     cache: CacheOpt = None,

@@ -4,7 +4,7 @@ Each key's name, type and default come from the dataclass field, and its meaning
 the comment beside the field in the source, so the reference cannot drift from the code
 (a test compares the file with what this writes). Regenerate it with::
 
-    python -m pipeline.configdoc > docs/config.md
+    python runall.py config-reference > docs/config.md
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import sys
 import typing
+from collections.abc import Mapping
 
 FIELD = re.compile(r"^\s+(\w+):[^=#]*(?:=[^#]*)?(?:#\s*(.*))?$")
 
 HEADER = """# Config reference
 
-Generated from the config dataclasses by `python -m pipeline.configdoc > docs/config.md`; a test fails when
+Generated from the config dataclasses by `python runall.py config-reference > docs/config.md`; a test fails when
 this file differs from what that command writes. Do not edit it by hand: change the comment beside the field.
 
 Configs are YAML (see `configs/`). Precedence is command-line options and `--set KEY=VALUE`, then the YAML file,
@@ -80,17 +80,16 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     return out
 
 
-def config_reference() -> str:
-    """The whole of ``docs/config.md``."""
-    from stages import PRESETS, RunConfig
-
+def config_reference(config: type, presets: Mapping[str, Mapping[str, Mapping[str, object]]]) -> str:
+    """The whole of ``docs/config.md``, for the run's config class (``stages.RunConfig``) and its presets (the
+    library does not import the stages: the caller passes them)."""
     lines = [HEADER, "## Presets", "", "`preset: NAME` (or `--preset NAME`) starts from these ascend keys:", ""]
     lines += ["| preset | keys |", "|---|---|"]
-    for name, keys in PRESETS.items():
+    for name, keys in presets.items():
         flat = [f"`{section}.{k}: {_yaml(v)}`" for section, values in keys.items() for k, v in values.items()]
         lines.append(f"| `{name}` | {', '.join(flat) or 'the defaults below (the original scripts)'} |")
     section = None
-    for key, kind, default, meaning in rows(RunConfig):
+    for key, kind, default, meaning in rows(config):
         top = key.split(".")[0] if "." in key else ""
         if top != section:
             section = top
@@ -99,7 +98,3 @@ def config_reference() -> str:
         cell = meaning.replace("|", "\\|")
         lines.append(f"| `{key}` | {kind} | `{default}` | {cell} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    sys.stdout.write(config_reference())

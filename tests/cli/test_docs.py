@@ -44,8 +44,13 @@ def broken_links(page: Path) -> list[str]:
 
 
 def test_config_reference_is_what_the_code_generates():
-    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == config_reference(), \
-        "docs/config.md is stale: python -m pipeline.configdoc > docs/config.md"
+    from stages import PRESETS, RunConfig
+
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == config_reference(RunConfig, PRESETS), \
+        "docs/config.md is stale: python runall.py config-reference > docs/config.md"
+    made = subprocess.run([sys.executable, "runall.py", "config-reference"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+    assert made == config_reference(RunConfig, PRESETS)
 
 
 def test_every_config_key_is_documented_and_a_new_one_would_show():
@@ -67,6 +72,18 @@ def test_cli_reference_is_what_typer_generates():
                           cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8").strip() == made.strip(), (
         'docs/cli.md is stale: python -m typer runall.py utils docs --name "python runall.py" --output docs/cli.md')
+
+
+def test_the_library_imports_no_stage():
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "stages" or n.startswith("stages.")]
+    assert not found, found
 
 
 def test_every_relative_link_and_picture_resolves():
