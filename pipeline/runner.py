@@ -6,8 +6,8 @@ on them, runs the per-image stages (skipping finished work unless forced, never
 letting one bad image stop the run), merges the ranks' manifests, runs the whole-run
 stages (rank, report) on rank 0, and returns a ``RunOutcome`` with the exit code.
 
-A stage sees a ``StageContext``: its own config section, the run-level settings, the
-run directory, the models loaded once per run, and a per-stage batch sizer.
+What a stage is and sees (``StageContext``) is in ``pipeline.stage``; how its batches are sized,
+in ``pipeline.batching``.
 """
 
 from __future__ import annotations
@@ -16,16 +16,14 @@ import functools
 import logging
 import os
 import shutil
-import threading
 import time
 import traceback
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, Callable, Mapping
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -33,179 +31,11 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.distributed import DistInfo, agree, from_main, init_distributed, shutdown
 from pipeline.images import ImageRef
 from pipeline.models import LoadedModel, ModelError, load_model, resolve_device
-from pipeline.prompts import TextFeatureStore
-from pipeline.provenance import Provenance, Status, run_status
+from pipeline.provenance import Provenance, run_status
 from pipeline.rundir import LOG, REPORT, RunDir
+from pipeline.batching import BatchSizer
+from pipeline.stage import Finish, ItemResult, Models, PerImageStage, RunSettings, StageContext, WholeRunStage
 
-if TYPE_CHECKING:
-    from segment_anything import SamPredictor
-
-C = TypeVar("C")
-
-
-@dataclass
-class ItemResult:
-    """What a stage did for one image: the files it wrote (relative to the run), or why it failed.
-
-    ``damaged`` names upstream stages whose output for the image could not be read (stage -> reason):
-    they are recorded as damaged, so the next run redoes them and then this stage."""
-
-    outputs: list[str] = field(default_factory=list)
-    error: str | None = None
-    damaged: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Run-level settings every stage may read, beside its own config section."""
-
-    model: str
-    seed: int
-    max_side: int
-    encode_batch_size: int
-    config: dict  # the whole resolved config as plain data (the report shows it)
-
-
-class Models:
-    """The models a run loads once: CLIP (lazily, on first use), its text-feature store, and SAM when configured."""
-
-    def __init__(self, load: Callable[[], LoadedModel], run: RunDir, log: logging.Logger):
-        self._load, self._run, self._log = load, run, log
-        self._clip: LoadedModel | None = None
-        self._loading = threading.Lock()
-        self._text: TextFeatureStore | None = None
-        self.sam: SamPredictor | None = None  # set by the surgery stage's prepare when surgery.sam is configured
-
-    @property
-    def clip(self) -> LoadedModel:
-        with self._loading:  # a stage's reading thread may be the first to ask
-            if self._clip is None:
-                t = time.time()
-                self._clip = self._load()
-                self._log.info("loaded model %s on %s (%s) in %.1fs", self._clip.name, self._clip.device,
-                               self._clip.dtype, time.time() - t)
-        return self._clip
-
-    @property
-    def text_features(self) -> TextFeatureStore:
-        """Prompt-ensemble features per word, shared by the stages and kept on disk in the run's ``cache/``."""
-        if self._text is None:
-            self._text = TextFeatureStore(self.clip.model, self._run.file("cache", "text"))
-            if self._text.loaded_from_disk:
-                self._log.info("loaded %d cached text features", self._text.loaded_from_disk)
-        return self._text
-
-
-class BatchSizer:
-    """Each stage's batch size, and the smaller size an out-of-memory back-off settled on."""
-
-    def __init__(self, models: Models, log: logging.Logger):
-        self.models, self.log = models, log
-        self.settled: dict[str, int] = {}
-
-    def size(self, stage: str, configured: int, cuda: int, cpu: int, bytes_per_image: int | None = None) -> int:
-        """The size a back-off settled on, else the configured one, else a default for the device
-        (``configured == 0`` means automatic).
-
-        On CUDA the automatic size is also capped by ``fit_batch`` when the stage can estimate its
-        memory per image, so a small GPU starts at a size that fits instead of at an out-of-memory.
-        """
-        fixed = self.settled.get(stage) or configured
-        if fixed:
-            return fixed
-        dev = self.models.clip.device
-        if dev.type != "cuda":
-            return cpu
-        if bytes_per_image:
-            free, _total = torch.cuda.mem_get_info(dev)
-            free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # the last batch's cached blocks are free to reuse
-            return fit_batch(free, bytes_per_image, cuda)
-        return cuda
-
-    def run(self, stage: str, fn: Callable[[int, int], list], n: int) -> list:
-        """``fn`` over a batch's index range ``[0, n)``, in chunks of the size a back-off settled on (when one did),
-        halved again on CUDA out-of-memory (``split_on_oom``).
-
-        The runner cuts the next batch before this one is on the model, so a batch can still be of the size that
-        ran out of memory; it runs at the settled size at once, without failing first.
-        """
-        return split_on_oom(fn, 0, n, self.on_split(stage), size=self.settled.get(stage))
-
-    def on_split(self, stage: str) -> Callable[[int], None]:
-        """The ``on_split`` for ``split_on_oom``: later batches of ``stage`` use the size that fitted."""
-        def remember(size: int) -> None:
-            self.settled[stage] = size
-            self.log.warning("%s: CUDA out of memory; retrying with batches of %d", stage, size)
-
-        return remember
-
-
-@dataclass
-class StageContext(Generic[C]):
-    """What a stage gets: its own config section, the run-level settings, the run, the models, batch sizes."""
-
-    config: C
-    settings: RunSettings
-    run: RunDir
-    log: logging.Logger
-    models: Models
-    batches: BatchSizer
-    provenance: Provenance
-    # called by a stage with the fraction of the current batch it has done, so progress moves within a batch
-    progress: Callable[[float], None] = field(default=lambda fraction: None)
-    session: str = ""  # when this command started (UTC, ISO 8601): every manifest record it writes carries it
-
-    def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
-        """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.provenance``)."""
-        return self.provenance.status(self.run, self.run.latest() if latest is None else latest, image, stage)
-
-
-Finish = Callable[[], "list[ItemResult]"]  # a batch's remaining CPU work (drawing, encoding, writing) and its results
-
-
-class PerImageStage(Generic[C]):
-    """A stage that processes batches of images and returns one ``ItemResult`` per image.
-
-    A batch passes through three steps, which the runner overlaps across batches so the model
-    need not wait on files (see ``run_per_image``):
-
-    * ``load``: read the batch's inputs (decode its images, read the earlier stages' outputs);
-      runs in a background thread while the previous batch is on the model, so it must not
-      use the model or the text-feature store;
-    * ``process``: the model's work, on the calling thread; returns a ``Finish``;
-    * the ``Finish``: the CPU work after the model (drawing, encoding, writing), run in a
-      background thread while the next batch is on the model; it returns one ``ItemResult``
-      per ref, in order.
-    """
-
-    name: str
-    needs: tuple[str, ...] = ()
-
-    def prepare(self, ctx: StageContext[C]) -> None:
-        """Up-front checks before any image is processed (e.g. load SAM); raise ``ConfigError`` or ``ModelError``."""
-
-    def batch_size(self, ctx: StageContext[C]) -> int:
-        raise NotImplementedError
-
-    def load(self, ctx: StageContext[C], refs: list[ImageRef]) -> Any:
-        """The batch's inputs, read without the model (see the class notes); passed to ``process``."""
-        return None
-
-    def process(self, ctx: StageContext[C], refs: list[ImageRef], loaded: Any) -> Finish:
-        raise NotImplementedError
-
-
-class WholeRunStage(Generic[C]):
-    """A stage that runs once over the whole run; returns the files it wrote (relative to the run)."""
-
-    name: str
-    needs: tuple[str, ...] = ()
-
-    def prepare(self, ctx: StageContext[C]) -> None:
-        """Up-front checks before the run starts."""
-
-    def run_all(self, ctx: StageContext[C]) -> list[str]:
-        raise NotImplementedError
 
 
 @dataclass
@@ -233,58 +63,6 @@ class RunOutcome:
     report: str | None  # the report's path, if one exists
     exit_code: int  # 0 all succeeded, 1 some image failed
     dist: DistInfo = DistInfo()
-
-
-def fit_batch(free_bytes: int, bytes_per_image: int, cap: int, share: float = 0.5) -> int:
-    """The largest batch, at most ``cap``, whose estimated memory fits in ``share`` of the free memory.
-
-    The rest of the free memory is left for what the estimate leaves out (activations,
-    the allocator's slack); the out-of-memory back-off still guards the estimate.
-    """
-    return max(1, min(cap, int(free_bytes * share) // max(1, bytes_per_image)))
-
-
-WRITER_THREADS = 8  # at most; fewer on a machine with fewer cores
-
-
-@functools.cache
-def writer_pool() -> ThreadPoolExecutor:
-    """Threads for a batch's per-image CPU work after the model has run: drawing, PNG and npz
-    encoding, writing. These release the GIL, so a batch's images are finished side by side."""
-    return ThreadPoolExecutor(max(1, min(WRITER_THREADS, os.cpu_count() or 1)), thread_name_prefix="writer")
-
-
-def split_on_oom(fn: Callable[[int, int], list], start: int, end: int,
-                 on_split: Callable[[int], None] | None = None, size: int | None = None) -> list:
-    """``fn(start, end)`` over a batch's index range in chunks of ``size`` (default: the whole range); on CUDA
-    out-of-memory, the chunk is halved and the rest of the range runs at the smaller size.
-
-    ``fn`` returns one result per index. ``on_split`` is told each smaller size, so a
-    stage can use it for later batches. A single item that does not fit re-raises.
-    """
-    size = max(1, size or end - start)
-    out: list = []
-    a = start
-    while a < end:
-        b = min(end, a + size)
-        failed = False
-        try:
-            part = fn(a, b)
-        except torch.OutOfMemoryError:
-            if b - a <= 1:
-                raise
-            failed = True
-        if failed:
-            # Retry outside the handler: while it runs, the traceback keeps the failed attempt's frames,
-            # and so its tensors, alive, and the smaller chunks would run beside them.
-            torch.cuda.empty_cache()
-            size = (b - a + 1) // 2
-            if on_split is not None:
-                on_split(size)
-            continue
-        out += part
-        a = b
-    return out
 
 
 def _progress(console: Console, quiet: bool) -> Progress:

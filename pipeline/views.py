@@ -16,7 +16,8 @@ from rich.text import Text
 from pipeline.doctor import Check
 from pipeline.images import ImageRef
 from pipeline.rundir import RunDir
-from pipeline.runner import PerImageStage, RunOutcome, WholeRunStage, stage_provenance
+from pipeline.runner import RunOutcome, stage_provenance
+from pipeline.stage import PerImageStage, WholeRunStage
 
 
 def outcome_views(outcome: RunOutcome, summary: bool = True) -> list:

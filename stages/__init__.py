@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import STAGE_NAMES, require
-from pipeline.runner import PerImageStage, WholeRunStage
+from pipeline.stage import PerImageStage, WholeRunStage
 from stages.ascend import AscendStage, AscentConfig
 from stages.decode import DecodeConfig, DecodeStage
 from stages.export import ExportConfig, ExportStage

@@ -39,7 +39,7 @@ from pipeline.encode import encode_images, load_batch, rescore_texts
 from pipeline.images import ImageRef, normalize
 from pipeline.models import LoadedModel
 from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.stage import Finish, ItemResult, PerImageStage, StageContext
 from pipeline.textenc import encode_text_embeddings
 from pipeline.tokens import allowed_token_ids, clean_words, vocab
 

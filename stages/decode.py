@@ -17,7 +17,7 @@ from pipeline.config import require
 from pipeline.encode import encode_images, load_batch
 from pipeline.images import ImageRef
 from pipeline.rundir import atomic_write_json, read_output
-from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.stage import Finish, ItemResult, PerImageStage, StageContext
 
 
 # Function words that CLIP's opinions are full of and that name nothing in a picture. A label equal to

@@ -36,7 +36,7 @@ from pipeline.heatmaps import HEATMAP_METHODS
 from pipeline.images import ImageRef
 from pipeline.rundir import (EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
                              atomic_write_text, read_json)
-from pipeline.runner import StageContext, WholeRunStage
+from pipeline.stage import StageContext, WholeRunStage
 
 EXPORT = "export"
 

@@ -23,7 +23,7 @@ from pipeline.config import require
 from pipeline.images import ImageRef
 from pipeline.provenance import mark_damaged
 from pipeline.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
-from pipeline.runner import StageContext, WholeRunStage
+from pipeline.stage import StageContext, WholeRunStage
 from pipeline.tokens import vocab
 
 

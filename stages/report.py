@@ -27,7 +27,7 @@ from pipeline.heatmaps import HEATMAP_METHODS
 from pipeline.images import ImageError, ImageRef, load_image
 from pipeline.provenance import Status
 from pipeline.rundir import EXPORT_REGIONS, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
-from pipeline.runner import StageContext, WholeRunStage
+from pipeline.stage import StageContext, WholeRunStage
 
 # The page: HTML, CSS and script in one file, packaged with the library; render_report fills in its __KEYS__.
 PAGE_TEMPLATE = files("pipeline") / "templates" / "report.html"

@@ -32,7 +32,8 @@ from pipeline.heatmaps import (HEATMAP_METHODS, contact_sheet, fit_side, label_s
 from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
 from pipeline.sam import SamConfig, load_sam, sam_masks
-from pipeline.runner import Finish, ItemResult, PerImageStage, StageContext, writer_pool
+from pipeline.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.batching import writer_pool
 from pipeline.adapter import input_resolution
 from pipeline.maps import RESNET_METHODS, MethodTokens, encode_method_tokens
 from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map

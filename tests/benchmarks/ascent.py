@@ -39,7 +39,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
-from pipeline.runner import fit_batch  # noqa: E402
+from pipeline.batching import fit_batch  # noqa: E402
 from pipeline.tokens import vocab  # noqa: E402
 from jsonout import emit  # noqa: E402  (beside this script)
 from toyeval import ascent_recall  # noqa: E402  (beside this script)

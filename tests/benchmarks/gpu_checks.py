@@ -34,7 +34,7 @@ from ascent import auto_batch  # noqa: E402  (beside this script)
 from jsonout import emit  # noqa: E402
 from pipeline.images import to_tensor  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.runner import split_on_oom  # noqa: E402
+from pipeline.batching import split_on_oom  # noqa: E402
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
 from stages import ascend  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402

@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.images import discover_images
 from pipeline.rundir import RunDir, atomic_write_text
-from pipeline.runner import ItemResult, PerImageStage, run_stages
+from pipeline.runner import run_stages
+from pipeline.stage import ItemResult, PerImageStage
 from stages import RESULT_KEYS, RunConfig
 
 WAIT = 3.0  # seconds a step waits for the step it should overlap

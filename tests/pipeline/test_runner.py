@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.runner import split_on_oom
+from pipeline.batching import split_on_oom
 
 
 def test_batches_halve_on_out_of_memory_and_keep_order():
@@ -52,7 +52,7 @@ def test_batch_size_keeps_what_fitted_after_a_back_off():
     import logging
     from types import SimpleNamespace
 
-    from pipeline.runner import BatchSizer
+    from pipeline.batching import BatchSizer
 
     sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cpu"))), logging.getLogger("t"))
     assert sizer.size("ascend", 0, cuda=64, cpu=4) == 4
@@ -66,7 +66,7 @@ def test_a_batch_cut_before_the_back_off_runs_at_the_settled_size_without_failin
     import logging
     from types import SimpleNamespace
 
-    from pipeline.runner import BatchSizer
+    from pipeline.batching import BatchSizer
 
     sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cuda", 0))), logging.getLogger("t"))
     calls, ooms = [], []
@@ -90,7 +90,7 @@ def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     import logging
     from types import SimpleNamespace
 
-    from pipeline.runner import BatchSizer, fit_batch
+    from pipeline.batching import BatchSizer, fit_batch
     from stages.ascend import AscentConfig, ascent_bytes_per_image
 
     assert fit_batch(10_000, 100, cap=64) == 50  # half of the free memory

@@ -1,0 +1,147 @@
+"""What a stage is and what it gets: the per-image and whole-run stage protocols, ``StageContext``
+(its config section, the run-level settings, the run directory, the models loaded once per
+run, a batch sizer), and ``ItemResult``, what a stage did for one image.
+
+``pipeline.runner`` runs stages; ``pipeline.batching`` sizes their batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
+
+from pipeline.batching import BatchSizer
+from pipeline.images import ImageRef
+from pipeline.models import LoadedModel
+from pipeline.prompts import TextFeatureStore
+from pipeline.provenance import Provenance, Status
+from pipeline.rundir import RunDir
+
+if TYPE_CHECKING:
+    from segment_anything import SamPredictor
+
+C = TypeVar("C")
+
+
+@dataclass
+class ItemResult:
+    """What a stage did for one image: the files it wrote (relative to the run), or why it failed.
+
+    ``damaged`` names upstream stages whose output for the image could not be read (stage -> reason):
+    they are recorded as damaged, so the next run redoes them and then this stage."""
+
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+    damaged: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-level settings every stage may read, beside its own config section."""
+
+    model: str
+    seed: int
+    max_side: int
+    encode_batch_size: int
+    config: dict  # the whole resolved config as plain data (the report shows it)
+
+
+class Models:
+    """The models a run loads once: CLIP (lazily, on first use), its text-feature store, and SAM when configured."""
+
+    def __init__(self, load: Callable[[], LoadedModel], run: RunDir, log: logging.Logger):
+        self._load, self._run, self._log = load, run, log
+        self._clip: LoadedModel | None = None
+        self._loading = threading.Lock()
+        self._text: TextFeatureStore | None = None
+        self.sam: SamPredictor | None = None  # set by the surgery stage's prepare when surgery.sam is configured
+
+    @property
+    def clip(self) -> LoadedModel:
+        with self._loading:  # a stage's reading thread may be the first to ask
+            if self._clip is None:
+                t = time.time()
+                self._clip = self._load()
+                self._log.info("loaded model %s on %s (%s) in %.1fs", self._clip.name, self._clip.device,
+                               self._clip.dtype, time.time() - t)
+        return self._clip
+
+    @property
+    def text_features(self) -> TextFeatureStore:
+        """Prompt-ensemble features per word, shared by the stages and kept on disk in the run's ``cache/``."""
+        if self._text is None:
+            self._text = TextFeatureStore(self.clip.model, self._run.file("cache", "text"))
+            if self._text.loaded_from_disk:
+                self._log.info("loaded %d cached text features", self._text.loaded_from_disk)
+        return self._text
+
+
+@dataclass
+class StageContext(Generic[C]):
+    """What a stage gets: its own config section, the run-level settings, the run, the models, batch sizes."""
+
+    config: C
+    settings: RunSettings
+    run: RunDir
+    log: logging.Logger
+    models: Models
+    batches: BatchSizer
+    provenance: Provenance
+    # called by a stage with the fraction of the current batch it has done, so progress moves within a batch
+    progress: Callable[[float], None] = field(default=lambda fraction: None)
+    session: str = ""  # when this command started (UTC, ISO 8601): every manifest record it writes carries it
+
+    def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
+        """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.provenance``)."""
+        return self.provenance.status(self.run, self.run.latest() if latest is None else latest, image, stage)
+
+
+Finish = Callable[[], "list[ItemResult]"]  # a batch's remaining CPU work (drawing, encoding, writing) and its results
+
+
+class PerImageStage(Generic[C]):
+    """A stage that processes batches of images and returns one ``ItemResult`` per image.
+
+    A batch passes through three steps, which the runner overlaps across batches so the model
+    need not wait on files (see ``run_per_image``):
+
+    * ``load``: read the batch's inputs (decode its images, read the earlier stages' outputs);
+      runs in a background thread while the previous batch is on the model, so it must not
+      use the model or the text-feature store;
+    * ``process``: the model's work, on the calling thread; returns a ``Finish``;
+    * the ``Finish``: the CPU work after the model (drawing, encoding, writing), run in a
+      background thread while the next batch is on the model; it returns one ``ItemResult``
+      per ref, in order.
+    """
+
+    name: str
+    needs: tuple[str, ...] = ()
+
+    def prepare(self, ctx: StageContext[C]) -> None:
+        """Up-front checks before any image is processed (e.g. load SAM); raise ``ConfigError`` or ``ModelError``."""
+
+    def batch_size(self, ctx: StageContext[C]) -> int:
+        raise NotImplementedError
+
+    def load(self, ctx: StageContext[C], refs: list[ImageRef]) -> Any:
+        """The batch's inputs, read without the model (see the class notes); passed to ``process``."""
+        return None
+
+    def process(self, ctx: StageContext[C], refs: list[ImageRef], loaded: Any) -> Finish:
+        raise NotImplementedError
+
+
+class WholeRunStage(Generic[C]):
+    """A stage that runs once over the whole run; returns the files it wrote (relative to the run)."""
+
+    name: str
+    needs: tuple[str, ...] = ()
+
+    def prepare(self, ctx: StageContext[C]) -> None:
+        """Up-front checks before the run starts."""
+
+    def run_all(self, ctx: StageContext[C]) -> list[str]:
+        raise NotImplementedError
