@@ -115,6 +115,12 @@ def _resolve(config: Path | None, base: dict, cli: dict, set_: list[str] | None,
         _fail(str(err))
 
 
+def _run_config(rd: RunDir, config: Path | None = None, cli: dict | None = None, set_: list[str] | None = None
+                ) -> RunConfig:
+    """A run directory's config: its ``run.yaml`` under ``--config``, the command's options and ``--set``."""
+    return _resolve(config, rd.load_config(), cli or {}, set_ or [], base_source=str(rd.file("run.yaml")))
+
+
 def _summary_json(outcome: RunOutcome) -> dict:
     """The run's outcome as plain data: what ``--json`` prints."""
     from dataclasses import asdict
@@ -236,8 +242,7 @@ def _state_of(rd, cfg):
 
 def _run_stage(name: str, run: Path, config, model, device, set_, force: bool, quiet: bool, as_json: bool = False) -> int:
     rd = _open_run(run)
-    cfg = _resolve(config, rd.load_config(), {"model": model, "device": _value(device)}, set_,
-                   base_source=str(rd.file("run.yaml")))
+    cfg = _run_config(rd, config, {"model": model, "device": _value(device)}, set_)
     return _run(cfg, rd, [name], force, quiet, as_json)
 
 
@@ -289,7 +294,7 @@ def rank_command(
     from stages.report import leaderboard_page
 
     first = [_open_run(r) for r in runs][0]
-    cfg = _resolve(config, first.load_config(), {}, set_)
+    cfg = _run_config(first, config, None, set_)
     records = merge_runs(list(runs), out_dir, cfg.rank)
     pictures = {}
     for root in runs:  # each word's best image, by the thumbnail its run's report made
@@ -324,7 +329,7 @@ def compare_command(
     states = []
     for r in (run_a, run_b):  # each run's outputs are judged by its own settings: stale or damaged ones are left out
         rd = _open_run(r)
-        states.append(_state_of(rd, _resolve(None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))))
+        states.append(_state_of(rd, _run_config(rd)))
     if maps < 0 or maps_per_image < 0:
         _fail("--maps and --maps-per-image must be >= 0")
     doc = write_comparison(run_a, run_b, out_dir, maps, maps_per_image, method, states=(states[0], states[1]))
@@ -380,7 +385,7 @@ def export_command(
                        ("new_categories", new_categories), ("yolo_val", val)):
         if value is not None:
             sets.append(f"export.{key}={json.dumps(value)}")
-    cfg = _resolve(config, rd.load_config(), {}, [*sets, *(set_ or [])], base_source=str(rd.file("run.yaml")))
+    cfg = _run_config(rd, config, None, [*sets, *(set_ or [])])
     code = _run(cfg, rd, ["export"], False, quiet, as_json, summary=False)
     stamp = read_json(rd.file("export", "export.json")) or {}
     if not as_json and stamp:
@@ -418,7 +423,7 @@ def eval_command(
 
     rd = _open_run(run)
     sets = [f"export.label_map={json.dumps(str(label_map.resolve()))}"] if label_map else []
-    cfg = _resolve(config, rd.load_config(), {}, [*sets, *(set_ or [])], base_source=str(rd.file("run.yaml")))
+    cfg = _run_config(rd, config, None, [*sets, *(set_ or [])])
     try:
         doc = json.loads(truth.read_text(encoding="utf-8"))
         if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
@@ -459,14 +464,14 @@ def status_command(
     """Show, per stage, which images are done, stale (made with other settings), damaged, failed, blocked or pending, and why."""
     import time
 
-    from pipeline.provenance import mark_damaged, verify_outputs
+    from pipeline.provenance import record_damage, verify_outputs
     from pipeline.rundir import RunLocked
     from pipeline.runner import stage_status
     from pipeline.views import status_table
     from stages import RESULT_KEYS, STAGES
 
     rd = _open_run(run)
-    cfg = _resolve(None, rd.load_config(), {}, [], base_source=str(rd.file("run.yaml")))
+    cfg = _run_config(rd)
     report: dict = {}
     if verify:
         t = time.time()
@@ -475,8 +480,7 @@ def status_command(
                   "existence_only": found.existence_only, "damaged": found.damaged, "seconds": round(time.time() - t, 2)}
         if found.damaged:
             try:
-                with rd.lock():
-                    mark_damaged(rd, found.damaged, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                record_damage(rd, found.damaged)
             except RunLocked as err:
                 _fail(f"{err}; the damage was found but not recorded: rerun --verify when it is free")
     status = stage_status(cfg, rd, STAGES, RESULT_KEYS)

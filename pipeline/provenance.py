@@ -196,6 +196,18 @@ def verify_outputs(run: RunDir, workers: int = 8) -> Verification:
     return out
 
 
+def record_damage(run: RunDir, damaged: list[dict]) -> None:
+    """``mark_damaged`` under the run's one-writer lock, stamped with the time now (UTC), for ``status --verify``.
+
+    Raises:
+        RunLocked: another command holds the run.
+    """
+    import time
+
+    with run.lock():
+        mark_damaged(run, damaged, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
 def mark_damaged(run: RunDir, damaged: list[dict], session: str) -> None:
     """Record each damaged output's (image, stage) as ``damaged`` with its reason, so the next run redoes it."""
     run.append_manifest([{"image": d["image"], "path": d["path"], "stage": d["stage"], "status": "damaged",
