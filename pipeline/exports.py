@@ -301,6 +301,7 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
     """``samples.json``'s data, and the heatmap and mask PNGs it names (relative paths, uint8 arrays), with
     names unique to the run."""
     samples, pngs = [], []
+    plain = prefix and local_root(prefix) is None  # FiftyOne reads files: the local preset is Label Studio's
     for im in images:
         detections, heatmaps = [], []
         for rank, lab in enumerate(im.labels, 1):
@@ -319,7 +320,6 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
                 rel = PurePosixPath("heatmaps", f"{run_key}__{im.id}__{slug}.png")
                 pngs.append((rel, np.round(np.clip(lab.heatmap, 0, 1) * 255).astype(np.uint8)))
                 heatmaps.append({"field": f"heatmap_{rank}", "label": lab.name, "confidence": lab.score, "map": str(rel)})
-        plain = prefix and local_root(prefix) is None  # FiftyOne reads files: the local preset is Label Studio's
         samples.append({"id": im.id, "filepath": served_path(prefix, im.file_name) if plain else im.path,
                         "classifications": [{"label": lab.name, "confidence": lab.score} for lab in im.labels],
                         "detections": detections, "heatmaps": heatmaps})

@@ -285,18 +285,15 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
     from pipeline.evaluation import EvalImage, coco_detection, evaluate, truth_by_file
 
     by_file = truth_by_file(truth)
-    names: dict[str, list[str]] = {}
-    for f in by_file:
-        names.setdefault(Path(f).name, []).append(f)
     everything = replace(cfg, min_score=None, top_k=0, formats=())
     categories = categories_from_coco(truth, keep_new=True)
+    file_of = {i: f for f, i in categories.images.items()}  # the truth's file name of each image id
     label_map = replace(label_map, categories=categories)
     images, left_out, _ = read_exports(run, everything, label_map, state)
     matched, seen, unmatched, scored = [], set(), [], []
     for im in images:
-        key = im.file_name if im.file_name in by_file else (names.get(Path(im.file_name).name) or [None, None])
-        key = key if isinstance(key, str) else (key[0] if len(key) == 1 else None)
-        if key is None:
+        key = file_of.get(categories.image_id(im.file_name))  # the export's rule: the same path, else a unique name
+        if key not in by_file:
             unmatched.append(im.file_name)
             continue
         seen.add(key)
