@@ -147,6 +147,8 @@ def load_image(path: str, max_pixels: int = 150_000_000, max_side: int = 4096) -
         raise ImageError("permission denied: the file is not readable") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"truncated or corrupt image data ({err})") from None
+    except Exception as err:  # a decoder plugin's own failure (another library may have patched Image.open)
+        raise ImageError(f"cannot be decoded ({type(err).__name__}: {err})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 

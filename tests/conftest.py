@@ -26,6 +26,17 @@ FAST = {"ascend.iterations": 6, "ascend.candidates": 4, "ascend.bank_size": 8, "
         "decode.min_frequency": 1, "surgery.single_resolution": 64}
 
 
+@pytest.fixture(autouse=True)
+def _no_global_patches_leak():
+    """A test that leaves ``PIL.Image.open`` or ``torch.save`` replaced (some libraries patch them on import)
+    changes what every later test sees; fail the test that did it."""
+    import PIL.Image
+
+    before = PIL.Image.open, torch.save
+    yield
+    assert (PIL.Image.open, torch.save) == before, "a test left PIL.Image.open or torch.save patched"
+
+
 def fast_args(**overrides) -> list[str]:
     """``--set KEY=VALUE`` arguments for ``FAST`` with ``overrides`` (``ascend__iterations=20`` is ``ascend.iterations``)."""
     merged = {**FAST, **{k.replace("__", "."): v for k, v in overrides.items()}}

@@ -92,6 +92,32 @@ def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, images):
     assert "broken.png" in (out / "r" / "report.html").read_text()
 
 
+def test_a_decoder_plugin_that_raises_fails_only_its_own_image(tmp_path, images, monkeypatch):
+    """Some libraries patch ``Image.open`` (one retries an unknown file through an optional plugin and raises
+    ``ModuleNotFoundError`` when it is missing): the bad file still fails alone, not its batch or the report."""
+    import PIL.Image
+
+    real = PIL.Image.open
+
+    def plugin_open(fp, *args, **kwargs):
+        try:
+            return real(fp, *args, **kwargs)
+        except PIL.Image.UnidentifiedImageError:
+            raise ModuleNotFoundError("No module named 'some_plugin'") from None
+
+    monkeypatch.setattr(PIL.Image, "open", plugin_open)
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST,
+             "--set", "ascend.batch_size=4")
+    assert r.exit_code == 1
+    recs = _manifest(out / "r")
+    failed = {x["path"].split("/")[-1]: x["error"] for x in recs if x["status"] == "failed"}
+    assert set(failed) == {"broken.png"} and "some_plugin" in failed["broken.png"]
+    assert sum(x["status"] == "done" and x["stage"] == "surgery" for x in recs) == 3
+    assert "broken.png" in (out / "r" / "report.html").read_text()
+
+
 def test_usage_errors_exit_2(tmp_path, images):
     bad = tmp_path / "bad.yaml"
     bad.write_text("ascend:\n  nope: 1\n")

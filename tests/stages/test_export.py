@@ -1,8 +1,10 @@
 """export and eval: each format read back by its own library, on a toy run whose truth is known."""
 
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -385,24 +387,35 @@ def test_yolo_folder_is_a_dataset_by_the_formats_rules(run, toy_run):
         assert (root / "labels" / p.relative_to(root / "images")).with_suffix(".txt").is_file()
 
 
-def test_yolo_dataset_loads_in_ultralytics_from_another_folder(run, tmp_path, monkeypatch):
-    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultralytics"))  # its settings file, kept out of the home folder
-    pytest.importorskip("ultralytics")
-    from ultralytics.data import YOLODataset
-    from ultralytics.data.utils import check_det_dataset
+_ULTRALYTICS_CHECK = """
+import json, sys
+from ultralytics.data import YOLODataset
+from ultralytics.data.utils import check_det_dataset
 
+data = check_det_dataset(sys.argv[1])
+ds = YOLODataset(img_path=data["train"], data=data, task="detect", augment=False, imgsz=64, cache=False)
+items = [ds[i] for i in range(len(ds))]  # every image and its boxes, through the loader training uses
+print(json.dumps({"nc": data["nc"], "images": len(ds.im_files), "boxes": sum(len(lab["cls"]) for lab in ds.labels),
+                  "shapes_agree": all(it["img"].shape[0] == 3 and it["cls"].shape[0] == it["bboxes"].shape[0]
+                                      for it in items)}))
+"""
+
+
+def test_yolo_dataset_loads_in_ultralytics_from_another_folder(run, tmp_path):
+    """In its own process: importing ultralytics patches ``PIL.Image.open`` and ``torch.save`` for the whole
+    interpreter, which would change what every later test sees."""
+    if importlib.util.find_spec("ultralytics") is None:  # found, not imported here
+        pytest.skip("ultralytics is not installed (pip install -e '.[dev]')")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "ultralytics"), "YOLO_OFFLINE": "1"}  # its settings file
+    done = subprocess.run([sys.executable, "-c", _ULTRALYTICS_CHECK, str(run / "export" / "yolo" / "data.yaml")],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
     coco = _coco(run)
-    data = check_det_dataset(str(run / "export" / "yolo" / "data.yaml"))
-    assert data["nc"] == len(coco["categories"])
-    ds = YOLODataset(img_path=data["train"], data=data, task="detect", augment=False, imgsz=64, cache=False)
-    assert len(ds.im_files) == len(coco["images"]) == 4
-    assert sum(len(lab["cls"]) for lab in ds.labels) == len(coco["annotations"]) > 0
-    for i in range(len(ds)):  # every image and its boxes, through the loader training uses
-        item = ds[i]
-        assert item["img"].shape[0] == 3 and item["cls"].shape[0] == item["bboxes"].shape[0]
+    assert got["nc"] == len(coco["categories"]) and got["images"] == len(coco["images"]) == 4
+    assert got["boxes"] == len(coco["annotations"]) > 0 and got["shapes_agree"]
 
 
 def test_yolo_split_is_seeded_and_an_earlier_layout_is_removed(run, toy_run):
