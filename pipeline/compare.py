@@ -23,10 +23,13 @@ from typing import Callable, Mapping
 import numpy as np
 from PIL import Image
 
-from pipeline.heatmaps import fit_side, label_slug, overlay_heatmap, upsample_map
+from pipeline.heatmaps.draw import fit_side, label_slug, overlay_heatmap, upsample_map
 from pipeline.images import ImageError, ImageRef, load_image
 from pipeline.provenance import Status
 from pipeline.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_output
+
+COMPARE_JSON = "compare.json"  # in the --out folder: the two runs' labels, matched, and the maps drawn
+COMPARE_HTML = "compare.html"  # the page
 
 PARTICULAR = 20  # words listed as most particular to each run
 
@@ -237,8 +240,8 @@ def write_comparison(a_root: Path, b_root: Path, out: Path, maps: int = 200, map
     for row in doc["images"]:
         if row["image"] in drawn:
             row["maps"] = drawn[row["image"]]
-    atomic_write_json(out / "compare.json", doc)
-    atomic_write_text(out / "compare.html", render_comparison(doc, a, b, out))
+    atomic_write_json(out / COMPARE_JSON, doc)
+    atomic_write_text(out / COMPARE_HTML, render_comparison(doc, a, b, out))
     return doc
 
 

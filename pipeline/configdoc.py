@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 FIELD = re.compile(r"^\s+(\w+):[^=#]*(?:=[^#]*)?(?:#\s*(.*))?$")
 
@@ -80,9 +80,11 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     return out
 
 
-def config_reference(config: type, presets: Mapping[str, Mapping[str, Mapping[str, object]]]) -> str:
-    """The whole of ``docs/config.md``, for the run's config class (``stages.RunConfig``) and its presets (the
-    library does not import the stages: the caller passes them)."""
+def config_reference(config: type, presets: Mapping[str, Mapping[str, Mapping[str, object]]],
+                     choices: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The whole of ``docs/config.md``, for the run's config class (``stages.RunConfig``), its presets and the keys
+    whose values a registry holds (``stages.config_choices()``); the library does not import the stages, so the
+    caller passes them."""
     lines = [HEADER, "## Presets", "", "`preset: NAME` (or `--preset NAME`) starts from these ascend keys:", ""]
     lines += ["| preset | keys |", "|---|---|"]
     for name, keys in presets.items():
@@ -95,6 +97,8 @@ def config_reference(config: type, presets: Mapping[str, Mapping[str, Mapping[st
             section = top
             lines += ["", f"## `{top}`" if top else "## Top level", "", "| key | type | default | meaning |",
                       "|---|---|---|---|"]
+        if choices and key in choices:
+            meaning = f"{meaning}; choices: {', '.join(f'`{c}`' for c in choices[key])}"
         cell = meaning.replace("|", "\\|")
         lines.append(f"| `{key}` | {kind} | `{default}` | {cell} |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,9 @@ Localisation scores count the pairs whose category CLIP named (the only ones wit
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -227,6 +229,22 @@ def coco_detection(truth: dict, results: list[dict]) -> dict:
 
 def _r(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else round(float(x), 4)
+
+
+def read_truth(path: Path) -> dict:
+    """A COCO truth file, checked to have ``images``, ``annotations`` and valid ``categories``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: not JSON, or not a COCO file, with the reason.
+    """
+    from pipeline.autolabels import categories_from_coco
+
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
+        raise ValueError("not a COCO file: it needs 'images', 'annotations' and 'categories' lists")
+    categories_from_coco(doc)  # its categories, checked before a run is read
+    return doc
 
 
 def truth_by_file(coco: dict) -> dict[str, dict[str, list[TruthObject]]]:

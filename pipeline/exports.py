@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from pipeline.autolabels import Categories, ExportImage, ExportLabel
-from pipeline.heatmaps import label_slug
+from pipeline.heatmaps.draw import label_slug
 from pipeline.regions import Region
 from pipeline.rundir import atomic_write_text
 

@@ -208,6 +208,24 @@ def record_damage(run: RunDir, damaged: list[dict]) -> None:
         mark_damaged(run, damaged, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
+def verify_and_record(run: RunDir) -> dict:
+    """``status --verify``: every finished output re-read (``verify_outputs``) and the damage recorded
+    (``record_damage``); what was checked, as plain data (``damaged`` lists each damaged output).
+
+    Raises:
+        RunLocked: another command holds the run, so the damage found could not be recorded.
+    """
+    import time
+
+    t = time.time()
+    found = verify_outputs(run)
+    report = {"records": found.records, "files": found.files, "bytes": found.bytes,
+              "existence_only": found.existence_only, "damaged": found.damaged, "seconds": round(time.time() - t, 2)}
+    if found.damaged:
+        record_damage(run, found.damaged)
+    return report
+
+
 def mark_damaged(run: RunDir, damaged: list[dict], session: str) -> None:
     """Record each damaged output's (image, stage) as ``damaged`` with its reason, so the next run redoes it."""
     run.append_manifest([{"image": d["image"], "path": d["path"], "stage": d["stage"], "status": "damaged",

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from clip.model import CLIP
 
 from pipeline.images import normalize
-from pipeline.surgery import encode_image_tokens, feature_surgery
+from pipeline.heatmaps.blocks import encode_image_tokens
+from pipeline.heatmaps.similarity import feature_surgery
 from pipeline.textenc import encode_tokens
 from pipeline.tokens import tokenize, vocab
 from pipeline.toyworld import COLOURS, SHAPES, SceneSpec, caption_for, make_scene, scene_rng

@@ -170,3 +170,61 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def export_views(run: RunDir, stamp: dict) -> tuple[list[str], list[str]]:
+    """What ``export`` prints from its stamp: the lines for stdout, and the warnings for stderr."""
+    from pipeline.rundir import EXPORT, EXPORT_REGIONS
+
+    lines = [f"exported {stamp['images']} images: {stamp.get('labels', 0)} labels, {stamp['regions']} regions; "
+             f"{stamp.get('labels_without_region', 0)} labels without a region (a flat map, or a box over nearly all "
+             "the image)"]
+    lines += [f"  {fmt}: {run.file(EXPORT, fmt)} ({', '.join(Path(f).name for f in files)})"
+              for fmt, files in stamp.get("files", {}).items()]
+    lines.append(f"  regions: {run.file(EXPORT_REGIONS)}")
+    warnings = [f"warning: {w.removeprefix('export: ')}" for w in stamp.get("warnings", [])]
+    left = stamp.get("left_out", [])
+    if left:
+        warnings.append(f"left out {len(left)}: " + "; ".join(f"{d['what']} of {d['image']} ({d['reason']})"
+                                                          for d in left[:5]) + (" ..." if len(left) > 5 else ""))
+    return lines, warnings
+
+
+def eval_views(result: dict, run_name: str, truth: Path, target: Path, tau: float, region_method: str,
+               methods: list[str]) -> list[str]:
+    """What ``eval`` prints: the table of every method, then coverage, COCO detection and where it was written."""
+    from pipeline.evaluation import eval_table, format_table
+
+    o, ap = result["overall"], result["detection"]
+    best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
+    return [f"{run_name} against {truth.name} (tau {tau}, boxes from {region_method}):",
+            format_table(eval_table(result, methods, region_method)),
+            f"coverage {o['coverage']} of {o['pairs']} true (image, category) pairs named by CLIP; "
+            f"best tau by method: {best}; {len(result['missing_from_run'])} truth images not in the run\n"
+            f"detection (COCO): AP {ap['ap']}, AP50 {ap['ap50']}, AP75 {ap['ap75']}; at IoU 0.5 precision "
+            f"{ap['precision']}, recall {ap['recall']} ({ap['tp']} TP, {ap['fp']} FP, {ap['fn']} FN); "
+            f"{result['labels_without_region']} of {result['labels_exported']} exported labels have no box\n"
+            f"written: {target}"]
+
+
+def verify_views(report: dict) -> list[str]:
+    """What ``status --verify`` prints above the status table."""
+    lines = [f"verified {report['files']} files of {report['records']} finished outputs "
+             f"({report['bytes'] / 2**20:.1f} MiB) in {report['seconds']}s: {len(report['damaged'])} damaged"
+             + (f"; {report['existence_only']} written before checksums, checked to exist only"
+                if report["existence_only"] else "")]
+    return lines + [f"damaged: {d['stage']} {d['image'] or '(whole run)'}: {d['reason']}" for d in report["damaged"]]
+
+
+def compare_views(doc: dict, out: Path) -> list[str]:
+    """What ``compare`` prints: agreement overall, what either run lacks, and the page."""
+    ov, missing = doc["overall"], doc["missing"]
+    lines = [f"{ov['images_compared']} images compared: mean Jaccard {ov['mean_jaccard']}, "
+             f"{ov['identical_images']} identical, {ov['disjoint_images']} with no label in common"]
+    for key, what in (("only_in_a", "only in A"), ("only_in_b", "only in B"), ("unlabelled_in_a", "without labels in A"),
+                      ("unlabelled_in_b", "without labels in B")):
+        if missing[key]:
+            lines.append(f"{len(missing[key])} images {what} (listed in compare.html)")
+    from pipeline.compare import COMPARE_HTML
+
+    return lines + [f"comparison: {out / COMPARE_HTML}"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import STAGE_NAMES, require
+from pipeline.heatmaps import names as heatmap_methods
 from pipeline.stage import PerImageStage, WholeRunStage
 from stages.ascend import AscendStage, AscentConfig
 from stages.decode import DecodeConfig, DecodeStage
@@ -62,6 +63,12 @@ PRESETS: dict[str, dict] = {
     "classic": {},
     "best": {"ascend": {"iterations": 400, "candidates": 32}},
 }
+
+
+def config_choices() -> dict[str, tuple[str, ...]]:
+    """The keys whose values come from a registry, with those values now (the config reference lists them)."""
+    return {"surgery.methods": heatmap_methods(), "export.region_method": heatmap_methods()}
+
 
 # The config keys that change each stage's results, in one place (see pipeline.provenance): a change to
 # one of them redoes that stage, and every stage after it, for every image. A section named here counts

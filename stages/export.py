@@ -32,13 +32,12 @@ from pipeline.autolabels import (ExportImage, LabelMap, LabelRules, categories_f
 from pipeline.config import ConfigError, require
 from pipeline.exports import (FORMATS, YOLO_IMAGES, coco_documents, local_root, run_key, write_coco, write_fiftyone, write_labelstudio,
                               write_yolo)
-from pipeline.heatmaps import HEATMAP_METHODS
+from pipeline.heatmaps import names
 from pipeline.images import ImageRef
-from pipeline.rundir import (EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
+from pipeline.rundir import (EXPORT, EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
                              atomic_write_text, read_json)
 from pipeline.stage import StageContext, WholeRunStage
 
-EXPORT = "export"
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
         require(not bad, f"export.formats has an unknown format {bad[0]!r}; valid: {', '.join(FORMATS)}" if bad else "")
-        require(self.region_method in HEATMAP_METHODS,
-                f"export.region_method must be one of {list(HEATMAP_METHODS)}, got {self.region_method!r}")
+        require(self.region_method in names(),
+                f"export.region_method must be one of {list(names())}, got {self.region_method!r}")
         require(0 < self.tau <= 1, f"export.tau must be in (0, 1], got {self.tau}")
         require(0 <= self.min_area < 1, f"export.min_area must be in [0, 1) (a fraction of the image), got {self.min_area}")
         require(self.top_k >= 0, f"export.top_k must be >= 0 (0 = all), got {self.top_k}")

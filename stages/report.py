@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from importlib.resources import files
+from pathlib import Path
 from typing import Callable, Mapping
 
 import cv2
@@ -23,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import require
-from pipeline.heatmaps import HEATMAP_METHODS
+from pipeline.heatmaps import titles
 from pipeline.images import ImageError, ImageRef, load_image
 from pipeline.provenance import Status
-from pipeline.rundir import EXPORT_REGIONS, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
+from pipeline.rundir import EXPORT_REGIONS, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
 from pipeline.stage import StageContext, WholeRunStage
 
 # The page: HTML, CSS and script in one file, packaged with the library; render_report fills in its __KEYS__.
@@ -154,12 +155,13 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
         for stage, error in item.failures:
             failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
         cards.append(card)
-    shown = [m for m in HEATMAP_METHODS if m in methods]
+    names = titles()
+    shown = [m for m in names if m in methods]
     return {"run": inputs.run_name, "model": inputs.config.get("model"), "config": inputs.config, "cards": cards,
             "failures": failures, "records": leaderboard_rows(inputs.records, {c["id"]: c["src"] for c in cards}),
             "seconds": {k: round(v, 1) for k, v in inputs.seconds.items()}, "counts": inputs.counts,
             "session": inputs.session, "page_size": cfg.page_size,
-            "methods": shown, "method_names": {m: HEATMAP_METHODS[m] for m in shown},
+            "methods": shown, "method_names": {m: names[m] for m in shown},
             "default_method": "surgery" if "surgery" in shown else (shown[0] if shown else None),
             "has_masks": any(m[2] for c in cards for m in c["maps"]),
             "has_boxes": any(c.get("boxes") for c in cards),
@@ -206,6 +208,20 @@ def leaderboard_page(title: str, records: list[dict], pictures: Mapping[str, str
     data = build_report_data(ReportInputs(title, {}, [], [], {}), ReportConfig())
     data["records"] = leaderboard_rows(records, pictures)
     return render_report(data)
+
+
+def write_merged_leaderboard(roots: list[Path], out: Path, records: list[dict]) -> Path:
+    """``out/leaderboard.html`` for runs merged by ``rank --runs``: each word's best image by the thumbnail its
+    run's report made (``<run>/<id>``, as the merged records name images)."""
+    pictures = {}
+    for root in roots:
+        rd = RunDir(root)
+        for ref in rd.load_images():
+            if rd.thumbnail(ref.id).is_file():
+                pictures[f"{root.name}/{ref.id}"] = os.path.relpath(rd.thumbnail(ref.id), out)
+    page = out / LEADERBOARD
+    atomic_write_text(page, leaderboard_page(f"{len(roots)} runs merged", records, pictures))
+    return page
 
 
 def _shared_prefix(paths: list[str]) -> str:

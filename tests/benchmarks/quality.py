@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, nargs="+", default=[2], help="surgery depths to compare")
     ap.add_argument("--single-resolution", type=int, default=64)
     ap.add_argument("--maps", nargs="+", default=["raw", "surgery", "single"],
-                    help="heatmap methods to score (any of pipeline.heatmaps.HEATMAP_METHODS)")
+                    help="heatmap methods to score (any of pipeline.heatmaps.names())")
     ap.add_argument("--feature-surgery", default="multi", choices=["multi", "single", "off"],
                     help="feature surgery for the methods beyond raw, surgery and single")
     ap.add_argument("--device", default="auto")

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.evaluation import EvalImage, TruthObject, evaluate  # noqa: E402
-from pipeline.heatmaps import HEATMAP_METHODS  # noqa: E402
+from pipeline.heatmaps import names  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.prompts import prompt_ensemble  # noqa: E402
 from pipeline.regions import heatmap_regions  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=200, help="two-object scenes per style (half choose tau, half test)")
     ap.add_argument("--depth", type=int, default=3, help="surgery depth (the demo's: 3)")
     ap.add_argument("--single-resolution", type=int, default=64)
-    ap.add_argument("--methods", nargs="+", default=list(HEATMAP_METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(names()))
     ap.add_argument("--style", nargs="+", default=["train", "alt"])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--device", default="auto")

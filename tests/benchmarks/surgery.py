@@ -28,10 +28,12 @@ from PIL import Image  # noqa: E402
 from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import load_model, resolve_device  # noqa: E402
 from pipeline.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
-from pipeline.surgery import encode_image_tokens, feature_surgery, similarity_map  # noqa: E402
+from pipeline.heatmaps.blocks import encode_image_tokens  # noqa: E402
+from pipeline.heatmaps.similarity import feature_surgery, similarity_map  # noqa: E402
 from toyeval import held_out_scenes  # noqa: E402  (beside this script)
 from pipeline.toyworld import COLOURS, SHAPES  # noqa: E402
-from stages.surgery import SurgeryConfig, compute_heatmaps  # noqa: E402
+from pipeline.heatmaps.compute import compute_heatmaps  # noqa: E402
+from stages.surgery import SurgeryConfig  # noqa: E402
 
 WORDS = [*SHAPES, *COLOURS]
 
@@ -120,7 +122,7 @@ def main() -> None:
 
 def compare_methods(name: str, args) -> dict:
     """Stage-core seconds per image with the default methods and with every method, same images and labels."""
-    from pipeline.heatmaps import HEATMAP_METHODS
+    from pipeline.heatmaps import names
 
     dev = resolve_device(args.device)
     lm = load_model(name, dev)
@@ -135,7 +137,7 @@ def compare_methods(name: str, args) -> dict:
     sizes = [(p.height, p.width) for p in pictures]
     out = {"model": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "images": args.images, "labels_per_image": args.labels, "single_resolution": side, "surgery_depth": args.depth}
-    for label, methods in (("default", ("raw", "surgery", "single")), ("all", tuple(HEATMAP_METHODS))):
+    for label, methods in (("default", ("raw", "surgery", "single")), ("all", names())):
         cfg = SurgeryConfig(surgery_depth=args.depth, single_resolution=side, methods=methods)
         compute_heatmaps(lm.model, base[:1], big[:1], words[:1], vocab, text, empty, sizes[:1], cfg)  # warm-up
         sync(dev)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.heatmaps import upsample_map
+from pipeline.heatmaps.draw import upsample_map
 from pipeline.images import normalize, to_tensor
 from pipeline.models import LoadedModel
 from pipeline.prompts import prompt_ensemble
@@ -35,7 +35,8 @@ from pipeline.toytrain import HELD_OUT_SEED
 from pipeline.toyworld import Scene, SceneSpec, make_scene, scene_rng
 from stages.ascend import AscentConfig, extract_opinions
 from stages.decode import DecodeConfig, decode_labels
-from stages.surgery import SurgeryConfig, compute_heatmaps
+from pipeline.heatmaps.compute import compute_heatmaps
+from stages.surgery import SurgeryConfig
 
 MULTI_OBJECT_SEED = HELD_OUT_SEED + 2  # a held-out stream of its own; training never draws from it
 

@@ -272,11 +272,11 @@ def test_every_stage_command_reruns_its_stage_in_process(small_run, stage, files
 
 
 def test_every_heatmap_method_through_the_cli(tmp_path, images):
-    from pipeline.heatmaps import HEATMAP_METHODS
+    from pipeline.heatmaps import names
 
     from pipeline.models import TOY_CHECKPOINT
 
-    methods = list(HEATMAP_METHODS)
+    methods = list(names())
     arch = json.loads(TOY_CHECKPOINT.with_suffix(".json").read_text())["arch"]
     cells = arch["image_resolution"] // arch["vision_patch_size"]
     out = tmp_path / "out"
@@ -309,9 +309,9 @@ def test_a_vit_only_method_on_a_resnet_is_a_config_error(tmp_path, images):
 def test_whole_pipeline_on_openclip_models(tmp_path, images, model, methods):
     """An OpenCLIP model runs every stage from the CLI; a ViT writes every method's maps, a ResNet its three."""
     pytest.importorskip("open_clip")
-    from pipeline.heatmaps import HEATMAP_METHODS
+    from pipeline.heatmaps import names
 
-    methods = list(methods or HEATMAP_METHODS)
+    methods = list(methods or names())
     out = tmp_path / "out"
     # two candidates of two tokens: few words, as the 85-template text features of each cost a 12-block text tower
     r = _run("--input", str(images), "--model", model, "--output", str(out), "--run-name", "r", "--quiet",

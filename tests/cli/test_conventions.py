@@ -47,8 +47,11 @@ def test_the_stage_names_and_choices_match_the_library():
     from stages import PRESETS, STAGE_ORDER
 
     assert runall.STAGE_NAMES == STAGE_ORDER
-    assert [p.value for p in runall.Preset] == list(PRESETS)
-    assert sorted(r.value for r in runall.Recipe) == sorted(["auto", *RECIPES])
+    from cli.common import Preset
+    from cli.toy import Recipe
+
+    assert [p.value for p in Preset] == list(PRESETS)
+    assert sorted(r.value for r in Recipe) == sorted(["auto", *RECIPES])
 
 
 def test_results_go_to_stdout_and_json_is_parseable(tmp_path, images):
@@ -136,10 +139,12 @@ def test_ctrl_c_says_how_to_resume_and_is_logged(tmp_path, images, monkeypatch, 
 
 
 def test_long_lines_are_never_wrapped(monkeypatch, capsys):
-    narrow = Console(stderr=True, soft_wrap=runall.console.soft_wrap, width=40)
-    monkeypatch.setattr(runall, "console", narrow)
+    import cli.common
+
+    narrow = Console(stderr=True, soft_wrap=cli.common.console.soft_wrap, width=40)
+    monkeypatch.setattr(cli.common, "console", narrow)
     url = "https://openaipublic.azureedge.net/clip/models/" + "5" * 64 + "/ViT-B-16.pt"
     with pytest.raises(Exception):
-        runall._fail(f"could not download {url} into /home/someone/.cache/clip")
+        cli.common.fail(f"could not download {url} into /home/someone/.cache/clip")
     err = capsys.readouterr().err
     assert url in err.replace("\n", "") and any(url in line for line in err.splitlines())

@@ -44,13 +44,14 @@ def broken_links(page: Path) -> list[str]:
 
 
 def test_config_reference_is_what_the_code_generates():
-    from stages import PRESETS, RunConfig
+    from stages import PRESETS, RunConfig, config_choices
 
-    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == config_reference(RunConfig, PRESETS), \
+    expected = config_reference(RunConfig, PRESETS, config_choices())
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == expected, \
         "docs/config.md is stale: python runall.py config-reference > docs/config.md"
     made = subprocess.run([sys.executable, "runall.py", "config-reference"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout
-    assert made == config_reference(RunConfig, PRESETS)
+    assert made == expected
 
 
 def test_every_config_key_is_documented_and_a_new_one_would_show():
@@ -74,15 +75,17 @@ def test_cli_reference_is_what_typer_generates():
         'docs/cli.md is stale: python -m typer runall.py utils docs --name "python runall.py" --output docs/cli.md')
 
 
-def test_the_library_imports_no_stage():
+def test_each_layer_imports_only_the_layers_below_it():
     import ast
 
+    above = {"pipeline": ("stages", "cli", "runall"), "stages": ("cli", "runall"), "cli": ("runall",)}
     found = []
-    for path in sorted((ROOT / "pipeline").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "stages" or n.startswith("stages.")]
+    for layer, banned in above.items():
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in banned]
     assert not found, found
 
 
@@ -117,3 +120,26 @@ def test_readme_opens_with_what_a_picture_and_the_two_commands():
     assert "shows what CLIP" in first_screen and "![" in first_screen
     assert 'pip install -e ".[dev]"' in first_screen and "python -m pytest -q" in first_screen
     assert len(lines) <= 160
+
+
+def test_architecture_names_only_files_that_exist_and_every_registry_entry_is_documented():
+    """ARCHITECTURE.md's tables and recipes name files; each must exist. Every stage, export format and map
+    method has its module or its place in the docs, so a recipe that skips a step fails here."""
+    from pipeline.exports import FORMATS
+    from pipeline.heatmaps import names
+    from stages import STAGES
+
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"`((?:pipeline|stages|tests|docs)/[\w/.<>-]+\.(?:py|md|html))`", text))
+    missing = [p for p in paths if "<" not in p and not (ROOT / p).exists()]
+    assert paths and not missing, f"ARCHITECTURE.md names files that do not exist: {missing}"
+    listed = set(re.findall(r"(?m)^\| `(\w+)\.py`", text))  # the library's module table
+    modules = {p.stem for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"}
+    assert modules - {"toyworld", "toytrain", "tokens", "textenc", "views", "doctor"} <= listed, \
+        f"library modules missing from ARCHITECTURE.md: {sorted(modules - listed)}"
+    assert all((ROOT / "stages" / f"{s}.py").exists() and (ROOT / "tests" / "stages" / f"test_{s}.py").exists()
+               for s in STAGES)
+    labels = (ROOT / "docs" / "auto-labels.md").read_text(encoding="utf-8").lower()
+    assert all(f.lower() in labels for f in FORMATS)
+    methods = (ROOT / "docs" / "heatmap-methods.md").read_text(encoding="utf-8")
+    assert all(f"| `{m}` |" in methods for m in names())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heatmaps import HEATMAP_METHODS, label_slug, map_to_points, overlay_heatmap, upsample_map
+from pipeline.heatmaps.draw import label_slug, map_to_points, overlay_heatmap, upsample_map
 
 
 def test_points_follow_the_original_rule():
@@ -50,11 +50,3 @@ def test_upsampled_map_keeps_its_range_and_peak():
     assert big.shape == (40, 40) and 0 <= big.min() and big.max() <= 1
     y, x = np.unravel_index(int(np.argmax(big)), big.shape)
     assert 10 <= y < 20 and 20 <= x < 30  # inside the hot cell
-
-
-def test_one_method_list_with_names():
-    from pipeline.maps import VIT_METHODS
-
-    assert list(HEATMAP_METHODS)[:3] == ["raw", "surgery", "single"]  # the original's three, in its order
-    assert set(HEATMAP_METHODS) == set(VIT_METHODS) | {"single"}  # every method the runner computes, and no other
-    assert all(isinstance(v, str) and v for v in HEATMAP_METHODS.values())

@@ -1,4 +1,4 @@
-"""pipeline.maps: one block runner, each method against its equations written out plainly, the model untouched."""
+"""pipeline.heatmaps.blocks: one block runner, each method against its equations written out plainly, the model untouched."""
 
 import copy
 
@@ -6,12 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.maps import RESNET_METHODS, VIT_METHODS, encode_method_tokens, neighbourhood_bias, resclip_blocks
+from pipeline.heatmaps import method, names
+from pipeline.heatmaps.base import neighbourhood_bias
+from pipeline.heatmaps.blocks import encode_image_tokens, encode_method_tokens, interpolate_positions
+from pipeline.heatmaps.methods.resclip import resclip_blocks
 from pipeline.models import load_model
-from pipeline.maps import _interpolate_positions
-from pipeline.surgery import encode_image_tokens
 
 LAST = ("maskclip", "sclip", "clearclip", "naclip", "resclip")
+VIT_METHODS = tuple(m for m in names("vit") if method(m).input == "native")  # what one forward computes
+RESNET_METHODS = tuple(m for m in names("resnet") if method(m).input == "native")
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +30,6 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def test_stock_attention_in_residual_mode_reproduces_encode_image(tiny):
-    x = _images(32)
-    with torch.no_grad():
-        got = encode_method_tokens(tiny.model, x, ("qk",), _extra={"qk": "residual"}).tokens["qk"]
-        stock = encode_image_tokens(tiny.model, x, 0).raw  # the stock blocks, every token projected
-        image = tiny.model.encode_image(x)
-    assert _rel(got, stock) <= 1e-5 and _rel(got[:, 0], image) <= 1e-5
-
-
 def _qkv(blk, x):
     """The block's q, k, v of ``ln_1(x)`` by its in-projection, and its head size. x: [N, C]."""
     c = x.shape[-1]
@@ -48,7 +42,7 @@ def _reference(visual, image, method, sigma=5.0):
     """One image, the last block by the method's equations, one head at a time. image: [3, H, W]."""
     x = visual.conv1(image[None]).flatten(2).transpose(1, 2)[0]  # [P, C]
     grid = (image.shape[1] // visual.conv1.kernel_size[0], image.shape[2] // visual.conv1.kernel_size[0])
-    x = torch.cat([visual.class_embedding[None], x]) + _interpolate_positions(visual.positional_embedding, grid)
+    x = torch.cat([visual.class_embedding[None], x]) + interpolate_positions(visual.positional_embedding, grid)
     x = visual.ln_pre(x)[:, None]  # [N, 1, C]
     blocks = list(visual.transformer.resblocks)
     recorded = []
@@ -88,7 +82,7 @@ def _reference_gem(visual, image, depth):
     """GEM written out for one image: the dual path over the last ``depth`` blocks, one head at a time."""
     grid = (image.shape[1] // visual.conv1.kernel_size[0], image.shape[2] // visual.conv1.kernel_size[0])
     x = visual.conv1(image[None]).flatten(2).transpose(1, 2)[0]
-    x = visual.ln_pre(torch.cat([visual.class_embedding[None], x]) + _interpolate_positions(visual.positional_embedding, grid))
+    x = visual.ln_pre(torch.cat([visual.class_embedding[None], x]) + interpolate_positions(visual.positional_embedding, grid))
     blocks = list(visual.transformer.resblocks)
     gem = None
     for i, blk in enumerate(blocks):

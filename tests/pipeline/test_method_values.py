@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import load_model
-from stages.surgery import SurgeryConfig, compute_heatmaps
+from pipeline.heatmaps.compute import compute_heatmaps
+from stages.surgery import SurgeryConfig
 
 SAVED = Path(__file__).parent / "data" / "method_maps.npz"
 VIT = ("raw", "surgery", "single", "maskclip", "sclip", "clearclip", "naclip", "resclip", "gem")

@@ -20,7 +20,7 @@ from PIL import Image
 open_clip = pytest.importorskip("open_clip")
 
 from pipeline.adapter import ClipAdapter, as_adapter, openclip_refusal  # noqa: E402
-from pipeline.heatmaps import HEATMAP_METHODS  # noqa: E402
+from pipeline.heatmaps import names  # noqa: E402
 from pipeline.images import normalize, to_tensor  # noqa: E402
 from pipeline.models import TOY_CHECKPOINT, LoadedModel, ModelError, load_model  # noqa: E402
 from pipeline.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
@@ -28,7 +28,8 @@ from pipeline.toytrain import held_out_single_objects  # noqa: E402
 from pipeline.toyworld import SceneSpec, make_scenes  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions, score_candidates  # noqa: E402
 from stages.decode import DecodeConfig, label_opinions  # noqa: E402
-from stages.surgery import SurgeryConfig, compute_heatmaps  # noqa: E402
+from pipeline.heatmaps.compute import compute_heatmaps  # noqa: E402
+from stages.surgery import SurgeryConfig  # noqa: E402
 
 
 def toy_in_open_clip(toy: LoadedModel) -> LoadedModel:
@@ -111,7 +112,7 @@ def test_every_heatmap_method_agrees(pair):
     scenes = make_scenes(11, 3, SceneSpec(min_objects=2, max_objects=2))
     words = [[w for o in s.objects for w in o.words] for s in scenes]
     vocab = list(dict.fromkeys(w for ws in words for w in ws))
-    cfg = SurgeryConfig(methods=tuple(HEATMAP_METHODS), single_resolution=96, surgery_depth=3)
+    cfg = SurgeryConfig(methods=names(), single_resolution=96, surgery_depth=3)
     out = []
     for lm in pair:
         base = normalize(torch.stack([to_tensor(Image.fromarray(s.image), 64) for s in scenes]))
@@ -119,9 +120,9 @@ def test_every_heatmap_method_agrees(pair):
         text, empty = prompt_ensemble(lm.model, vocab), prompt_ensemble(lm.model, [""])[0]
         out.append(compute_heatmaps(lm.clip, base, single, words, vocab, text, empty,
                                     [s.image.shape[:2] for s in scenes], cfg))
-    assert set(out[0][0].maps) == set(HEATMAP_METHODS)
+    assert set(out[0][0].maps) == set(names())
     for x, y in zip(*out):
-        for m in HEATMAP_METHODS:
+        for m in names():
             np.testing.assert_allclose(x.maps[m], y.maps[m], atol=1e-5, err_msg=m)
         assert x.points == y.points
 

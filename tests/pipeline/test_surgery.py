@@ -1,4 +1,4 @@
-"""pipeline.surgery: the model is never changed, the equations match a plain reference, maps are normalised per text."""
+"""pipeline.heatmaps (CLIP Surgery): the model is never changed, the equations match a plain reference, maps are normalised per text."""
 
 import math
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import load_model
-from pipeline.surgery import encode_image_tokens, feature_surgery, grid_shape, similarity_map
+from pipeline.heatmaps.blocks import encode_image_tokens
+from pipeline.heatmaps.similarity import feature_surgery, grid_shape, similarity_map
 
 
 @pytest.fixture(scope="module")

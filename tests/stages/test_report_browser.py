@@ -33,6 +33,15 @@ def browser():
         b.close()
 
 
+def _loaded(page, selector: str) -> list[bool]:
+    """Whether each image matching ``selector`` decoded, once every one has finished: lazy images load when
+    seen, and the page's load event does not wait for them."""
+    for img in page.locator(selector).all():
+        img.scroll_into_view_if_needed()
+    page.wait_for_function(f"() => [...document.querySelectorAll({selector!r})].every(e => e.complete)", timeout=15_000)
+    return page.eval_on_selector_all(selector, "els => els.map(e => e.complete && e.naturalWidth > 0)")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
@@ -58,7 +67,7 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     assert cards.count() == len(data["cards"]) == 6
     for c in data["cards"]:
         assert page.locator(f'[id="{c["id"]}"] h3').inner_text() == c["rel"]
-    thumbs_loaded = page.eval_on_selector_all(".card .pic > img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    thumbs_loaded = _loaded(page, ".card .pic > img")
     assert thumbs_loaded.count(True) == 5  # every decodable image shows; the broken one cannot
     page.click("#failures-title")  # open the failures list
     assert "broken.png" in page.locator("#failures").inner_text() and "not an image" in page.locator("#failures").inner_text()
@@ -99,7 +108,7 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     assert broken.locator(".missing").count() == 1 and broken.locator("img").count() == 0  # no broken-image icon
     assert page.locator("#pager").is_hidden()  # one page: no pager
     page.wait_for_load_state("load")
-    loaded = page.eval_on_selector_all("img.map", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    loaded = _loaded(page, "img.map")
     assert all(loaded), "an overlay did not load"
     assert errors == [], errors
 
@@ -222,7 +231,7 @@ def test_compare_page_opens_with_every_map_and_no_console_error(browser, demo_ru
     assert page.locator(".card").count() == doc["overall"]["images_compared"] == 5
     drawn = sum(len(r.get("maps", {}).get(s, {})) for r in doc["images"] for s in ("a", "b"))
     assert drawn > 0 and page.locator(".maps img").count() == drawn
-    loaded = page.eval_on_selector_all(".maps img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    loaded = _loaded(page, ".maps img")
     assert all(loaded), "a map did not load"
     assert "broken.png" in page.inner_text("body")  # in neither run's labels: listed, not dropped
     assert errors == [], errors

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from stages.surgery import HeatmapResult, SurgeryConfig, draw_heatmaps
+from pipeline.heatmaps.compute import HeatmapResult, draw_heatmaps
+from stages.surgery import SurgeryConfig
 from tests.benchmarks.toyeval import evaluate_localization, held_out_scenes
 
 
@@ -32,7 +33,7 @@ def test_drawn_overlays_and_peaks_follow_each_map():
 def test_windows_tile_at_half_stride_and_stitch_back():
     import torch
 
-    from stages.surgery import stitch_windows, window_offsets
+    from pipeline.heatmaps.compute import stitch_windows, window_offsets
 
     assert window_offsets(64, 64) == [(0, 0)]
     starts = [0, 32, 64, 96, 128, 136]  # half-window stride, the last flush with the edge
@@ -52,7 +53,7 @@ def test_windowed_maps_cover_the_whole_image(toy):
 
     from pipeline.images import normalize
     from pipeline.prompts import prompt_ensemble
-    from stages.surgery import compute_heatmaps
+    from pipeline.heatmaps.compute import compute_heatmaps
 
     scene = held_out_scenes(1, objects=2)[0]
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float()[None] / 255
@@ -89,8 +90,8 @@ def test_each_map_records_the_similarities_its_0_and_1_stand_for(toy):
 
     from pipeline.images import normalize
     from pipeline.prompts import prompt_ensemble
-    from pipeline.surgery import encode_image_tokens
-    from stages.surgery import compute_heatmaps
+    from pipeline.heatmaps.blocks import encode_image_tokens
+    from pipeline.heatmaps.compute import compute_heatmaps
 
     scene = held_out_scenes(1, objects=2)[0]
     x = normalize(torch.from_numpy(scene.image).permute(2, 0, 1).float()[None] / 255)

@@ -1,85 +1,16 @@
-"""CLIP Surgery, training-free: v-v attention with a dual path, and feature surgery.
+"""Similarity of image tokens to label features, and maps from similarity: CLIP Surgery's feature surgery.
 
-Li et al., "CLIP Surgery for Better Explainability with Enhancement in
-Open-Vocabulary Tasks" (2023), arXiv:2304.05653.
-
-This module wraps a *stock* CLIP model of either backend (``pipeline.adapter``). It reads
-the model's parameters and calls its own submodules; it never copies, swaps or mutates
-them. The positional embedding is interpolated into a local tensor for other input
-sizes, and the caller chooses the grad mode. The blocks run on the one block runner
-of ``pipeline.maps``, which every heatmap method shares.
-
-* ViT: the last ``surgery_depth`` blocks run two paths from the same input. The
-  original path is the stock block; the surgery path adds v-v attention of the
-  original path's ``ln_1`` output and skips the MLP. Both attentions run in one
-  ``scaled_dot_product_attention`` call. Token 0 comes from the original path, and
-  ``ln_post`` and ``proj`` are applied to every token.
-* ModifiedResNet (RN50 ...): the attention pool becomes plain v-v attention, as the
-  paper's released code runs it (the normalised-key, 8x-scale branch it carries but
-  never switches on is ``resnet_surgery="normalised"``); its ``c_proj`` is the projection. Token 0 is
-  the mean token through the stock q-k pool, i.e. exactly ``encode_image``. Any
-  ``surgery_depth >= 1`` turns the pool's surgery on; 0 gives the raw tokens.
-
-Raw tokens are the stock model's tokens with the same projection applied to all.
+Li et al., "CLIP Surgery for Better Explainability with Enhancement in Open-Vocabulary Tasks" (2023),
+arXiv:2304.05653. ``feature_surgery`` removes the features common to all labels; ``similarity_map``
+turns similarities into per-label maps in [0, 1].
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from pipeline.maps import encode_method_tokens
-from pipeline.prompts import prompt_ensemble
-
-__all__ = ["ImageTokens", "encode_image_tokens", "feature_surgery", "prompt_ensemble", "similarity_map", "grid_shape"]
-
-
-@dataclass(frozen=True)
-class ImageTokens:
-    """Projected image tokens of one forward, not normalised.
-
-    ``raw`` and ``surgery`` are ``[B, 1 + gh * gw, D]``; token 0 is the class token
-    (the same in both), then the patches in row-major order of the ``grid``.
-    """
-
-    raw: torch.Tensor
-    surgery: torch.Tensor
-    grid: tuple[int, int]
-
-
-def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: int = 6,
-                        resnet_surgery: str = "official") -> ImageTokens:
-    """Raw and surgery image tokens of stock CLIP in one forward, at any input size.
-
-    The first ``L - surgery_depth`` ViT blocks are shared by both paths. A depth
-    larger than the number of blocks means every block; 0 gives the raw tokens.
-
-    Args:
-        model: a stock openai-clip or OpenCLIP ``CLIP`` (or its ``visual``, or its adapter), ViT or ModifiedResNet.
-        images: CLIP-normalised images. Sides need not match the model's resolution.
-        surgery_depth: how many of the last blocks run the dual path.
-        resnet_surgery: ResNet only: ``"official"``, plain v-v attention as the released code runs it,
-            or ``"normalised"``, L2-normalised keys with 8x the scale (the code's unused branch).
-
-    Shape:
-        - images: :math:`(B, 3, H, W)`.
-        - Output: ``raw`` and ``surgery`` :math:`(B, 1 + gh \\cdot gw, D)`, with
-          ``grid = (H // patch, W // patch)`` for ViT and ``(H / 32, W / 32)`` for ResNet.
-
-    Example:
-        >>> tokens = encode_image_tokens(model, normalize(images), surgery_depth=6)
-        >>> tokens.raw[:, 0]  # equals model.encode_image(normalize(images)) at the model's resolution
-    """
-    if surgery_depth < 0:
-        raise ValueError(f"surgery_depth must be >= 0, got {surgery_depth}")
-    out = encode_method_tokens(model, images, ("raw", "surgery") if surgery_depth else ("raw",), surgery_depth,
-                               resnet_surgery=resnet_surgery)
-    raw = out.tokens["raw"]
-    return ImageTokens(raw=raw, surgery=out.tokens.get("surgery", raw), grid=out.grid)
 
 
 def feature_surgery(image_tokens: torch.Tensor, text_features: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Drawing heatmaps, and turning them into point prompts.
+"""Drawing heatmaps, and turning them into point prompts: the one place a map becomes a picture.
 
 ``overlay_heatmap`` is the one place a map is drawn: the JET colormap at 0.6 over
 the image at 0.4, as in the CLIP Surgery code. ``map_to_points`` is the original's
@@ -17,21 +17,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.images import slugify
-
-# The heatmap methods, in the order the surgery stage computes them and the report and
-# contact sheet show them, with the name a person reads.
-HEATMAP_METHODS: dict[str, str] = {
-    "raw": "raw CLIP",
-    "surgery": "surgery",
-    "single": "single-text surgery",
-    "maskclip": "MaskCLIP",
-    "sclip": "SCLIP",
-    "clearclip": "ClearCLIP",
-    "naclip": "NACLIP",
-    "resclip": "ResCLIP",
-    "gem": "GEM",
-}
-
 
 def label_slug(word: str) -> str:
     """A file-name-safe, unique slug of a label. Words that slugify lossily get a short hash of the word.
