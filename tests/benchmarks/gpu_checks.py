@@ -36,6 +36,7 @@ from pipeline.images import to_tensor  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.batching import split_on_oom  # noqa: E402
 from pipeline.toytrain import held_out_single_objects  # noqa: E402
+from pipeline import choosers  # noqa: E402
 from stages import ascend  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 from stages.decode import DecodeConfig, decode_labels  # noqa: E402
@@ -87,7 +88,7 @@ def compile_agreement(scenes: int, dev: torch.device, iterations: int = 400) -> 
     cfg, lm = AscentConfig(iterations=iterations), load_model("toy", dev, precision="fp16")
     imgs, seeds = images_for(lm, scenes), list(range(scenes))
     compiled = extract_opinions(lm, imgs, seeds, cfg)
-    with mock.patch.object(ascend, "COMPILE_ON_CUDA", False):
+    with mock.patch.object(choosers, "COMPILE_ON_CUDA", False):
         plain = extract_opinions(lm, imgs, seeds, cfg)
     pairs = [(x["ids"], y["ids"]) for a, b in zip(compiled, plain) for x, y in zip(a.candidates, b.candidates)]
     return {"scenes": scenes, "same_candidate_tokens": round(sum(x == y for x, y in pairs) / len(pairs), 4),

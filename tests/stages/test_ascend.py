@@ -102,7 +102,7 @@ def test_straight_through_matches_the_textbook_gumbel_softmax():
     """Forward: the embedding of argmax(logits + noise); backward: the gradient of
     ``(one_hot - y.detach() + y) @ table`` with ``y = softmax((logits + noise) / tau)``, as
     ``F.gumbel_softmax(hard=True)`` builds it, whatever the scale of the incoming gradient."""
-    from stages.ascend import _GumbelStraightThrough
+    from pipeline.choosers import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(300, 8, generator=g, dtype=torch.float64)
@@ -127,7 +127,7 @@ def test_straight_through_matches_the_textbook_gumbel_softmax():
 def test_straight_through_in_half_precision_keeps_small_gradients():
     """The backward's product with the table in fp16 (as on CUDA): an incoming gradient far below
     fp16's smallest normal number still gives the fp64 gradient to within half precision."""
-    from stages.ascend import _GumbelStraightThrough
+    from pipeline.choosers import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(1)
     table = torch.randn(300, 8, generator=g) * 0.02
@@ -147,7 +147,7 @@ def test_straight_through_in_half_precision_keeps_small_gradients():
 def test_straight_through_gradient_of_an_image_does_not_depend_on_its_batch():
     """Half precision's scaling is per row: an image batched beside one with gradients a million
     times larger gets bit for bit the gradient it gets alone."""
-    from stages.ascend import _GumbelStraightThrough
+    from pipeline.choosers import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(3)
     table = torch.randn(300, 8, generator=g) * 0.02
@@ -166,7 +166,7 @@ def test_straight_through_gradient_of_an_image_does_not_depend_on_its_batch():
 
 def test_compiled_and_in_place_gumbel_passes_compute_the_same():
     """CUDA runs the functional forms through torch.compile; eager runs use the in-place ones."""
-    from stages.ascend import _gumbel_grad_in_place, _gumbel_sample_in_place, gumbel_grad, gumbel_sample
+    from pipeline.choosers import _gumbel_grad_in_place, _gumbel_sample_in_place, gumbel_grad, gumbel_sample
 
     g = torch.Generator().manual_seed(2)
     logits, uniform = torch.randn(3, 4, 500, generator=g) * 50, torch.rand(3, 4, 500, generator=g)
@@ -180,13 +180,13 @@ def test_compiled_and_in_place_gumbel_passes_compute_the_same():
 
 
 def test_a_failed_compile_falls_back_to_the_plain_function_with_a_warning(monkeypatch):
-    from stages import ascend
+    from pipeline import choosers
 
     def broken(*args):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(ascend.torch, "compile", lambda fn: broken)
-    run = ascend._compiled(lambda x: x + 1)
+    monkeypatch.setattr(choosers.torch, "compile", lambda fn: broken)
+    run = choosers._compiled(lambda x: x + 1)
     with pytest.warns(UserWarning, match="torch.compile failed"):
         assert run(1) == 2
     assert run(2) == 3  # and stays on the plain function
