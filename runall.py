@@ -1,7 +1,7 @@
 """clipsight's command line: ``python runall.py --input imgs``, stage commands, models, doctor, toy.
 
 This module declares the app and its commands; their bodies are in ``cli/`` and call the library
-(``pipeline``) and the stages (``stages``); the run itself is ``pipeline.runner.run_stages``. Exit codes:
+(``pipeline``) and the stages (``stages``); the run itself is ``pipeline.run.runner.run_stages``. Exit codes:
 0 all succeeded, 1 some image failed, 2 usage or config error, 130 interrupted.
 
 Results and paths go to stdout; logs, progress and errors to stderr. Torch and the
@@ -21,7 +21,7 @@ from cli.common import (INTERRUPTED, CacheOpt, ConfigOpt, DeviceOpt, ForceOpt, J
                         SetOpt, console, execute, fail, out, print_dry_run, resolve, value, version)
 from cli.runs import COMMANDS
 from cli.toy import toy_app
-from pipeline.config import STAGE_NAMES, ConfigError
+from pipeline.run.config import STAGE_NAMES, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Show what CLIP sees in a folder of images: opinions, labels, word records and a report.")
@@ -58,9 +58,9 @@ def main(
     if input is None:
         console.print(ctx.get_help())
         fail("--input is required (a folder, an image, or a list file)")
-    from pipeline.images import InputError, discover_images, slugify
-    from pipeline.rundir import RunDir
-    from pipeline.runner import select_stages
+    from pipeline.run.images import InputError, discover_images, slugify
+    from pipeline.run.rundir import RunDir
+    from pipeline.run.runner import select_stages
 
     cfg = resolve(config, {}, {"model": model, "device": value(device), "preset": value(preset)}, set_)
     try:
@@ -84,7 +84,7 @@ for _name, _command in COMMANDS:
 @app.command("models")
 def models_command(cache: CacheOpt = None) -> None:
     """List the known model names and which OpenAI checkpoints are already in the cache."""
-    from pipeline.models import default_cache_dir, model_statuses
+    from pipeline.model.load import default_cache_dir, model_statuses
     from pipeline.views import models_table
 
     out.print(models_table(model_statuses(cache or default_cache_dir()), cache or default_cache_dir()))
@@ -93,7 +93,7 @@ def models_command(cache: CacheOpt = None) -> None:
 @app.command("config-reference")
 def config_reference_command() -> None:
     """Print every config key with its type, default and meaning (docs/config.md is this output, in Markdown)."""
-    from pipeline.configdoc import config_reference
+    from pipeline.run.configdoc import config_reference
     from stages import PRESETS, RunConfig, config_choices
 
     sys.stdout.write(config_reference(RunConfig, PRESETS, config_choices()))
@@ -106,7 +106,7 @@ def doctor(
 ) -> None:
     """Check and explain the environment: torch and CUDA, the weights cache, free disk, optional extras."""
     from pipeline.doctor import check_environment
-    from pipeline.models import default_cache_dir
+    from pipeline.model.load import default_cache_dir
     from pipeline.views import checks_table
 
     checks = check_environment(cache or default_cache_dir(), output)

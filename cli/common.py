@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 
-from pipeline.config import ConfigError, resolve_config
+from pipeline.run.config import ConfigError, resolve_config
 
 if TYPE_CHECKING:
-    from pipeline.rundir import RunDir
-    from pipeline.runner import RunOutcome
+    from pipeline.run.rundir import RunDir
+    from pipeline.run.runner import RunOutcome
     from stages import RunConfig
 
 # soft_wrap: a long path or URL stays on one line, so it can be pasted from a log or a pipe
@@ -84,7 +84,7 @@ def resolve(config: Path | None, base: dict, cli: dict, set_: list[str] | None, 
 def run_config(rd: RunDir, config: Path | None = None, cli: dict | None = None, set_: list[str] | None = None
                 ) -> RunConfig:
     """A run directory's config: its ``run.yaml`` under ``--config``, the command's options and ``--set``."""
-    from pipeline.rundir import CONFIG
+    from pipeline.run.rundir import CONFIG
 
     return resolve(config, rd.load_config(), cli or {}, set_ or [], base_source=str(rd.file(CONFIG)))
 
@@ -94,7 +94,7 @@ def summary_json(outcome: RunOutcome) -> dict:
     """The run's outcome as plain data: what ``--json`` prints."""
     from dataclasses import asdict
 
-    from pipeline.rundir import IMAGES_CSV
+    from pipeline.run.rundir import IMAGES_CSV
 
     images_csv = outcome.run.file(IMAGES_CSV)
     return {"run": str(outcome.run.root), "exit_code": outcome.exit_code,
@@ -108,9 +108,9 @@ def summary_json(outcome: RunOutcome) -> dict:
 def execute(cfg: RunConfig, run: RunDir, names: list[str], force: bool, quiet: bool, as_json: bool = False,
          images=None, summary: bool = True) -> int:
     """Run the stages, print the outcome (with ``summary`` off, its failures only), and return the exit code."""
-    from pipeline.models import ModelError
-    from pipeline.rundir import RunLocked
-    from pipeline.runner import run_stages
+    from pipeline.model.load import ModelError
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import run_stages
     from pipeline.views import outcome_views
     from stages import RESULT_KEYS, STAGES
 
@@ -144,7 +144,7 @@ def print_dry_run(cfg: RunConfig, run: RunDir, names: list[str], refs: list, as_
 
 
 def open_run(path: Path) -> RunDir:
-    from pipeline.rundir import RunDir
+    from pipeline.run.rundir import RunDir
 
     if not RunDir(path).has_config():
         fail(f"{path} is not a run directory (no run.yaml)")
@@ -153,7 +153,7 @@ def open_run(path: Path) -> RunDir:
 
 def state_of(rd, cfg):
     """The status of a run's outputs under ``cfg`` (``(image id, stage, latest records) -> Status``), as ``status`` shows it."""
-    from pipeline.runner import stage_provenance
+    from pipeline.run.runner import stage_provenance
     from stages import RESULT_KEYS, STAGES
 
     prov = stage_provenance(cfg, STAGES, RESULT_KEYS)

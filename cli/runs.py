@@ -11,7 +11,7 @@ import typer
 
 from cli.common import (ConfigOpt, DeviceOpt, ForceOpt, JsonOpt, ModelOpt, QuietOpt, RUN_HELP, SetOpt, console, execute,
                         fail, open_run, out, run_config, run_stage, state_of)
-from pipeline.config import STAGE_NAMES, ConfigError
+from pipeline.run.config import STAGE_NAMES, ConfigError
 
 RunOpt = Annotated[Path, typer.Option("--run", "--run-dir", help=RUN_HELP)]
 
@@ -44,7 +44,7 @@ def rank_command(
         fail("--runs needs the run directories as arguments: rank --runs outputs/a outputs/b --out outputs/merged")
     from dataclasses import asdict
 
-    from pipeline.rundir import RECORDS
+    from pipeline.run.rundir import RECORDS
     from pipeline.views import top_words_table
     from stages.rank import merge_runs
     from stages.report import write_merged_leaderboard
@@ -71,7 +71,7 @@ def compare_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Compare what two runs (two models, or two settings) see in the same images: compare.html and compare.json."""
-    from pipeline.compare import COMPARE_HTML, COMPARE_JSON, write_comparison
+    from pipeline.labels.compare import COMPARE_HTML, COMPARE_JSON, write_comparison
     from pipeline.views import compare_views
 
     if maps < 0 or maps_per_image < 0:
@@ -118,7 +118,7 @@ def export_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Export the run's labels and regions under RUN/export/<format>/ (a changed setting redoes it)."""
-    from pipeline.rundir import EXPORT_STAMP, read_json
+    from pipeline.run.rundir import EXPORT_STAMP, read_json
     from pipeline.views import export_views
 
     rd = open_run(run)
@@ -151,9 +151,9 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure the run's labels and regions against ground truth: precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
-    from pipeline.autolabels import load_label_map
-    from pipeline.evaluation import read_truth
-    from pipeline.rundir import EXPORT_EVAL, atomic_write_json
+    from pipeline.labels.autolabels import load_label_map
+    from pipeline.labels.evaluation import read_truth
+    from pipeline.run.rundir import EXPORT_EVAL, atomic_write_json
     from pipeline.views import eval_views
     from stages.export import effective_config, evaluate_run
 
@@ -183,9 +183,9 @@ def status_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Show, per stage, which images are done, stale (made with other settings), damaged, failed, blocked or pending, and why."""
-    from pipeline.provenance import verify_and_record
-    from pipeline.rundir import RunLocked
-    from pipeline.runner import stage_status
+    from pipeline.run.provenance import verify_and_record
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import stage_status
     from pipeline.views import status_table, verify_views
     from stages import RESULT_KEYS, STAGES
 

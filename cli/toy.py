@@ -14,14 +14,14 @@ toy_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="The toy world: synthetic scenes and the shipped toy CLIP.")
 
 
-class SceneStyle(str, enum.Enum):  # pipeline.toyworld.Style
+class SceneStyle(str, enum.Enum):  # pipeline.toy.world.Style
     train = "train"
     alt = "alt"
     varied = "varied"
     mixed = "mixed"
 
 
-class Recipe(str, enum.Enum):  # "auto" and pipeline.toytrain.RECIPES
+class Recipe(str, enum.Enum):  # "auto" and pipeline.toy.train.RECIPES
     auto = "auto"
     fine_gpu = "fine-gpu"
     fine_cpu = "fine-cpu"
@@ -45,7 +45,7 @@ def toy_scenes(
     style: Annotated[SceneStyle, typer.Option(help="train (hard-edged), alt (anti-aliased, other backgrounds), varied (the training augmentation: new choices per scene) or mixed (train or varied, half each).")] = SceneStyle.train,
 ) -> None:
     """Write toy scenes (coloured shapes with known truth), truth.json and truth_coco.json (for eval)."""
-    from pipeline.toyworld import SceneSpec, write_scenes
+    from pipeline.toy.world import SceneSpec, write_scenes
 
     try:
         spec = SceneSpec(size=size, min_objects=min_objects, max_objects=max_objects, style=style.value)  # type: ignore[arg-type]
@@ -72,8 +72,8 @@ def toy_train(
     device: DeviceOpt = None,
 ) -> None:
     """Train the toy CLIP on toy scenes (GPU when present), writing a checkpoint stock openai-clip loads."""
-    from pipeline.models import resolve_device
-    from pipeline.toytrain import resolve_recipe, save_toy_checkpoint, train_toy_clip
+    from pipeline.model.load import resolve_device
+    from pipeline.toy.train import resolve_recipe, save_toy_checkpoint, train_toy_clip
     from pipeline.views import training_progress
 
     dev = resolve_device(value(device) or "auto")

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.models import TOY_CHECKPOINT, cached_file
+from pipeline.model.load import TOY_CHECKPOINT, cached_file
 
 
 CHROMIUM_ENV = "CLIPSIGHT_CHROMIUM"
@@ -62,7 +62,7 @@ def check_environment(cache: Path, output: Path) -> list[Check]:
     try:
         import open_clip
 
-        from pipeline.models import RANDOM_OPENCLIP_PREFIX, openclip_models
+        from pipeline.model.load import RANDOM_OPENCLIP_PREFIX, openclip_models
 
         served = sum(n.startswith(RANDOM_OPENCLIP_PREFIX) for n in openclip_models())
         checks.append(Check("extra: openclip", True, f"open_clip {open_clip.__version__}: {served} architectures served, "

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.run.config import ConfigError
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b")
 

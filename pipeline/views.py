@@ -14,10 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.doctor import Check
-from pipeline.images import ImageRef
-from pipeline.rundir import RunDir
-from pipeline.runner import RunOutcome, stage_provenance
-from pipeline.stage import PerImageStage, WholeRunStage
+from pipeline.run.images import ImageRef
+from pipeline.run.rundir import RunDir
+from pipeline.run.runner import RunOutcome, stage_provenance
+from pipeline.run.stage import PerImageStage, WholeRunStage
 
 
 def outcome_views(outcome: RunOutcome, summary: bool = True) -> list:
@@ -174,7 +174,7 @@ def _duration(seconds: float) -> str:
 
 def export_views(run: RunDir, stamp: dict) -> tuple[list[str], list[str]]:
     """What ``export`` prints from its stamp: the lines for stdout, and the warnings for stderr."""
-    from pipeline.rundir import EXPORT, EXPORT_REGIONS
+    from pipeline.run.rundir import EXPORT, EXPORT_REGIONS
 
     lines = [f"exported {stamp['images']} images: {stamp.get('labels', 0)} labels, {stamp['regions']} regions; "
              f"{stamp.get('labels_without_region', 0)} labels without a region (a flat map, or a box over nearly all "
@@ -193,7 +193,7 @@ def export_views(run: RunDir, stamp: dict) -> tuple[list[str], list[str]]:
 def eval_views(result: dict, run_name: str, truth: Path, target: Path, tau: float, region_method: str,
                methods: list[str]) -> list[str]:
     """What ``eval`` prints: the table of every method, then coverage, COCO detection and where it was written."""
-    from pipeline.evaluation import eval_table, format_table
+    from pipeline.labels.evaluation import eval_table, format_table
 
     o, ap = result["overall"], result["detection"]
     best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
@@ -225,6 +225,6 @@ def compare_views(doc: dict, out: Path) -> list[str]:
                       ("unlabelled_in_b", "without labels in B")):
         if missing[key]:
             lines.append(f"{len(missing[key])} images {what} (listed in compare.html)")
-    from pipeline.compare import COMPARE_HTML
+    from pipeline.labels.compare import COMPARE_HTML
 
     return lines + [f"comparison: {out / COMPARE_HTML}"]

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import STAGE_NAMES, require
+from pipeline.run.config import STAGE_NAMES, require
 from pipeline.heatmaps import names as heatmap_methods
-from pipeline.stage import PerImageStage, WholeRunStage
+from pipeline.run.stage import PerImageStage, WholeRunStage
 from stages.ascend import AscendStage, AscentConfig
 from stages.decode import DecodeConfig, DecodeStage
 from stages.export import ExportConfig, ExportStage
@@ -70,9 +70,9 @@ def config_choices() -> dict[str, tuple[str, ...]]:
     return {"surgery.methods": heatmap_methods(), "export.region_method": heatmap_methods()}
 
 
-# The config keys that change each stage's results, in one place (see pipeline.provenance): a change to
+# The config keys that change each stage's results, in one place (see pipeline.run.provenance): a change to
 # one of them redoes that stage, and every stage after it, for every image. A section named here counts
-# whole, less the keys pipeline.provenance.NOT_RESULT lists (batch sizes).
+# whole, less the keys pipeline.run.provenance.NOT_RESULT lists (batch sizes).
 RESULT_KEYS: dict[str, tuple[str, ...]] = {
     "ascend": ("model", "precision", "seed", "max_side", "ascend"),
     "decode": ("model", "precision", "max_side", "decode"),
@@ -86,4 +86,4 @@ STAGES: dict[str, PerImageStage | WholeRunStage] = {
     s.name: s for s in (AscendStage(), DecodeStage(), SurgeryStage(), RankStage(), ExportStage(), ReportStage())
 }
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
-assert STAGE_ORDER == STAGE_NAMES, "pipeline.config.STAGE_NAMES must list the stages in run order"
+assert STAGE_ORDER == STAGE_NAMES, "pipeline.run.config.STAGE_NAMES must list the stages in run order"

@@ -31,15 +31,15 @@ import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 
-from pipeline.choosers import GumbelChooser, PezChooser
-from pipeline.config import require
-from pipeline.encode import encode_images, load_batch, rescore_texts
-from pipeline.images import ImageRef, normalize
-from pipeline.models import LoadedModel
-from pipeline.rundir import atomic_write_json, atomic_write_text
-from pipeline.stage import Finish, ItemResult, PerImageStage, StageContext
-from pipeline.textenc import encode_text_embeddings
-from pipeline.tokens import allowed_token_ids, clean_words, vocab
+from pipeline.model.choosers import GumbelChooser, PezChooser
+from pipeline.run.config import require
+from pipeline.model.encode import encode_images, load_batch, rescore_texts
+from pipeline.run.images import ImageRef, normalize
+from pipeline.model.load import LoadedModel
+from pipeline.run.rundir import atomic_write_json, atomic_write_text
+from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.model.textenc import encode_text_embeddings
+from pipeline.model.tokens import allowed_token_ids, clean_words, vocab
 
 
 @dataclass(frozen=True)

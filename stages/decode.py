@@ -13,11 +13,11 @@ from typing import Callable
 
 import torch
 
-from pipeline.config import require
-from pipeline.encode import encode_images, load_batch
-from pipeline.images import ImageRef
-from pipeline.rundir import atomic_write_json, read_output
-from pipeline.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.run.config import require
+from pipeline.model.encode import encode_images, load_batch
+from pipeline.run.images import ImageRef
+from pipeline.run.rundir import atomic_write_json, read_output
+from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
 
 
 # Function words that CLIP's opinions are full of and that name nothing in a picture. A label equal to

@@ -3,9 +3,9 @@
 For every image whose labels are done, the pure core ``export_image`` maps the label words
 to classes (``export.label_map``), keeps the best ``top_k`` at or above ``min_score``, and
 gives each class its regions: the box around SAM's mask where SAM ran, else the boxes of
-one heatmap method's map (``export.region_method``) by CAM's rule (``pipeline.regions``).
+one heatmap method's map (``export.region_method``) by CAM's rule (``pipeline.labels.regions``).
 The stage always writes ``export/regions.json`` (what the report draws), and each format
-in ``export.formats`` under ``export/<format>/`` through ``pipeline.exports``.
+in ``export.formats`` under ``export/<format>/`` through ``pipeline.labels.exports``.
 
 An export is redone only when its settings, its label map or an image's labels or maps
 have changed since the last one (``export/export.json`` holds the stamp). Images whose
@@ -27,16 +27,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.autolabels import (ExportImage, LabelMap, LabelRules, categories_from_coco, export_one, load_categories,
+from pipeline.labels.autolabels import (ExportImage, LabelMap, LabelRules, categories_from_coco, export_one, load_categories,
                                  load_label_map, read_npz)
-from pipeline.config import ConfigError, require
-from pipeline.exports import (FORMATS, YOLO_IMAGES, coco_documents, local_root, run_key, write_coco, write_fiftyone, write_labelstudio,
+from pipeline.run.config import ConfigError, require
+from pipeline.labels.exports import (FORMATS, YOLO_IMAGES, coco_documents, local_root, run_key, write_coco, write_fiftyone, write_labelstudio,
                               write_yolo)
 from pipeline.heatmaps import names
-from pipeline.images import ImageRef
-from pipeline.rundir import (EXPORT, EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
+from pipeline.run.images import ImageRef
+from pipeline.run.rundir import (EXPORT, EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
                              atomic_write_text, read_json)
-from pipeline.stage import StageContext, WholeRunStage
+from pipeline.run.stage import StageContext, WholeRunStage
 
 
 
@@ -49,7 +49,7 @@ class ExportConfig:
     min_area: float = 0.002  # with multi_instance: the smallest component kept, as a fraction of the image's area
     min_score: float | None = None  # labels whose stock-CLIP score is below this are not exported; null keeps all
     top_k: int = 0  # labels (classes) exported per image, best-scored first; 0 = all
-    label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.autolabels.LabelMap)
+    label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.labels.autolabels.LabelMap)
     min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
     max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
     categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
@@ -160,7 +160,7 @@ def build_exports(run: RunDir, jobs: list[tuple[ImageRef, bool]], cfg: ExportCon
     n = workers or os.cpu_count() or 1
     if n > 1 and len(jobs) >= PARALLEL_FROM:
         # spawned, not forked (a fork of a process that has run torch's and OpenCV's thread pools can hang);
-        # the worker's code (pipeline.autolabels) imports no torch, so each starts in a fraction of a second
+        # the worker's code (pipeline.labels.autolabels) imports no torch, so each starts in a fraction of a second
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = list(pool.map(work, jobs, chunksize=max(1, min(256, len(jobs) // (4 * n)))))
     else:
@@ -274,14 +274,14 @@ class ExportStage(WholeRunStage[ExportConfig]):
 
 def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMap, state: Any,
                  methods: list[str]) -> dict:
-    """A run's labels and regions against a COCO truth document (``pipeline.evaluation``).
+    """A run's labels and regions against a COCO truth document (``pipeline.labels.evaluation``).
 
     Images are matched by their path relative to the input root (the truth's ``file_name``),
     else by file name when that is unique; truth images the run lacks are listed. Classes are
     matched to the truth's categories as ``export --categories`` matches them, so the COCO detection
     metrics reported here are what the export's ``results.json`` scores against the same file.
     """
-    from pipeline.evaluation import EvalImage, coco_detection, evaluate, truth_by_file
+    from pipeline.labels.evaluation import EvalImage, coco_detection, evaluate, truth_by_file
 
     by_file = truth_by_file(truth)
     everything = replace(cfg, min_score=None, top_k=0, formats=())

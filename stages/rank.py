@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from pipeline.config import require
-from pipeline.images import ImageRef
-from pipeline.provenance import mark_damaged
-from pipeline.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
-from pipeline.stage import StageContext, WholeRunStage
-from pipeline.tokens import vocab
+from pipeline.run.config import require
+from pipeline.run.images import ImageRef
+from pipeline.run.provenance import mark_damaged
+from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
+from pipeline.run.stage import StageContext, WholeRunStage
+from pipeline.model.tokens import vocab
 
 
 

@@ -23,12 +23,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.config import require
+from pipeline.run.config import require
 from pipeline.heatmaps import titles
-from pipeline.images import ImageError, ImageRef, load_image
-from pipeline.provenance import Status
-from pipeline.rundir import EXPORT_REGIONS, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
-from pipeline.stage import StageContext, WholeRunStage
+from pipeline.run.images import ImageError, ImageRef, load_image
+from pipeline.run.provenance import Status
+from pipeline.run.rundir import EXPORT_REGIONS, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
+from pipeline.run.stage import StageContext, WholeRunStage
 
 # The page: HTML, CSS and script in one file, packaged with the library; render_report fills in its __KEYS__.
 PAGE_TEMPLATE = files("pipeline") / "templates" / "report.html"

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.batching import writer_pool
-from pipeline.config import ConfigError, require
+from pipeline.run.batching import writer_pool
+from pipeline.run.config import ConfigError, require
 from pipeline.heatmaps import method, names
 from pipeline.heatmaps.compute import DrawnHeatmaps, HeatmapResult, compute_heatmaps, draw_heatmaps
 from pipeline.heatmaps.draw import contact_sheet, label_slug, map_atlas
-from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
-from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_output
+from pipeline.run.images import ImageError, ImageRef, load_image, normalize, to_tensor
+from pipeline.run.rundir import atomic_write_bytes, atomic_write_json, read_output
 from pipeline.sam import SamConfig, load_sam, sam_masks
-from pipeline.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import tempfile
 import pytest
 import torch
 
-from pipeline.models import load_model
-from pipeline.toyworld import TRUTH_COCO, write_scenes
+from pipeline.model.load import load_model
+from pipeline.toy.world import TRUTH_COCO, write_scenes
 
 # FiftyOne, where the tests use it, keeps its database in a folder of this session's own, set before anything
 # imports fiftyone; FiftyOne starts that database on first use and stops it when the tests' process exits.

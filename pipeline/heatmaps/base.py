@@ -24,7 +24,7 @@ from typing import Callable, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.adapter import BlockParts
+from pipeline.model.adapter import BlockParts
 from pipeline.heatmaps.similarity import feature_surgery
 
 

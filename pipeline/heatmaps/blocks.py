@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.adapter import block_parts, is_vit, stem_activations, stock_block, vision_blocks
+from pipeline.model.adapter import block_parts, is_vit, stem_activations, stock_block, vision_blocks
 from pipeline.heatmaps.base import (BlockStep, HeatmapMethod, LastBlock, MapSettings, PathMethod, PoolStep, VitRun,
                                     split_heads)
 from pipeline.heatmaps.registry import method as registered

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipeline.adapter import input_resolution
+from pipeline.model.adapter import input_resolution
 from pipeline.heatmaps.blocks import MethodTokens, encode_method_tokens
 from pipeline.heatmaps.draw import fit_side, map_to_points, overlay_heatmap, upsample_map
 from pipeline.heatmaps.registry import method

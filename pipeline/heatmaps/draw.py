@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.images import slugify
+from pipeline.run.images import slugify
 
 def label_slug(word: str) -> str:
     """A file-name-safe, unique slug of a label. Words that slugify lossily get a short hash of the word.

@@ -37,13 +37,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.images import normalize, to_tensor  # noqa: E402
-from pipeline.models import load_model, resolve_device  # noqa: E402
-from pipeline.batching import fit_batch  # noqa: E402
-from pipeline.tokens import vocab  # noqa: E402
+from pipeline.run.images import normalize, to_tensor  # noqa: E402
+from pipeline.model.load import load_model, resolve_device  # noqa: E402
+from pipeline.run.batching import fit_batch  # noqa: E402
+from pipeline.model.tokens import vocab  # noqa: E402
 from jsonout import emit  # noqa: E402  (beside this script)
 from toyeval import ascent_recall  # noqa: E402  (beside this script)
-from pipeline.toytrain import held_out_single_objects  # noqa: E402
+from pipeline.toy.train import held_out_single_objects  # noqa: E402
 from stages.ascend import (AUTO_BATCH_CPU, AUTO_BATCH_CUDA, AscentConfig, _encode_views, ascent_bytes_per_image,  # noqa: E402
                            extract_opinions)
 

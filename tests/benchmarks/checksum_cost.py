@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.run.rundir import RunDir  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402
 
 

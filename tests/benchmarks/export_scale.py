@@ -4,7 +4,7 @@
 
 It builds the run with ``report_scale.make_run`` plus each image's ``surgery/<id>.npz`` and the
 size, methods and ranges of ``surgery/<id>.json``, then times what the export stage does:
-reading every image's labels and maps, building the regions (``pipeline.regions``, at 640x480),
+reading every image's labels and maps, building the regions (``pipeline.labels.regions``, at 640x480),
 and writing ``regions.json`` and each format. No model runs.
 """
 
@@ -52,10 +52,10 @@ def add_maps(run, seed: int = 0) -> None:
 
 
 def main() -> None:
-    from pipeline.autolabels import LabelMap
-    from pipeline.exports import run_key
-    from pipeline.provenance import Status
-    from pipeline.rundir import atomic_write_text
+    from pipeline.labels.autolabels import LabelMap
+    from pipeline.labels.exports import run_key
+    from pipeline.run.provenance import Status
+    from pipeline.run.rundir import atomic_write_text
     from stages.export import ExportConfig, read_exports, regions_document, write_formats
     from tests.benchmarks.jsonout import emit
     from tests.benchmarks.report_scale import make_run

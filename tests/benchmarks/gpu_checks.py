@@ -32,11 +32,11 @@ from PIL import Image  # noqa: E402
 
 from ascent import auto_batch  # noqa: E402  (beside this script)
 from jsonout import emit  # noqa: E402
-from pipeline.images import to_tensor  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.batching import split_on_oom  # noqa: E402
-from pipeline.toytrain import held_out_single_objects  # noqa: E402
-from pipeline import choosers  # noqa: E402
+from pipeline.run.images import to_tensor  # noqa: E402
+from pipeline.model.load import load_model  # noqa: E402
+from pipeline.run.batching import split_on_oom  # noqa: E402
+from pipeline.toy.train import held_out_single_objects  # noqa: E402
+from pipeline.model import choosers  # noqa: E402
 from stages import ascend  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions  # noqa: E402
 from stages.decode import DecodeConfig, decode_labels  # noqa: E402

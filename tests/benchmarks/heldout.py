@@ -1,4 +1,4 @@
-"""A held-out renderer of toy scenes, written apart from ``pipeline.toyworld`` and never used in training.
+"""A held-out renderer of toy scenes, written apart from ``pipeline.toy.world`` and never used in training.
 
 It draws the toy world's six shapes in its six colours with other choices than either
 of the package's renderers or the training augmentation:
@@ -15,7 +15,7 @@ of the package's renderers or the training augmentation:
 * its own backgrounds (flat, uniform noise, two-colour bilinear gradients, stripes
   of drawn lines), box blur and JPEG at quality 30-90.
 
-Use it through :func:`heldout_scenes`, which returns ``pipeline.toyworld.Scene``
+Use it through :func:`heldout_scenes`, which returns ``pipeline.toy.world.Scene``
 objects so every toy measurement accepts them. Scene ``i`` of a seed is a pure
 function of the seed and ``i``.
 """
@@ -28,7 +28,7 @@ import hashlib
 import cv2
 import numpy as np
 
-from pipeline.toyworld import COLOURS, SHAPES, Scene, ToyObject, caption_for
+from pipeline.toy.world import COLOURS, SHAPES, Scene, ToyObject, caption_for
 
 SHIFT = 4  # OpenCV's fractional bits: coordinates in 1/16 pixel
 

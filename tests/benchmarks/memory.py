@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.toyworld import SceneSpec, write_scenes  # noqa: E402
+from pipeline.toy.world import SceneSpec, write_scenes  # noqa: E402
 
 CHEAP = ["--set", "ascend.iterations=2", "--set", "ascend.candidates=2", "--set", "ascend.bank_size=4",
          "--set", "ascend.views=2", "--set", "decode.min_frequency=1", "--set", "surgery.single_resolution=64",

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from heldout import heldout_scenes  # noqa: E402  (beside this script)
-from pipeline.models import load_model  # noqa: E402
-from pipeline.toytrain import held_out_single_objects, image_embeddings, zero_shot_accuracy  # noqa: E402
-from pipeline.toyworld import SHAPES, SceneSpec, make_scene, scene_rng  # noqa: E402
+from pipeline.model.load import load_model  # noqa: E402
+from pipeline.toy.train import held_out_single_objects, image_embeddings, zero_shot_accuracy  # noqa: E402
+from pipeline.toy.world import SHAPES, SceneSpec, make_scene, scene_rng  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402
 
 PROBE_SEED = 424_242  # a scene stream of its own: training draws "train", the held-out sets their own seeds

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from pipeline.models import load_model, resolve_device  # noqa: E402
+from pipeline.model.load import load_model, resolve_device  # noqa: E402
 from heldout import heldout_scenes  # noqa: E402  (beside this script)
 from toyeval import ascent_recall, evaluate_localization, held_out_scenes, pointing_ceiling  # noqa: E402  (beside this script)
-from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy  # noqa: E402
+from pipeline.toy.train import held_out_single_objects, zero_shot_accuracy  # noqa: E402
 from stages import PRESETS  # noqa: E402
 from stages.ascend import AscentConfig  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402

@@ -7,7 +7,7 @@ words, so this measures localisation given the word (what ``export`` does with C
 labels). The scenes are split in two: tau is chosen on the first half (the best mean box
 accuracy over IoU 0.3/0.5/0.7, as ``eval`` reports it) and CorLoc is measured with that tau
 on the second half, beside CorLoc at the export's default tau. The metrics are the ones
-``runall.py eval`` computes (``pipeline.evaluation``); boxes come from ``pipeline.regions``.
+``runall.py eval`` computes (``pipeline.labels.evaluation``); boxes come from ``pipeline.labels.regions``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.evaluation import EvalImage, TruthObject, evaluate  # noqa: E402
+from pipeline.labels.evaluation import EvalImage, TruthObject, evaluate  # noqa: E402
 from pipeline.heatmaps import names  # noqa: E402
-from pipeline.models import load_model, resolve_device  # noqa: E402
-from pipeline.prompts import prompt_ensemble  # noqa: E402
-from pipeline.regions import heatmap_regions  # noqa: E402
+from pipeline.model.load import load_model, resolve_device  # noqa: E402
+from pipeline.model.prompts import prompt_ensemble  # noqa: E402
+from pipeline.labels.regions import heatmap_regions  # noqa: E402
 from stages.export import ExportConfig  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402

@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.config import to_dict  # noqa: E402
+from pipeline.run.config import to_dict  # noqa: E402
 from pipeline.doctor import find_chromium  # noqa: E402
-from pipeline.images import ImageRef  # noqa: E402
-from pipeline.provenance import Status  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.run.images import ImageRef  # noqa: E402
+from pipeline.run.provenance import Status  # noqa: E402
+from pipeline.run.rundir import RunDir  # noqa: E402
 from stages import RunConfig  # noqa: E402
 from stages.report import ReportConfig, build_report_data, read_report_inputs, render_report  # noqa: E402
 

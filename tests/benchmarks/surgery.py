@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.images import normalize, to_tensor  # noqa: E402
-from pipeline.models import load_model, resolve_device  # noqa: E402
-from pipeline.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
+from pipeline.run.images import normalize, to_tensor  # noqa: E402
+from pipeline.model.load import load_model, resolve_device  # noqa: E402
+from pipeline.model.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
 from pipeline.heatmaps.blocks import encode_image_tokens  # noqa: E402
 from pipeline.heatmaps.similarity import feature_surgery, similarity_map  # noqa: E402
 from toyeval import held_out_scenes  # noqa: E402  (beside this script)
-from pipeline.toyworld import COLOURS, SHAPES  # noqa: E402
+from pipeline.toy.world import COLOURS, SHAPES  # noqa: E402
 from pipeline.heatmaps.compute import compute_heatmaps  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402
 

@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline.models import load_model, resolve_device  # noqa: E402
-from pipeline.prompts import TEMPLATES  # noqa: E402
-from pipeline.textenc import encode_tokens  # noqa: E402
-from pipeline.tokens import tokenize  # noqa: E402
+from pipeline.model.load import load_model, resolve_device  # noqa: E402
+from pipeline.model.prompts import TEMPLATES  # noqa: E402
+from pipeline.model.textenc import encode_tokens  # noqa: E402
+from pipeline.model.tokens import tokenize  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402
 
 WORDS = ["cat", "red circle", "mountain bike", "x", "a very long compound word"]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from jsonout import emit  # noqa: E402  (beside this script)
-from pipeline.toyworld import SceneSpec, write_scenes  # noqa: E402
+from pipeline.toy.world import SceneSpec, write_scenes  # noqa: E402
 
 # runall.py in this process, then its peak memory (the CUDA figure only when CUDA was used).
 WRAPPER = ("import resource, runpy, sys; sys.argv = ['runall.py'] + sys.argv[1:]\n"
@@ -60,7 +60,7 @@ def cpu_costs(imgs: Path, run: Path, resolution: int, sample: int = 200) -> dict
 
 def _gaps(s: dict) -> dict:
     """A per-image stage's time on the model, and the model's idle gaps between batches: waiting for a
-    batch's inputs to be read, or for the batch before to be written (``pipeline.runner.run_per_image``)."""
+    batch's inputs to be read, or for the batch before to be written (``pipeline.run.runner.run_per_image``)."""
     if not s.get("model_seconds"):
         return {}
     return {"model_seconds": round(s["model_seconds"], 2), "input_wait_seconds": round(s["input_wait_seconds"], 2),
@@ -100,7 +100,7 @@ def main() -> None:
                                "done": s["done"], "failed": s["failed"], **_gaps(s)} for s in summary["stages"]}
         import torch
 
-        from pipeline.models import RANDOM_ARCHS
+        from pipeline.model.load import RANDOM_ARCHS
 
         arch = RANDOM_ARCHS.get(args.model.removeprefix("random:"))
         resolution = arch[1] if arch else 224  # the decode cost below, at the model's input side

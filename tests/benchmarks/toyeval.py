@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 
 from pipeline.heatmaps.draw import upsample_map
-from pipeline.images import normalize, to_tensor
-from pipeline.models import LoadedModel
-from pipeline.prompts import prompt_ensemble
-from pipeline.toytrain import HELD_OUT_SEED
-from pipeline.toyworld import Scene, SceneSpec, make_scene, scene_rng
+from pipeline.run.images import normalize, to_tensor
+from pipeline.model.load import LoadedModel
+from pipeline.model.prompts import prompt_ensemble
+from pipeline.toy.train import HELD_OUT_SEED
+from pipeline.toy.world import Scene, SceneSpec, make_scene, scene_rng
 from stages.ascend import AscentConfig, extract_opinions
 from stages.decode import DecodeConfig, decode_labels
 from pipeline.heatmaps.compute import compute_heatmaps

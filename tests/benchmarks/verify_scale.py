@@ -38,10 +38,10 @@ def build(root: Path, n: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from pipeline.config import to_dict
-    from pipeline.images import ImageRef, image_id
-    from pipeline.provenance import Provenance
-    from pipeline.rundir import RunDir, atomic_write_text
+    from pipeline.run.config import to_dict
+    from pipeline.run.images import ImageRef, image_id
+    from pipeline.run.provenance import Provenance
+    from pipeline.run.rundir import RunDir, atomic_write_text
     from stages import RESULT_KEYS, STAGES, RunConfig
 
     cfg = to_dict(RunConfig(model="random:tiny"))

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.models import TOY_CHECKPOINT
-from pipeline.toyworld import write_scenes
+from pipeline.model.load import TOY_CHECKPOINT
+from pipeline.toy.world import write_scenes
 from runall import app
 from tests.conftest import fast_args
 
@@ -144,7 +144,7 @@ def test_toy_train_writes_a_checkpoint_stock_clip_loads(tmp_path):
     import torch
     from clip.model import build_model
 
-    from pipeline.toytrain import RECIPES
+    from pipeline.toy.train import RECIPES
 
     out = tmp_path / "t.pt"
     r = _run("toy", "train", "--out", str(out), "--steps", "2", "--batch-size", "8", "--device", "cpu")
@@ -274,7 +274,7 @@ def test_every_stage_command_reruns_its_stage_in_process(small_run, stage, files
 def test_every_heatmap_method_through_the_cli(tmp_path, images):
     from pipeline.heatmaps import names
 
-    from pipeline.models import TOY_CHECKPOINT
+    from pipeline.model.load import TOY_CHECKPOINT
 
     methods = list(names())
     arch = json.loads(TOY_CHECKPOINT.with_suffix(".json").read_text())["arch"]

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.compare import compare_labels, jaccard
-from pipeline.toyworld import make_scenes
+from pipeline.labels.compare import compare_labels, jaccard
+from pipeline.toy.world import make_scenes
 from runall import app
 from tests.conftest import fast_args
 
@@ -21,7 +21,7 @@ def _run(*args):
 def two_runs(tmp_path_factory):
     """Run A on three toy scenes; run B, with another seed, on the same three plus one more; A's labels of one
     image then removed (decode unfinished there)."""
-    from pipeline.toyworld import write_scenes
+    from pipeline.toy.world import write_scenes
 
     root = tmp_path_factory.mktemp("compare")
     write_scenes(root / "a_imgs", 0, 3)

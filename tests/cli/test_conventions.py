@@ -26,7 +26,7 @@ def _run(*args):
 def test_help_imports_neither_torch_nor_the_stages():
     code = ("import sys, runall\n"
             "try:\n    runall.app(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'clip', 'stages', 'pipeline.runner') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'clip', 'stages', 'pipeline.run.runner') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
@@ -43,7 +43,7 @@ def test_version_bare_command_and_choices():
 
 
 def test_the_stage_names_and_choices_match_the_library():
-    from pipeline.toytrain import RECIPES
+    from pipeline.toy.train import RECIPES
     from stages import PRESETS, STAGE_ORDER
 
     assert runall.STAGE_NAMES == STAGE_ORDER
@@ -95,7 +95,7 @@ def test_dry_run_lists_images_and_estimates_from_finished_work(tmp_path, images)
 
 
 def test_a_preset_fills_only_the_keys_nothing_else_sets(tmp_path):
-    from pipeline.config import ConfigError, resolve_config
+    from pipeline.run.config import ConfigError, resolve_config
     from stages import PRESETS, RunConfig
 
     cfg = resolve_config(RunConfig, None, {}, {"preset": "fast"}, [], presets=PRESETS)

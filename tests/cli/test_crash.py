@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.toyworld import write_scenes
+from pipeline.toy.world import write_scenes
 from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository

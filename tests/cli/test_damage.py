@@ -23,7 +23,7 @@ def _manifest(run):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("damage")
-    from pipeline.toyworld import write_scenes
+    from pipeline.toy.world import write_scenes
 
     write_scenes(root / "imgs", 0, 3)
     r = _run("--input", str(root / "imgs"), "--model", "random:tiny", "--output", str(root / "out"), "--run-name", "r",
@@ -64,7 +64,7 @@ def _flip(path, old: bytes, new: bytes):
 
 
 def test_every_done_record_carries_each_outputs_size_and_checksum(run):
-    from pipeline.rundir import checksum
+    from pipeline.run.rundir import checksum
 
     done = [x for x in _manifest(run) if x["status"] == "done"]
     assert {x["stage"] for x in done} >= {"ascend", "decode", "surgery", "rank", "export", "report"}

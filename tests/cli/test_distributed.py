@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.toyworld import write_scenes
+from pipeline.toy.world import write_scenes
 from tests.conftest import fast_args
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository

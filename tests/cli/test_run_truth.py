@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.rundir import RunDir
+from pipeline.run.rundir import RunDir
 from runall import app
 from tests.conftest import fast_args
 
@@ -118,7 +118,7 @@ def test_one_writer_at_a_time_and_a_killed_holder_frees_the_run(tmp_path, images
     said = " ".join(r.output.split())
     assert r.exit_code == 2 and f"in use by pid {os.getpid()} on " in said, said
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pipeline.rundir import RunDir\n"
+                               "from pipeline.run.rundir import RunDir\n"
                                f"with RunDir(Path({str(run)!r})).lock():\n print('locked', flush=True); time.sleep(120)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

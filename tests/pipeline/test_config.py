@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, build_config, load_yaml, parse_overrides, resolve_config
+from pipeline.run.config import ConfigError, build_config, load_yaml, parse_overrides, resolve_config
 from stages import RunConfig
 
 
@@ -55,7 +55,7 @@ def test_shipped_configs_are_valid_and_say_what_they_set(name):
     """Every key a shipped config sets reaches the built config, and each keeps the original's ascent settings."""
     from pathlib import Path
 
-    from pipeline.config import to_dict
+    from pipeline.run.config import to_dict
 
     data = load_yaml(Path(__file__).parents[2] / "configs" / f"{name}.yaml")
     built = to_dict(build_config(RunConfig, data, name))

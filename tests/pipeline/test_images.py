@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageError, InputError, discover_images, image_id, load_image, to_tensor
+from pipeline.run.images import ImageError, InputError, discover_images, image_id, load_image, to_tensor
 
 
 def _save(img, path, **kw):

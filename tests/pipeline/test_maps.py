@@ -10,7 +10,7 @@ from pipeline.heatmaps import method, names
 from pipeline.heatmaps.base import neighbourhood_bias
 from pipeline.heatmaps.blocks import encode_image_tokens, encode_method_tokens, interpolate_positions
 from pipeline.heatmaps.methods.resclip import resclip_blocks
-from pipeline.models import load_model
+from pipeline.model.load import load_model
 
 LAST = ("maskclip", "sclip", "clearclip", "naclip", "resclip")
 VIT_METHODS = tuple(m for m in names("vit") if method(m).input == "native")  # what one forward computes

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
-from pipeline.configdoc import config_reference
+from pipeline.run.config import ConfigError
+from pipeline.run.configdoc import config_reference
 from pipeline.heatmaps import LastBlockMethod, method, method_table, names, register, titles, unregister
 from pipeline.heatmaps.base import LastBlock
 from pipeline.heatmaps.blocks import encode_image_tokens, encode_method_tokens

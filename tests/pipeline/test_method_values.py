@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import load_model
+from pipeline.model.load import load_model
 from pipeline.heatmaps.compute import compute_heatmaps
 from stages.surgery import SurgeryConfig
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from clip.model import build_model
 
-from pipeline.models import ModelError, cached_file, load_model
-from pipeline.tokens import tokenize
+from pipeline.model.load import ModelError, cached_file, load_model
+from pipeline.model.tokens import tokenize
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_offline_name_names_expected_file(tmp_path, monkeypatch):
 
 
 def test_toy_checkpoint_loads_with_stock_build_model():
-    from pipeline.models import TOY_CHECKPOINT
+    from pipeline.model.load import TOY_CHECKPOINT
 
     state = torch.load(TOY_CHECKPOINT, map_location="cpu", weights_only=True)
     model = build_model(state)
@@ -93,9 +93,9 @@ def test_toy_checkpoint_loads_with_stock_build_model():
 
 
 def test_half_precision_cast_keeps_layernorm_fp32_and_runs():
-    from pipeline.models import _cast_like_openai
-    from pipeline.textenc import encode_tokens
-    from pipeline.tokens import tokenize
+    from pipeline.model.load import _cast_like_openai
+    from pipeline.model.textenc import encode_tokens
+    from pipeline.model.tokens import tokenize
 
     model = _cast_like_openai(load_model("random:tiny", CPU).model, torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.ln_final.weight.dtype == torch.float32
@@ -106,8 +106,8 @@ def test_half_precision_cast_keeps_layernorm_fp32_and_runs():
 
 def test_shipped_toy_zero_shot_on_the_cpu_matches_its_card(toy):
     """The shipped toy's held-out zero-shot accuracy, measured here on the CPU, is what its card records."""
-    from pipeline.models import TOY_CHECKPOINT
-    from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy
+    from pipeline.model.load import TOY_CHECKPOINT
+    from pipeline.toy.train import held_out_single_objects, zero_shot_accuracy
 
     from tests.benchmarks.heldout import heldout_scenes
 

@@ -19,13 +19,13 @@ from PIL import Image
 
 open_clip = pytest.importorskip("open_clip")
 
-from pipeline.adapter import ClipAdapter, as_adapter, openclip_refusal  # noqa: E402
+from pipeline.model.adapter import ClipAdapter, as_adapter, openclip_refusal  # noqa: E402
 from pipeline.heatmaps import names  # noqa: E402
-from pipeline.images import normalize, to_tensor  # noqa: E402
-from pipeline.models import TOY_CHECKPOINT, LoadedModel, ModelError, load_model  # noqa: E402
-from pipeline.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
-from pipeline.toytrain import held_out_single_objects  # noqa: E402
-from pipeline.toyworld import SceneSpec, make_scenes  # noqa: E402
+from pipeline.run.images import normalize, to_tensor  # noqa: E402
+from pipeline.model.load import TOY_CHECKPOINT, LoadedModel, ModelError, load_model  # noqa: E402
+from pipeline.model.prompts import TextFeatureStore, prompt_ensemble  # noqa: E402
+from pipeline.toy.train import held_out_single_objects  # noqa: E402
+from pipeline.toy.world import SceneSpec, make_scenes  # noqa: E402
 from stages.ascend import AscentConfig, extract_opinions, score_candidates  # noqa: E402
 from stages.decode import DecodeConfig, label_opinions  # noqa: E402
 from pipeline.heatmaps.compute import compute_heatmaps  # noqa: E402

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import discover_images
-from pipeline.rundir import RunDir, atomic_write_text
-from pipeline.runner import run_stages
-from pipeline.stage import ItemResult, PerImageStage
+from pipeline.run.images import discover_images
+from pipeline.run.rundir import RunDir, atomic_write_text
+from pipeline.run.runner import run_stages
+from pipeline.run.stage import ItemResult, PerImageStage
 from stages import RESULT_KEYS, RunConfig
 
 WAIT = 3.0  # seconds a step waits for the step it should overlap
@@ -133,7 +133,7 @@ def test_an_interrupt_keeps_the_batch_already_on_its_way_to_disk(tmp_path, image
 
 
 def test_a_model_that_cannot_load_stops_the_run_instead_of_failing_every_batch(tmp_path, images):
-    from pipeline.models import ModelError
+    from pipeline.model.load import ModelError
 
     class NoModel(Stand):
         def load(self, ctx, refs):

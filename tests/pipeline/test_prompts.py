@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from pipeline.prompts import TEMPLATES, TextFeatureStore, prompt_ensemble
-from pipeline.tokens import tokenize
+from pipeline.model.prompts import TEMPLATES, TextFeatureStore, prompt_ensemble
+from pipeline.model.tokens import tokenize
 
 
 def test_prompt_ensemble_is_the_normalised_mean_of_the_templates(tiny):

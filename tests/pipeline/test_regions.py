@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.regions import box_iou, heatmap_regions, map_boxes, mask_region, upsample_to
+from pipeline.labels.regions import box_iou, heatmap_regions, map_boxes, mask_region, upsample_to
 
 
 def _two_blobs() -> np.ndarray:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pipeline.rundir import RunDir, atomic_path, atomic_write_text
+from pipeline.run.rundir import RunDir, atomic_path, atomic_write_text
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -22,7 +22,7 @@ def test_killed_process_leaves_no_file_that_counts_as_done(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(__import__('pathlib').Path.cwd())!r})
 from pathlib import Path
-from pipeline.rundir import RunDir, atomic_path
+from pipeline.run.rundir import RunDir, atomic_path
 run = RunDir(Path({str(run.root)!r}))
 run.append_manifest([{{"image": "a", "stage": "ascend", "status": "done", "outputs": ["ascend/a.json"]}}])
 with atomic_path(run.file("ascend", "b.json")) as tmp:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.batching import split_on_oom
+from pipeline.run.batching import split_on_oom
 
 
 def test_batches_halve_on_out_of_memory_and_keep_order():
@@ -52,7 +52,7 @@ def test_batch_size_keeps_what_fitted_after_a_back_off():
     import logging
     from types import SimpleNamespace
 
-    from pipeline.batching import BatchSizer
+    from pipeline.run.batching import BatchSizer
 
     sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cpu"))), logging.getLogger("t"))
     assert sizer.size("ascend", 0, cuda=64, cpu=4) == 4
@@ -66,7 +66,7 @@ def test_a_batch_cut_before_the_back_off_runs_at_the_settled_size_without_failin
     import logging
     from types import SimpleNamespace
 
-    from pipeline.batching import BatchSizer
+    from pipeline.run.batching import BatchSizer
 
     sizer = BatchSizer(SimpleNamespace(clip=SimpleNamespace(device=torch.device("cuda", 0))), logging.getLogger("t"))
     calls, ooms = [], []
@@ -90,14 +90,14 @@ def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     import logging
     from types import SimpleNamespace
 
-    from pipeline.batching import BatchSizer, fit_batch
+    from pipeline.run.batching import BatchSizer, fit_batch
     from stages.ascend import AscentConfig, ascent_bytes_per_image
 
     assert fit_batch(10_000, 100, cap=64) == 50  # half of the free memory
     assert fit_batch(10**12, 100, cap=64) == 64
     assert fit_batch(50, 100, cap=64) == 1  # one image is always tried; the back-off handles the rest
 
-    from pipeline.tokens import vocab
+    from pipeline.model.tokens import vocab
 
     size = vocab().size
     per = ascent_bytes_per_image(AscentConfig(), size)
@@ -123,7 +123,7 @@ def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
 def test_progress_within_a_batch_moves_forward_only():
     from rich.progress import Progress
 
-    from pipeline.runner import _within
+    from pipeline.run.runner import _within
 
     with Progress(disable=True) as progress:
         task = progress.add_task("ascend", total=10)

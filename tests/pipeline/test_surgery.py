@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import load_model
+from pipeline.model.load import load_model
 from pipeline.heatmaps.blocks import encode_image_tokens
 from pipeline.heatmaps.similarity import feature_surgery, grid_shape, similarity_map
 

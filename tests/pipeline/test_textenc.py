@@ -1,9 +1,9 @@
-"""pipeline.textenc: the causal-prefix text encoder equals stock encode_text, at any read-out."""
+"""pipeline.model.textenc: the causal-prefix text encoder equals stock encode_text, at any read-out."""
 
 import torch
 
-from pipeline.textenc import encode_text_embeddings, encode_tokens
-from pipeline.tokens import tokenize
+from pipeline.model.textenc import encode_text_embeddings, encode_tokens
+from pipeline.model.tokens import tokenize
 
 
 def test_prefix_encoder_equals_stock_encode_text(toy):

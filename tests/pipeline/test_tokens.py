@@ -1,9 +1,9 @@
-"""pipeline.tokens: special ids read from the tokenizer, stock tokenisation, the original's word cleaning."""
+"""pipeline.model.tokens: special ids read from the tokenizer, stock tokenisation, the original's word cleaning."""
 
 import clip
 import torch
 
-from pipeline.tokens import allowed_token_ids, clean_words, tokenize, vocab
+from pipeline.model.tokens import allowed_token_ids, clean_words, tokenize, vocab
 
 
 def test_special_ids_come_from_the_tokenizer():

@@ -1,4 +1,4 @@
-"""pipeline.toytrain: the patch term's targets, and a resumed training equal to an uninterrupted one."""
+"""pipeline.toy.train: the patch term's targets, and a resumed training equal to an uninterrupted one."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.toytrain import (
+from pipeline.toy.train import (
     RECIPES,
     class_prompts,
     class_targets,
@@ -15,7 +15,7 @@ from pipeline.toytrain import (
     patch_targets,
     train_toy_clip,
 )
-from pipeline.toyworld import SceneSpec, make_scene, scene_rng
+from pipeline.toy.world import SceneSpec, make_scene, scene_rng
 
 
 def test_patch_targets_follow_the_masks():
@@ -50,11 +50,11 @@ def test_the_class_term_teaches_the_image_embedding_the_36_prompts():
     the first batch they trained on; the same six steps without the term lower it less."""
     import torch.nn.functional as F
 
-    from pipeline.images import normalize
-    from pipeline.toytrain import _batch, encode_tokens, tokenize
+    from pipeline.run.images import normalize
+    from pipeline.toy.train import _batch, encode_tokens, tokenize
 
     def class_loss(state, cfg) -> float:
-        from pipeline.toytrain import build_toy_model
+        from pipeline.toy.train import build_toy_model
 
         model = build_toy_model(cfg.arch)
         model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -95,8 +95,8 @@ def test_resumed_training_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_distillation_copies_and_freezes_the_teachers_text_tower(tmp_path):
-    from pipeline.models import TOY_CHECKPOINT
-    from pipeline.toytrain import TEXT_TOWER, resolve_recipe
+    from pipeline.model.load import TOY_CHECKPOINT
+    from pipeline.toy.train import TEXT_TOWER, resolve_recipe
 
     with pytest.raises(ValueError, match="pass --teacher"):
         resolve_recipe("distill-cpu", torch.device("cpu"))
@@ -114,7 +114,7 @@ def test_distillation_copies_and_freezes_the_teachers_text_tower(tmp_path):
 
 
 def test_a_finer_grid_starts_from_the_teachers_vision_tower():
-    from pipeline.toytrain import FINE4, _init_vision, build_toy_model
+    from pipeline.toy.train import FINE4, _init_vision, build_toy_model
 
     torch.manual_seed(0)
     teacher = build_toy_model().eval()  # an 8x8-grid toy (random weights serve: the test follows them)
@@ -132,8 +132,8 @@ def test_a_finer_grid_starts_from_the_teachers_vision_tower():
 
 
 def test_word_masks_mark_each_words_objects():
-    from pipeline.toytrain import word_patch_masks
-    from pipeline.toyworld import COLOURS, SHAPES
+    from pipeline.toy.train import word_patch_masks
+    from pipeline.toy.world import COLOURS, SHAPES
 
     scenes = [make_scene(scene_rng(0, i), SceneSpec(min_objects=2, max_objects=3)) for i in range(4)]
     masks = word_patch_masks(scenes, 4)  # [B, 12, 256]
@@ -146,7 +146,7 @@ def test_word_masks_mark_each_words_objects():
 
 
 def test_surgery_pointing_loss_is_low_when_a_words_map_sits_on_its_object():
-    from pipeline.toytrain import surgery_pointing_loss
+    from pipeline.toy.train import surgery_pointing_loss
 
     words, patches = 12, 16
     text = torch.eye(words)  # word j's feature is the j-th axis
@@ -169,8 +169,8 @@ def test_surgery_pointing_loss_is_low_when_a_words_map_sits_on_its_object():
 
 
 def test_a_start_checkpoint_must_have_the_recipes_architecture(tmp_path):
-    from pipeline.models import TOY_CHECKPOINT
-    from pipeline.toytrain import build_toy_model, resolve_recipe
+    from pipeline.model.load import TOY_CHECKPOINT
+    from pipeline.toy.train import build_toy_model, resolve_recipe
 
     with pytest.raises(ValueError, match="pass --start-from"):
         resolve_recipe("surgery-cpu", torch.device("cpu"), teacher=str(TOY_CHECKPOINT))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.toyworld import COLOURS, SHAPES, SceneSpec, make_scenes, write_scenes
-from pipeline.toytrain import held_out_single_objects, zero_shot_accuracy
+from pipeline.toy.world import COLOURS, SHAPES, SceneSpec, make_scenes, write_scenes
+from pipeline.toy.train import held_out_single_objects, zero_shot_accuracy
 
 
 def test_generator_is_deterministic_and_prefix_stable():
@@ -46,7 +46,7 @@ def test_write_scenes_truth_matches_the_pixels(tmp_path):
 
     from PIL import Image
 
-    from pipeline.toyworld import COLOURS, make_scenes
+    from pipeline.toy.world import COLOURS, make_scenes
 
     truth = write_scenes(tmp_path, 0, 3)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["scene_0000.png", "scene_0001.png", "scene_0002.png"]
@@ -92,7 +92,7 @@ def test_heldout_renderer_is_its_own_and_its_masks_match():
 def test_mixed_scenes_are_drawn_by_both_training_renderers(monkeypatch):
     """``mixed`` draws each scene with ``train``'s renderer or ``varied``'s, about half each, and stays a
     pure function of its seed."""
-    import pipeline.toyworld as tw
+    import pipeline.toy.world as tw
 
     first = [s.image for s in make_scenes(2, 60, SceneSpec(style="mixed"))]
     used = []

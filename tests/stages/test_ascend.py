@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.images import to_tensor
-from pipeline.tokens import vocab
-from pipeline.toytrain import held_out_single_objects
+from pipeline.run.images import to_tensor
+from pipeline.model.tokens import vocab
+from pipeline.toy.train import held_out_single_objects
 from stages.ascend import AscentConfig, extract_opinions, learned_text_features, opinion_csv, prompt_frame
 from stages.decode import DecodeConfig, decode_labels  # recall is measured on the labels a user sees
 
@@ -102,7 +102,7 @@ def test_straight_through_matches_the_textbook_gumbel_softmax():
     """Forward: the embedding of argmax(logits + noise); backward: the gradient of
     ``(one_hot - y.detach() + y) @ table`` with ``y = softmax((logits + noise) / tau)``, as
     ``F.gumbel_softmax(hard=True)`` builds it, whatever the scale of the incoming gradient."""
-    from pipeline.choosers import _GumbelStraightThrough
+    from pipeline.model.choosers import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(0)
     table = torch.randn(300, 8, generator=g, dtype=torch.float64)
@@ -127,7 +127,7 @@ def test_straight_through_matches_the_textbook_gumbel_softmax():
 def test_straight_through_in_half_precision_keeps_small_gradients():
     """The backward's product with the table in fp16 (as on CUDA): an incoming gradient far below
     fp16's smallest normal number still gives the fp64 gradient to within half precision."""
-    from pipeline.choosers import _GumbelStraightThrough
+    from pipeline.model.choosers import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(1)
     table = torch.randn(300, 8, generator=g) * 0.02
@@ -147,7 +147,7 @@ def test_straight_through_in_half_precision_keeps_small_gradients():
 def test_straight_through_gradient_of_an_image_does_not_depend_on_its_batch():
     """Half precision's scaling is per row: an image batched beside one with gradients a million
     times larger gets bit for bit the gradient it gets alone."""
-    from pipeline.choosers import _GumbelStraightThrough
+    from pipeline.model.choosers import _GumbelStraightThrough
 
     g = torch.Generator().manual_seed(3)
     table = torch.randn(300, 8, generator=g) * 0.02
@@ -166,7 +166,7 @@ def test_straight_through_gradient_of_an_image_does_not_depend_on_its_batch():
 
 def test_compiled_and_in_place_gumbel_passes_compute_the_same():
     """CUDA runs the functional forms through torch.compile; eager runs use the in-place ones."""
-    from pipeline.choosers import _gumbel_grad_in_place, _gumbel_sample_in_place, gumbel_grad, gumbel_sample
+    from pipeline.model.choosers import _gumbel_grad_in_place, _gumbel_sample_in_place, gumbel_grad, gumbel_sample
 
     g = torch.Generator().manual_seed(2)
     logits, uniform = torch.randn(3, 4, 500, generator=g) * 50, torch.rand(3, 4, 500, generator=g)
@@ -180,7 +180,7 @@ def test_compiled_and_in_place_gumbel_passes_compute_the_same():
 
 
 def test_a_failed_compile_falls_back_to_the_plain_function_with_a_warning(monkeypatch):
-    from pipeline import choosers
+    from pipeline.model import choosers
 
     def broken(*args):
         raise RuntimeError("no compiler here")

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.config import ConfigError
-from pipeline.autolabels import ExportImage, ExportLabel, load_label_map
-from pipeline.exports import write_coco, write_fiftyone, write_labelstudio
-from pipeline.regions import Region
-from pipeline.toyworld import TRUTH_COCO, write_scenes
+from pipeline.run.config import ConfigError
+from pipeline.labels.autolabels import ExportImage, ExportLabel, load_label_map
+from pipeline.labels.exports import write_coco, write_fiftyone, write_labelstudio
+from pipeline.labels.regions import Region
+from pipeline.toy.world import TRUTH_COCO, write_scenes
 from runall import app
 from tests.conftest import fast_args
 
@@ -347,11 +347,11 @@ def test_bad_label_map_and_unknown_format_exit_2_naming_the_key(run, tmp_path):
 
 def test_worker_processes_build_the_same_regions_and_name_an_unreadable_file(run, monkeypatch):
     import stages.export as export
-    from pipeline.autolabels import LabelMap
-    from pipeline.provenance import Status
+    from pipeline.labels.autolabels import LabelMap
+    from pipeline.run.provenance import Status
 
     done = lambda image, stage, latest: Status("done")  # noqa: E731
-    from pipeline.rundir import RunDir
+    from pipeline.run.rundir import RunDir
 
     rd = RunDir(run)
     serial, _, _ = export.read_exports(rd, export.ExportConfig(), LabelMap(), done, workers=1)
@@ -419,7 +419,7 @@ def test_yolo_dataset_loads_in_ultralytics_from_another_folder(run, tmp_path):
 
 
 def test_yolo_split_is_seeded_and_an_earlier_layout_is_removed(run, toy_run):
-    from pipeline.exports import yolo_split
+    from pipeline.labels.exports import yolo_split
 
     folder = run / "export" / "yolo"
     assert _run("export", "--run", str(run), "--to", "yolo", "--val", "0.5", "-q").exit_code == 0
@@ -440,7 +440,7 @@ def test_yolo_split_is_seeded_and_an_earlier_layout_is_removed(run, toy_run):
 
 
 def test_yolo_finds_the_labels_of_images_in_a_folder_named_images(tmp_path):
-    from pipeline.exports import write_yolo
+    from pipeline.labels.exports import write_yolo
 
     src = tmp_path / "in" / "images" / "a.png"
     src.parent.mkdir(parents=True)
@@ -497,8 +497,8 @@ def test_bad_categories_file_exits_2_naming_it(run, tmp_path):
 
 
 def _flat_case(grid):
-    from pipeline.autolabels import LabelRules, LabelMap, export_image
-    from pipeline.images import ImageRef
+    from pipeline.labels.autolabels import LabelRules, LabelMap, export_image
+    from pipeline.run.images import ImageRef
 
     ref = ImageRef(id="a-1", path="/x/a.png", rel="a.png", root="/x")
     return export_image(ref, (64, 64), [{"word": "cat", "score": 0.3}], {"labels": [{"word": "cat"}]},
@@ -506,7 +506,7 @@ def _flat_case(grid):
 
 
 def test_a_flat_map_or_a_box_over_nearly_all_the_image_gives_no_box_and_says_why():
-    from pipeline.regions import map_contrast
+    from pipeline.labels.regions import map_contrast
 
     spot = np.zeros((16, 16))
     spot[4:7, 9:12] = 1.0

@@ -2,8 +2,8 @@
 
 import csv
 
-from pipeline.rundir import RunDir, atomic_write_json
-from pipeline.tokens import vocab
+from pipeline.run.rundir import RunDir, atomic_write_json
+from pipeline.model.tokens import vocab
 from stages.rank import RankConfig, rank_unusual_words, read_run, unusualness, write_records
 
 
@@ -77,7 +77,7 @@ def test_empty_files_say_why(tmp_path):
 
 
 def test_one_summary_row_per_image():
-    from pipeline.images import ImageRef
+    from pipeline.run.images import ImageRef
     from stages.rank import image_rows
 
     refs = [ImageRef("img1", "/x/1.png", "1.png"), ImageRef("img2", "/x/2.png", "2.png"), ImageRef("img3", "/x/3.png", "3.png")]

@@ -2,12 +2,12 @@
 
 import json
 
-from pipeline.config import to_dict
-from pipeline.images import ImageRef
-from pipeline.rundir import RunDir, atomic_write_json
-from pipeline.provenance import Provenance
+from pipeline.run.config import to_dict
+from pipeline.run.images import ImageRef
+from pipeline.run.rundir import RunDir, atomic_write_json
+from pipeline.run.provenance import Provenance
 from stages import RESULT_KEYS, STAGES, RunConfig
-from pipeline.provenance import Status
+from pipeline.run.provenance import Status
 from stages.report import (ImageOutputs, ReportConfig, ReportInputs, build_report_data, leaderboard_page,
                            read_report_inputs, render_report)
 

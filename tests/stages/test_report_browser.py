@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.doctor import find_chromium
-from pipeline.toyworld import write_scenes
+from pipeline.toy.world import write_scenes
 from runall import app
 from tests.conftest import fast_args
 
@@ -191,7 +191,7 @@ def test_maps_open_large_scale_switches_leaderboard_sorts_and_fits_a_phone(brows
 def test_sam_points_are_offered_and_drawn_when_sam_ran(browser, tmp_path):
     from PIL import Image
 
-    from pipeline.images import ImageRef
+    from pipeline.run.images import ImageRef
     from stages.report import ImageOutputs, ReportConfig, ReportInputs, build_report_data, render_report
 
     Image.new("RGB", (64, 48), "gray").save(tmp_path / "a.png")

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.config import ConfigError
-from pipeline.toyworld import write_scenes
+from pipeline.run.config import ConfigError
+from pipeline.toy.world import write_scenes
 from runall import app
 from pipeline.sam import SamConfig, load_sam
 from tests.conftest import fast_args

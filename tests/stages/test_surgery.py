@@ -51,8 +51,8 @@ def test_windows_tile_at_half_stride_and_stitch_back():
 def test_windowed_maps_cover_the_whole_image(toy):
     import torch
 
-    from pipeline.images import normalize
-    from pipeline.prompts import prompt_ensemble
+    from pipeline.run.images import normalize
+    from pipeline.model.prompts import prompt_ensemble
     from pipeline.heatmaps.compute import compute_heatmaps
 
     scene = held_out_scenes(1, objects=2)[0]
@@ -88,8 +88,8 @@ def test_each_map_records_the_similarities_its_0_and_1_stand_for(toy):
     import torch
     import torch.nn.functional as F
 
-    from pipeline.images import normalize
-    from pipeline.prompts import prompt_ensemble
+    from pipeline.run.images import normalize
+    from pipeline.model.prompts import prompt_ensemble
     from pipeline.heatmaps.blocks import encode_image_tokens
     from pipeline.heatmaps.compute import compute_heatmaps
 

@@ -11,7 +11,7 @@
 * ``openclip:ARCH/PRETRAINED`` is an OpenCLIP model (the ``openclip`` extra) with its named
   pretrained weights, downloaded through open_clip into its cache (PRETRAINED may also be a
   checkpoint file's path); ``random:openclip:ARCH`` is that architecture with seeded random
-  weights. Only configurations ``pipeline.adapter`` serves faithfully load; the rest are
+  weights. Only configurations ``pipeline.model.adapter`` serves faithfully load; the rest are
   refused with the reason.
 
 Loaded models are in eval mode with frozen parameters: fp32 on CPU, the chosen
@@ -35,9 +35,9 @@ import clip
 import torch
 from clip.model import CLIP, build_model
 
-from pipeline.adapter import ClipAdapter, check_openclip_model, openclip_refusal
+from pipeline.model.adapter import ClipAdapter, check_openclip_model, openclip_refusal
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 TOY_CHECKPOINT = ASSETS / "toy-clip.pt"
 CACHE_ENV = "CLIPSIGHT_CACHE"
 OPENAI_CONTEXT_LENGTH = 77  # every OpenAI CLIP; loaded models report their own
@@ -381,7 +381,7 @@ def _random_model(arch: str, seed: int) -> CLIP:
     if arch not in RANDOM_ARCHS:
         raise ModelError(f"unknown random architecture {arch!r}; valid: {', '.join(RANDOM_ARCHS)}")
     embed, res, vlayers, vwidth, patch, twidth, theads, tlayers = RANDOM_ARCHS[arch]
-    from pipeline.tokens import vocab
+    from pipeline.model.tokens import vocab
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

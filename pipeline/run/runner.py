@@ -6,8 +6,8 @@ on them, runs the per-image stages (skipping finished work unless forced, never
 letting one bad image stop the run), merges the ranks' manifests, runs the whole-run
 stages (rank, report) on rank 0, and returns a ``RunOutcome`` with the exit code.
 
-What a stage is and sees (``StageContext``) is in ``pipeline.stage``; how its batches are sized,
-in ``pipeline.batching``.
+What a stage is and sees (``StageContext``) is in ``pipeline.run.stage``; how its batches are sized,
+in ``pipeline.run.batching``.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Any, Callable, Mapping
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.config import ConfigError, to_dict
-from pipeline.distributed import DistInfo, agree, from_main, init_distributed, shutdown
-from pipeline.images import ImageRef
-from pipeline.models import LoadedModel, ModelError, load_model, resolve_device
-from pipeline.provenance import Provenance, run_status
-from pipeline.rundir import LOG, REPORT, RunDir
-from pipeline.batching import BatchSizer
-from pipeline.stage import Finish, ItemResult, Models, PerImageStage, RunSettings, StageContext, WholeRunStage
+from pipeline.run.config import ConfigError, to_dict
+from pipeline.run.distributed import DistInfo, agree, from_main, init_distributed, shutdown
+from pipeline.run.images import ImageRef
+from pipeline.model.load import LoadedModel, ModelError, load_model, resolve_device
+from pipeline.run.provenance import Provenance, run_status
+from pipeline.run.rundir import LOG, REPORT, RunDir
+from pipeline.run.batching import BatchSizer
+from pipeline.run.stage import Finish, ItemResult, Models, PerImageStage, RunSettings, StageContext, WholeRunStage
 
 
 
@@ -322,7 +322,7 @@ def run_stages(
     """Run the named stages over a run directory, under torchrun or in one process.
 
     Each image's output of a stage is redone when it is not done with today's settings
-    (``pipeline.provenance``): changed settings of a stage redo that stage and, through the
+    (``pipeline.run.provenance``): changed settings of a stage redo that stage and, through the
     chained fingerprints, every stage after it, and nothing before it. ``run.yaml`` is written
     once a per-image stage has finished an image with this config. One process at a time holds
     the run directory's lock (rank 0 for all ranks under torchrun). A run that fails before

@@ -2,7 +2,7 @@
 (its config section, the run-level settings, the run directory, the models loaded once per
 run, a batch sizer), and ``ItemResult``, what a stage did for one image.
 
-``pipeline.runner`` runs stages; ``pipeline.batching`` sizes their batches.
+``pipeline.run.runner`` runs stages; ``pipeline.run.batching`` sizes their batches.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
 
-from pipeline.batching import BatchSizer
-from pipeline.images import ImageRef
-from pipeline.models import LoadedModel
-from pipeline.prompts import TextFeatureStore
-from pipeline.provenance import Provenance, Status
-from pipeline.rundir import RunDir
+from pipeline.run.batching import BatchSizer
+from pipeline.run.images import ImageRef
+from pipeline.model.load import LoadedModel
+from pipeline.model.prompts import TextFeatureStore
+from pipeline.run.provenance import Provenance, Status
+from pipeline.run.rundir import RunDir
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
@@ -95,7 +95,7 @@ class StageContext(Generic[C]):
     session: str = ""  # when this command started (UTC, ISO 8601): every manifest record it writes carries it
 
     def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
-        """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.provenance``)."""
+        """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.run.provenance``)."""
         return self.provenance.status(self.run, self.run.latest() if latest is None else latest, image, stage)
 
 

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from pipeline.images import normalize
+from pipeline.run.images import normalize
 from pipeline.heatmaps.blocks import encode_image_tokens
 from pipeline.heatmaps.similarity import feature_surgery
-from pipeline.textenc import encode_tokens
-from pipeline.tokens import tokenize, vocab
-from pipeline.toyworld import COLOURS, SHAPES, SceneSpec, caption_for, make_scene, scene_rng
+from pipeline.model.textenc import encode_tokens
+from pipeline.model.tokens import tokenize, vocab
+from pipeline.toy.world import COLOURS, SHAPES, SceneSpec, caption_for, make_scene, scene_rng
 
 TRAIN_SEED_STREAM = "train"
 HELD_OUT_SEED = 1_000_003  # scene stream for held-out evaluation; training never draws from it
@@ -80,7 +80,7 @@ class ToyTrainConfig:
     surgery_depth: int = 3  # blocks on the dual path for that term (the demo's surgery.surgery_depth)
     start_from: str | None = None  # a toy checkpoint of this architecture whose weights training starts from
     freeze_text: bool = False  # keep the text tower as loaded (from ``start_from``), so the words' embeddings stay put
-    style: str = "train"  # the scenes' renderer (``pipeline.toyworld.Style``); "varied" draws fresh choices per scene
+    style: str = "train"  # the scenes' renderer (``pipeline.toy.world.Style``); "varied" draws fresh choices per scene
     max_scale: float = 0.40  # the largest object's diameter as a fraction of the image side
     class_weight: float = 0.0  # weight of the 36-way term: the image embedding against every colour+shape prompt
 
@@ -565,7 +565,7 @@ def resolve_recipe(recipe: str, device: torch.device, **overrides) -> tuple[str,
 
 def save_toy_checkpoint(out: Path, state: dict[str, torch.Tensor], card: dict) -> Path:
     """The state dict at ``out`` and its card beside it as ``.json``, each written atomically; returns the card's path."""
-    from pipeline.rundir import atomic_path, atomic_write_json
+    from pipeline.run.rundir import atomic_path, atomic_write_json
 
     with atomic_path(out) as tmp:
         torch.save(state, tmp)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.rundir import RunDir, atomic_write_json, read_json
+from pipeline.run.rundir import RunDir, atomic_write_json, read_json
 
 PROVENANCE = "provenance.json"
 

@@ -13,7 +13,7 @@ each writer here only lays those out in its format, and never computes a box:
 * ``write_yolo``: a dataset ultralytics trains from: ``data.yaml``, ``images/`` (links or
   copies) and one ``.txt`` per image in ``labels/``, optionally split into train and val.
 
-The label type itself, ``ExportImage``, and the label map live in ``pipeline.autolabels``.
+The label type itself, ``ExportImage``, and the label map live in ``pipeline.labels.autolabels``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import cv2
 import numpy as np
 import yaml
 
-from pipeline.autolabels import Categories, ExportImage, ExportLabel
+from pipeline.labels.autolabels import Categories, ExportImage, ExportLabel
 from pipeline.heatmaps.draw import label_slug
-from pipeline.regions import Region
-from pipeline.rundir import atomic_write_text
+from pipeline.labels.regions import Region
+from pipeline.run.rundir import atomic_write_text
 
 FORMATS: tuple[str, ...] = ("coco", "labelstudio", "fiftyone", "yolo")
 

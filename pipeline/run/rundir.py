@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipeline.images import ImageRef
+from pipeline.run.images import ImageRef
 
 MANIFEST = "manifest.jsonl"
 SHARDS = "manifests"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.images import ImageError, ImageRef, load_image, normalize, to_tensor
-from pipeline.models import LoadedModel
-from pipeline.tokens import tokenize
+from pipeline.run.images import ImageError, ImageRef, load_image, normalize, to_tensor
+from pipeline.model.load import LoadedModel
+from pipeline.model.tokens import tokenize
 
 
 def load_batch(resolution: int, refs: list[ImageRef], max_side: int) -> tuple[list[ImageRef], torch.Tensor | None, dict[str, str]]:

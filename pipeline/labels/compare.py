@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.heatmaps.draw import fit_side, label_slug, overlay_heatmap, upsample_map
-from pipeline.images import ImageError, ImageRef, load_image
-from pipeline.provenance import Status
-from pipeline.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_output
+from pipeline.run.images import ImageError, ImageRef, load_image
+from pipeline.run.provenance import Status
+from pipeline.run.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_output
 
 COMPARE_JSON = "compare.json"  # in the --out folder: the two runs' labels, matched, and the maps drawn
 COMPARE_HTML = "compare.html"  # the page

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
-    from pipeline.stage import Models
+    from pipeline.run.stage import Models
 
 
 class BatchSizer:

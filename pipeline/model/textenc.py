@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.adapter import as_adapter, block_parts
+from pipeline.model.adapter import as_adapter, block_parts
 
 
 def causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

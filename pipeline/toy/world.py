@@ -4,7 +4,7 @@ Each scene holds 1 to 3 coloured shapes on a varied background. For every object
 the generator returns its words (colour and shape) and the exact pixel mask it
 drew, and for the scene a caption such as ``"a red circle and a blue square."``.
 
-The scenes train the shipped toy CLIP (``pipeline.toytrain``), feed the offline
+The scenes train the shipped toy CLIP (``pipeline.toy.train``), feed the offline
 demo, and give the quality benchmarks a ground truth to score against.
 
 Two renderers share one vocabulary:

@@ -2,7 +2,7 @@
 
 The templates are the ImageNet-style set the CLIP Surgery code uses. Features are
 cached per (model, word), because the same words recur across thousands of images.
-Each template is encoded over its causal prefix (``pipeline.textenc.encode_tokens``, a dozen
+Each template is encoded over its causal prefix (``pipeline.model.textenc.encode_tokens``, a dozen
 positions instead of 77): equal to stock ``encode_text`` within float rounding (2e-7), and 5-7x
 cheaper on the CPU (``tests/benchmarks/textenc.py``).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.adapter import as_adapter
-from pipeline.rundir import atomic_path
-from pipeline.textenc import encode_tokens
-from pipeline.tokens import tokenize
+from pipeline.model.adapter import as_adapter
+from pipeline.run.rundir import atomic_path
+from pipeline.model.textenc import encode_tokens
+from pipeline.model.tokens import tokenize
 
 log = logging.getLogger(__name__)
 

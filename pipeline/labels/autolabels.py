@@ -1,8 +1,8 @@
 """Auto-labels in memory: one type for an image's classes and regions, and building it from a run's outputs.
 
-``ExportImage`` is what every export writer (``pipeline.exports``) and ``eval`` read: an
+``ExportImage`` is what every export writer (``pipeline.labels.exports``) and ``eval`` read: an
 image's classes, each with its stock-CLIP score, the words behind it, its regions
-(``pipeline.regions``) and the map they came from. ``export_image`` builds one from an
+(``pipeline.labels.regions``) and the map they came from. ``export_image`` builds one from an
 image's labels and maps; ``export_one`` reads those from the run directory first.
 ``LabelMap`` maps many model words to one class and drops words, from a YAML file, and
 ``Categories`` matches classes to a user's own COCO categories and ids.
@@ -25,10 +25,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline.config import ConfigError
-from pipeline.images import ImageRef
-from pipeline.regions import Region, heatmap_regions, map_contrast, mask_region, too_large
-from pipeline.rundir import RunDir, read_output
+from pipeline.run.config import ConfigError
+from pipeline.run.images import ImageRef
+from pipeline.labels.regions import Region, heatmap_regions, map_contrast, mask_region, too_large
+from pipeline.run.rundir import RunDir, read_output
 
 
 @dataclass(frozen=True)

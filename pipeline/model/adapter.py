@@ -18,7 +18,7 @@ What differs between the two backends, and what the adapter hides:
   reads the patch (or stem) convolution's weight, as openai-clip does.
 
 The BPE vocabulary, the SOT/EOT ids (49406/49407) and the context length (77) are the
-same in both for the configs the adapter serves; :mod:`pipeline.tokens` tokenizes for both.
+same in both for the configs the adapter serves; :mod:`pipeline.model.tokens` tokenizes for both.
 """
 
 from __future__ import annotations
@@ -142,18 +142,18 @@ class ClipAdapter:
 
     @property
     def sot(self) -> int:
-        from pipeline.tokens import vocab
+        from pipeline.model.tokens import vocab
 
         return vocab().sot
 
     @property
     def eot(self) -> int:
-        from pipeline.tokens import vocab
+        from pipeline.model.tokens import vocab
 
         return vocab().eot
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        from pipeline.tokens import tokenize
+        from pipeline.model.tokens import tokenize
 
         return tokenize(texts, self.context_length)
 

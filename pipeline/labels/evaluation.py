@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.regions import box_iou, map_boxes, upsample_to, work_size
+from pipeline.labels.regions import box_iou, map_boxes, upsample_to, work_size
 
 TAUS: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.05))
 IOUS: tuple[float, ...] = (0.3, 0.5, 0.7)
@@ -238,7 +238,7 @@ def read_truth(path: Path) -> dict:
         OSError: the file cannot be read.
         ValueError: not JSON, or not a COCO file, with the reason.
     """
-    from pipeline.autolabels import categories_from_coco
+    from pipeline.labels.autolabels import categories_from_coco
 
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):

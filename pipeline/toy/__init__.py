@@ -1,0 +1,1 @@
+"""The toy world: synthetic scenes with known truth (``world``) and training the shipped toy CLIP (``train``)."""
