@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pipeline.run.runner import RunOutcome
     from stages import RunConfig
 
+
 # soft_wrap: a long path or URL stays on one line, so it can be pasted from a log or a pipe
 out = Console(soft_wrap=True)
 console = Console(stderr=True, soft_wrap=True)
@@ -87,7 +88,6 @@ def run_config(rd: RunDir, config: Path | None = None, cli: dict | None = None, 
     from pipeline.run.rundir import CONFIG
 
     return resolve(config, rd.load_config(), cli or {}, set_ or [], base_source=str(rd.file(CONFIG)))
-
 
 
 def summary_json(outcome: RunOutcome) -> dict:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.adapter import BlockParts
-from pipeline.heatmaps.similarity import feature_surgery
+from pipeline.heatmaps.similarity import feature_surgery as surgery_similarity
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,9 @@ class HeatmapMethod:
         """
         form = self.feature_surgery or feature_surgery_setting
         if form == "multi":
-            return feature_surgery(tokens, text, None if len(text) >= 2 else empty)
+            return surgery_similarity(tokens, text, None if len(text) >= 2 else empty)
         if form == "single":
-            return feature_surgery(tokens, text, redundant=empty)
+            return surgery_similarity(tokens, text, redundant=empty)
         return cosine(tokens, text)
 
 

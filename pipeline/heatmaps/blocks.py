@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.model.adapter import block_parts, is_vit, stem_activations, stock_block, vision_blocks
 from pipeline.heatmaps.base import (BlockStep, HeatmapMethod, LastBlock, MapSettings, PathMethod, PoolStep, VitRun,
                                     split_heads)
-from pipeline.heatmaps.registry import method as registered
+from pipeline.heatmaps.registry import method as registered, names
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
         >>> out.tokens["raw"][:, 0]  # equals model.encode_image(...) at the model's resolution
     """
     _check_images(images)
+    if surgery_depth < 0:
+        raise ValueError(f"surgery_depth must be >= 0, got {surgery_depth}")
     visual = getattr(model, "visual", model)
     vit = is_vit(visual)
     if not vit and not hasattr(visual, "attnpool"):
@@ -95,17 +97,12 @@ def encode_method_tokens(model: nn.Module, images: torch.Tensor, methods: tuple[
     chosen = [registered(m) for m in methods]
     bad = [m for m in chosen if backend not in m.backends or m.input != "native"]
     if bad:
-        from pipeline.heatmaps.registry import names
-
         kind = "ViT" if vit else "ResNet"
         valid = ", ".join(n for n in names(backend) if registered(n).input == "native")
         raise ValueError(f"heatmap method {bad[0].name!r} has no {kind} form on the native input; "
                          f"{kind} models offer: {valid}")
-    settings = MapSettings(surgery_depth, naclip_sigma, resnet_surgery)
-    if surgery_depth < 0:
-        raise ValueError(f"surgery_depth must be >= 0, got {surgery_depth}")
     run = _vit if vit else _resnet
-    return run(visual, images, chosen, settings)
+    return run(visual, images, chosen, MapSettings(surgery_depth, naclip_sigma, resnet_surgery))
 
 
 def encode_image_tokens(model: nn.Module, images: torch.Tensor, surgery_depth: int = 6,
