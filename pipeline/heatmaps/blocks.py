@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.model.adapter import block_parts, is_vit, stem_activations, stock_block, vision_blocks
 from pipeline.heatmaps.base import (BlockStep, HeatmapMethod, LastBlock, MapSettings, PathMethod, PoolStep, VitRun,
-                                    split_heads)
+                                    merge_heads, split_heads)
 from pipeline.heatmaps.registry import method as registered, names
 
 
@@ -140,15 +140,15 @@ def _vit(visual: nn.Module, images: torch.Tensor, methods: list[HeatmapMethod], 
     layers = len(blocks)
     walkers = {m.name: (m, m.path_start(layers, settings)) for m in methods if isinstance(m, PathMethod)}
     record = {i for m in methods for i in m.recorded_blocks(layers)}
-    recorded, paths, x_last = [], {}, x
+    wants_last = any(m.reads_last_block for m in methods)
+    recorded, paths, last = [], {}, None
     for i, blk in enumerate(blocks):  # the stock path, once for every method
-        if i == layers - 1:
-            x_last = x  # the input of the last block, which last-block methods change
         here = [(name, m) for name, (m, start) in walkers.items() if i >= start]
-        if i not in record and not here:
+        is_last = wants_last and i == layers - 1  # its input and q, k, v are kept for the last-block methods
+        if i not in record and not here and not is_last:
             x = stock_block(blk, x)
             continue
-        step = _step(i, blk, x)
+        step = _step(i, blk, x, LastBlock, grid=grid, settings=settings) if is_last else _step(i, blk, x)
         if i in record:
             recorded.append((step.q @ step.k.transpose(-1, -2) * step.scale).softmax(-1))
         for name, m in here:
@@ -159,15 +159,15 @@ def _vit(visual: nn.Module, images: torch.Tensor, methods: list[HeatmapMethod], 
             x = x + p.ls_2(p.mlp(p.ln_2(x)))
         else:
             x = stock_block(blk, x)
+        if is_last:
+            last = step
+    if last is not None:
+        last.recorded = torch.stack(recorded).mean(0) if recorded else None
 
     def project(t: torch.Tensor) -> torch.Tensor:
         t = visual.ln_post(t)
         return t @ visual.proj if visual.proj is not None else t
 
-    last = None
-    if any(m.reads_last_block for m in methods):
-        mean = torch.stack(recorded).mean(0) if recorded else None
-        last = _step(layers - 1, blocks[-1], x_last, LastBlock, grid=grid, settings=settings, recorded=mean)
     run = VitRun(x=x, paths=paths, last=last, project=project)
     return MethodTokens({m.name: m.vit_tokens(run) for m in methods}, grid)
 
@@ -203,13 +203,13 @@ def resnet_pool_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _resnet(visual: nn.Module, images: torch.Tensor, methods: list[HeatmapMethod], settings: MapSettings) -> MethodTokens:
     trunk = resnet_trunk(visual, images)  # the unchanged layers, once for every method
     pool = visual.attnpool
-    b, c, gh, gw = trunk.shape
+    gh, gw = trunk.shape[-2:]
     tokens = resnet_pool_tokens(visual, trunk)
     heads = pool.num_heads
     q, k, v = (split_heads(F.linear(tokens, lin.weight, lin.bias), heads) for lin in (pool.q_proj, pool.k_proj, pool.v_proj))
 
     def merge(t: torch.Tensor) -> torch.Tensor:
-        return F.linear(t.transpose(1, 2).reshape(b, -1, c), pool.c_proj.weight, pool.c_proj.bias)
+        return F.linear(merge_heads(t), pool.c_proj.weight, pool.c_proj.bias)
 
     raw = merge(F.scaled_dot_product_attention(q, k, v))
     step = PoolStep(tokens=tokens, q=q, k=k, v=v, raw=raw, merge=merge, pool=pool)
