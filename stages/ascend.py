@@ -15,6 +15,12 @@ image. What differs, and why:
   image's result never depends on what it was batched with;
 * SOT and EOT can never be chosen, so the optimised tokens are exactly what stock
   ``encode_text`` would score.
+
+One ascent on the whole image finds the concept that dominates its embedding, and the
+rest of a scene is lost. ``discover_opinions`` looks further (``discover``): by default
+through a grid of tile views beside the whole image (``pipeline.model.discovery``), all in one
+ascent batch; or in rounds that explain the words found so far away from the target.
+``discover: whole`` is the original's single ascent.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import hashlib
 import io
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal
 
 import kornia.augmentation as K
@@ -33,18 +39,19 @@ import torch.nn.functional as F
 
 from pipeline.model.choosers import GumbelChooser, PezChooser
 from pipeline.run.config import require
-from pipeline.model.encode import encode_images, load_batch, rescore_texts
+from pipeline.model.encode import explain_away, load_batch, rescore_texts, view_features, word_directions
 from pipeline.run.images import ImageRef, normalize
 from pipeline.model.load import LoadedModel
 from pipeline.run.rundir import atomic_write_json, atomic_write_text
 from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
 from pipeline.model.textenc import encode_text_embeddings
-from pipeline.model.tokens import allowed_token_ids, clean_words, vocab
+from pipeline.model.discovery import WHOLE, Opinion, merge_views, tile_boxes, tile_views
+from pipeline.model.tokens import STOP_WORDS, allowed_token_ids, clean_words, vocab
 
 
 @dataclass(frozen=True)
 class AscentConfig:
-    """Settings of the ascend stage (defaults are the original's)."""
+    """Settings of the ascend stage (defaults are the original's, but for ``discover``: the original's is ``whole``)."""
 
     method: Literal["gumbel", "pez"] = "gumbel"  # the original's Gumbel-softmax, or PEZ projected embeddings
     prefix: str = ""  # prompt text placed before the learned tokens
@@ -65,6 +72,13 @@ class AscentConfig:
     block_words: tuple[str, ...] = ()  # any token containing one of these is never chosen
     whole_words_only: bool = False  # allow only tokens that are whole words
     batch_size: int = 0  # images optimised together; 0 = 4 on CPU, on CUDA as many as fit (up to 128); halves on out-of-memory
+    discover: Literal["tiles", "explain", "whole"] = "tiles"  # past the dominant concept: tile views beside the whole image, rounds that explain found words away, or the original's one whole-image ascent
+    tiles: int = 2  # discover tiles: tiles per side of the grid
+    tile_size: float = 0.625  # discover tiles: a tile's side, as a fraction of the image's
+    tile_candidates: int = 3  # discover tiles: candidate prompts per tile
+    tile_bank: int = 16  # discover tiles: augmented views encoded per tile (and averaged per step)
+    rounds: int = 2  # discover explain: ascents per image, each with the words found before removed from its target
+    explain_min_frequency: int = 3  # discover explain: a word this frequent among a round's candidates is explained away
 
     def __post_init__(self) -> None:
         require(self.tokens >= 1, f"ascend.tokens must be >= 1, got {self.tokens}")
@@ -77,15 +91,12 @@ class AscentConfig:
         require(0 <= self.augment_p <= 1, f"ascend.augment_p must be in [0, 1], got {self.augment_p}")
         require(self.checkin_every >= 1, f"ascend.checkin_every must be >= 1, got {self.checkin_every}")
         require(self.batch_size >= 0, f"ascend.batch_size must be >= 0 (0 = auto), got {self.batch_size}")
-
-
-@dataclass
-class Opinion:
-    """One image's result: final candidates, per-word statistics, and every check-in's counts."""
-
-    candidates: list[dict]  # {"text", "ids", "loss"} (+ "rescored" once scored with stock encode_text)
-    words: dict[str, dict]  # word -> {"frequency", "candidates", "appearances", "first_iteration"}
-    checkins: list[dict] = field(default_factory=list)  # {"iteration", "counts": {word: n}}
+        require(self.tiles >= 1, f"ascend.tiles must be >= 1, got {self.tiles}")
+        require(0 < self.tile_size <= 1, f"ascend.tile_size must be in (0, 1], got {self.tile_size}")
+        require(self.tile_candidates >= 1, f"ascend.tile_candidates must be >= 1, got {self.tile_candidates}")
+        require(self.tile_bank >= 1, f"ascend.tile_bank must be >= 1, got {self.tile_bank}")
+        require(self.rounds >= 1, f"ascend.rounds must be >= 1, got {self.rounds}")
+        require(self.explain_min_frequency >= 1, f"ascend.explain_min_frequency must be >= 1, got {self.explain_min_frequency}")
 
 
 AUTO_BATCH_CUDA = 128  # the automatic batch size's cap on CUDA (memory permitting)
@@ -99,9 +110,11 @@ def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
     moments, the noise buffer, the soft sample the backward keeps (on the CPU it reuses the noise
     buffer; compiled on CUDA it is its own tensor) and the backward's product with the table, with
     one to spare for the allocator. PEZ holds one, the similarity to every token, counted twice for
-    headroom. The rest (the view bank, the short text prefix's activations) is small beside these.
+    headroom. An image's tiles (``discover: tiles``) add their candidates. The rest (the view bank,
+    the short text prefix's activations) is small beside these.
     """
-    per_slot = cfg.candidates * cfg.tokens * vocab_size * 4
+    slots = cfg.candidates + (cfg.tiles ** 2 * cfg.tile_candidates if cfg.discover == "tiles" else 0)
+    per_slot = slots * cfg.tokens * vocab_size * 4
     return (7 if cfg.method == "gumbel" else 2) * per_slot
 
 
@@ -124,6 +137,11 @@ def _encode_views(lm: LoadedModel, image: torch.Tensor, cfg: AscentConfig, seed:
                 f = lm.clip.encode_image(normalize(views).to(lm.dtype)).float()
             feats.append(F.normalize(f, dim=-1))
     return torch.cat(feats)
+
+
+def view_banks(lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig) -> torch.Tensor:
+    """Each image's bank (``_encode_views``), stacked. ``[B, bank, D]``."""
+    return torch.stack([_encode_views(lm, images[b].to(lm.device), cfg, seeds[b]) for b in range(images.shape[0])])
 
 
 def _words_of(texts: list[str]) -> tuple[Counter, Counter]:
@@ -179,9 +197,10 @@ def learned_text_features(lm: LoadedModel, learned: torch.Tensor, frame: tuple[t
 
 def extract_opinions(
     lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig,
-    on_checkin: Callable[[float], None] | None = None,
+    on_checkin: Callable[[float], None] | None = None, banks: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> list[Opinion]:
-    """Gradient ascent for every image of a batch.
+    """Gradient ascent for every image of a batch: one view each (see ``discover_opinions`` for several).
 
     Args:
         lm: the frozen model.
@@ -189,6 +208,9 @@ def extract_opinions(
         seeds: one seed per image (see ``image_seed``); all randomness of image b comes from seeds[b].
         cfg: the settings.
         on_checkin: called at each check-in with the fraction of the iterations done.
+        banks: the images' view banks ``[B, bank, D]``, when already encoded (``view_banks``).
+        exclude: an orthonormal basis per image ``[B, E, D]`` (zero rows allowed) removed from every
+            target (``explain_away``).
 
     Returns:
         One ``Opinion`` per image, in order.
@@ -203,7 +225,7 @@ def extract_opinions(
     table = model.token_embedding.weight[allowed]  # [V', W]: only the learned slots meet the vocabulary
 
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
-    banks = torch.stack([_encode_views(lm, images[b].to(dev), cfg, seeds[b]) for b in range(B)])  # [B, bank, D]
+    banks = view_banks(lm, images, seeds, cfg) if banks is None else banks  # [B, bank, D]
     view_idx = torch.stack([
         torch.stack([torch.randperm(cfg.bank_size, generator=g, device=dev)[: cfg.views] for _ in range(cfg.iterations)])
         for g in gens
@@ -221,7 +243,7 @@ def extract_opinions(
     snapshots: list[tuple[int, torch.Tensor]] = []  # check-ins' token ids, kept on the device until the end
     for it in range(cfg.iterations):
         feats = features(chooser.embed())
-        target = banks.gather(1, view_idx[:, it, :, None].expand(-1, -1, banks.shape[-1])).mean(1)  # [B, D]
+        target = explain_away(banks.gather(1, view_idx[:, it, :, None].expand(-1, -1, banks.shape[-1])).mean(1), exclude)
         loss = (-100 * (feats * target[:, None]).sum(-1)).mean(1).sum()  # per image: mean over candidates
         chooser.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -247,7 +269,7 @@ def extract_opinions(
     with torch.no_grad():
         final = chooser.choice()  # [B, C, K]
         feats = features(table[final])
-        target = banks.mean(1)
+        target = explain_away(banks.mean(1), exclude)
         final_loss = (-100 * (feats * target[:, None]).sum(-1)).cpu()  # [B, C]
     ids = to_ids(final).cpu()
     out = []
@@ -263,17 +285,75 @@ def extract_opinions(
     return out
 
 
-def score_candidates(lm: LoadedModel, opinions: list[Opinion], image_features: torch.Tensor) -> list[Opinion]:
-    """The opinions with each candidate re-scored by stock CLIP: ``encode_text(tokenize(text))`` against
-    its image's un-augmented feature, in one pass for the batch (decoded BPE does not round-trip, so
-    this is the score a user of the words would see).
+def view_seed(seed: int, view: int) -> int:
+    """The seed of an image's view ``view``; view 0, the whole image, keeps the image's own."""
+    return seed if view == 0 else image_seed(seed, f"view/{view}")
 
-    Shape:
-        - image_features: :math:`(B, D)`, one unit row per opinion.
+
+def _part(on_checkin: Callable[[float], None] | None, i: int, n: int) -> Callable[[float], None] | None:
+    """The progress callback of step ``i`` of ``n``, as a share of the whole."""
+    return None if on_checkin is None else (lambda f: on_checkin((i + f) / n))
+
+
+def discover_opinions(
+    lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig,
+    on_checkin: Callable[[float], None] | None = None,
+) -> list[Opinion]:
+    """The ascent past the dominant concept: several views of each image, by ``cfg.discover``.
+
+    * ``whole``: one ascent on the whole image (``extract_opinions``, the original's form);
+    * ``tiles``: that, and beside it an ascent on each of a grid of tile views (``pipeline.model.discovery``),
+      all of the batch's tiles in one ascent batch;
+    * ``explain``: ``rounds`` ascents on the one view bank, each with the words that earlier rounds
+      found (``explain_min_frequency`` times among their candidates, stop words aside) removed from
+      its target; an image's rounds end at the first that finds no new word.
+
+    Each image's result is its own whatever it is batched with. Shape: images :math:`(B, 3, R, R)`.
+    """
+    if cfg.discover == "tiles":
+        boxes = tile_boxes(cfg.tiles, cfg.tile_size)
+        whole = extract_opinions(lm, images, seeds, cfg, _part(on_checkin, 0, 2))
+        small = replace(cfg, candidates=cfg.tile_candidates, bank_size=cfg.tile_bank, views=min(cfg.views, cfg.tile_bank))
+        tiles = extract_opinions(lm, tile_views(images, boxes), [view_seed(s, k + 1) for s in seeds for k in range(len(boxes))],
+                                 small, _part(on_checkin, 1, 2))
+        return [merge_views([(whole[b], {"kind": "image", "box": list(WHOLE)})] +
+                            [(tiles[b * len(boxes) + k], {"kind": "tile", "box": list(box)}) for k, box in enumerate(boxes)])
+                for b in range(len(seeds))]
+    if cfg.discover == "whole" or cfg.rounds == 1:
+        return extract_opinions(lm, images, seeds, cfg, on_checkin)
+    banks = view_banks(lm, images, seeds, cfg)
+    found: list[list[str]] = [[] for _ in seeds]
+    views: list[list[tuple[Opinion, dict]]] = [[] for _ in seeds]
+    done = [False] * len(seeds)
+    stop = {w.lower() for w in STOP_WORDS}
+    for r in range(cfg.rounds):
+        exclude = word_directions(lm, found, banks.shape[-1]) if r else None
+        ops = extract_opinions(lm, images, [view_seed(s, r) for s in seeds], cfg, _part(on_checkin, r, cfg.rounds),
+                               banks=banks, exclude=exclude)
+        for b, op in enumerate(ops):
+            if done[b]:
+                continue  # run for the batch's sake, kept for no image that has stopped
+            new = [w for w, d in op.words.items() if d["frequency"] >= cfg.explain_min_frequency
+                   and w.lower() not in stop and w not in found[b]]
+            if r and not new:
+                done[b] = True
+                continue
+            views[b].append((op, {"kind": "round" if r else "image", "box": list(WHOLE), "explained": list(found[b])}))
+            found[b] += new
+    return [merge_views(vs) for vs in views]
+
+
+def score_candidates(lm: LoadedModel, opinions: list[Opinion], features: list[torch.Tensor]) -> list[Opinion]:
+    """The opinions with each candidate re-scored by stock CLIP: ``encode_text(tokenize(text))`` against
+    the un-augmented feature of its view, in one pass for the batch (decoded BPE does not round-trip,
+    so this is the score a user of the words would see).
+
+    Args:
+        features: per opinion, its views' unit features ``[V, D]`` (``view_features``; one row without views).
     """
     texts = [c["text"] for op in opinions for c in op.candidates]
-    counts = torch.tensor([len(op.candidates) for op in opinions], device=image_features.device)
-    scores = iter(rescore_texts(lm, texts, image_features.repeat_interleave(counts, 0)).tolist())
+    rows = torch.stack([torch.atleast_2d(f)[c.get("view", 0)] for op, f in zip(opinions, features) for c in op.candidates])
+    scores = iter(rescore_texts(lm, texts, rows).tolist())
     return [replace(op, candidates=[{**c, "rescored": round(next(scores), 4)} for c in op.candidates])
             for op in opinions]
 
@@ -311,10 +391,10 @@ class AscendStage(PerImageStage[AscentConfig]):
         if ok:
             t = time.time()
             seeds = [image_seed(ctx.settings.seed, r.id) for r in ok]
-            opinions = ctx.batches.run(self.name, lambda a, b: extract_opinions(lm, images[a:b], seeds[a:b], cfg, ctx.progress),
+            opinions = ctx.batches.run(self.name, lambda a, b: discover_opinions(lm, images[a:b], seeds[a:b], cfg, ctx.progress),
                                        len(seeds))  # results do not depend on batching
             with torch.no_grad():
-                feats = encode_images(lm, images)
+                feats = view_features(lm, images, [op.views for op in opinions])
                 per_image = (time.time() - t) / len(ok)
                 opinions = score_candidates(lm, opinions, feats)
             written = [(ref, seed, op, lm.name, per_image) for ref, seed, op in zip(ok, seeds, opinions)]
@@ -331,7 +411,7 @@ class AscendStage(PerImageStage[AscentConfig]):
                seconds: float) -> list[str]:
         doc = {"image": ref.id, "path": ref.path, "model": model, "seed": seed,
                "seconds": round(seconds, 3), "settings": asdict(ctx.config), "candidates": op.candidates,
-               "words": op.words, "checkins": op.checkins}
+               "words": op.words, "checkins": op.checkins, **({"views": op.views} if op.views else {})}
         jpath, cpath = ctx.run.opinion(ref.id), ctx.run.opinion_csv(ref.id)
         atomic_write_json(jpath, doc)
         atomic_write_text(cpath, opinion_csv(op, ctx.config.gumbel_tau))

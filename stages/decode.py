@@ -4,6 +4,10 @@ A label is a word that appears at least ``min_frequency`` times among the final
 candidates (the original's rule), minus the block-list and the stop-words. Each label
 is scored with stock CLIP: the cosine between its 85-template prompt-ensemble feature
 and the image; labels scored below ``min_score`` are dropped.
+
+An opinion of several views (ascend's ``discover: tiles`` or ``explain``) is decoded as one:
+a word counts by its mean frequency over the check-ins, all views together, is scored on
+the views that produced it, and keeps them, with their boxes, as its ``evidence``.
 """
 
 from __future__ import annotations
@@ -14,25 +18,16 @@ from typing import Callable
 import torch
 
 from pipeline.run.config import require
-from pipeline.model.encode import encode_images, load_batch
+from pipeline.model.encode import load_batch, view_features
 from pipeline.run.images import ImageRef
 from pipeline.run.rundir import atomic_write_json, read_output
 from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
-
-
-# Function words that CLIP's opinions are full of and that name nothing in a picture. A label equal to
-# one of them (any case) is dropped; ``decode.stop_words: []`` keeps them.
-STOP_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "by", "for", "with", "from", "as", "is", "are",
-    "was", "be", "it", "its", "this", "that", "these", "those", "his", "her", "their", "my", "your", "our", "i",
-    "you", "he", "she", "we", "they", "me", "him", "them", "us", "not", "no", "so", "but", "if", "than", "then",
-    "there", "here", "very", "just", "also", "into", "onto", "over", "under", "about", "up", "down", "out", "off",
-)
+from pipeline.model.tokens import STOP_WORDS
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    min_frequency: int = 3  # a label must occur this often among the final candidates
+    min_frequency: int = 3  # a label must occur this often among the final candidates (several views: on average over the check-ins, all views together)
     lowercase: bool = False  # merge words that differ only in case
     block_words: tuple[str, ...] = ()  # labels containing one of these (any case) are dropped
     stop_words: tuple[str, ...] = STOP_WORDS  # labels equal to one of these (any case) are dropped
@@ -52,43 +47,65 @@ class Labels:
     prompts: list[dict]  # {"text", "score"}: the candidates with the best stock-CLIP re-score
 
 
-def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[str, ...] = ()) -> list[dict]:
+def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[str, ...] = (),
+                  checkins: int | None = None) -> list[dict]:
     """Labels from an opinion's word statistics, most frequent first.
 
     Args:
-        words: ``{word: {"frequency": ...}}`` as ``ascend`` writes it.
+        words: ``{word: {"frequency": ..., "appearances": ...}}`` as ``ascend`` writes it.
         cfg: the rule.
         extra_block: more blocked words (e.g. the ascend stage's own block-list).
+        checkins: for an opinion of several views, its check-ins: a word then counts by its mean
+            frequency over them, all views together (``appearances / checkins``), not only at the
+            end, so a word that one tile holds all along is not lost among many views' candidates.
     """
-    merged: dict[str, int] = {}
+    merged: dict[str, list[float]] = {}
     for word, stats in words.items():
         key = word.lower() if cfg.lowercase else word
-        merged[key] = merged.get(key, 0) + int(stats["frequency"])
+        m = merged.setdefault(key, [0, 0.0])
+        m[0] += int(stats["frequency"])
+        m[1] += stats.get("appearances", 0) / checkins if checkins else int(stats["frequency"])
     blocked = [b.lower() for b in (*cfg.block_words, *extra_block) if b.strip()]
     stop = {w.lower() for w in cfg.stop_words}
     labels = [
         {"word": w, "frequency": n}
-        for w, n in merged.items()
-        if n >= cfg.min_frequency and w.lower() not in stop and not any(b in w.lower() for b in blocked)
+        for w, (n, count) in merged.items()
+        if count >= cfg.min_frequency and w.lower() not in stop and not any(b in w.lower() for b in blocked)
     ]
     return sorted(labels, key=lambda d: (-d["frequency"], d["word"]))
 
 
-def label_opinions(opinions: list[dict], image_features: torch.Tensor,
+def evidence(word: str, views: list[dict], scores: list[float], lowercase: bool = False) -> list[dict]:
+    """The views that produced ``word``: each view whose candidates held it at least once a check-in on
+    average (or, when none did, the one that held it most), most appearances first, with its box and the
+    word's score on it."""
+    def held(v: dict) -> int:
+        return sum(d.get("appearances", 0) for w, d in v["words"].items() if (w.lower() if lowercase else w) == word)
+
+    counts = [held(v) for v in views]
+    keep = [k for k, v in enumerate(views) if counts[k] and counts[k] >= v.get("checkins", 1)]
+    keep = keep or [max(range(len(views)), key=lambda k: counts[k])]
+    return [{"view": views[k]["view"], "kind": views[k]["kind"], "box": views[k]["box"], "appearances": counts[k],
+             "score": round(scores[k], 4)} for k in sorted(keep, key=lambda k: (-counts[k], k))]
+
+
+def label_opinions(opinions: list[dict], features: list[torch.Tensor],
                    text_features: Callable[[list[str]], torch.Tensor], cfg: DecodeConfig) -> list[Labels]:
-    """Labels for a batch of opinions, each scored by stock CLIP against its image.
+    """Labels for a batch of opinions, each scored by stock CLIP on the views that found it.
+
+    An opinion of one view (the whole image) gives labels scored on the image. An opinion of several
+    (``views``: tiles, or rounds) gives each label its ``evidence``: the views that produced it, with
+    their boxes; its ``score`` is the best of its scores there, so a small object's word is not dropped
+    for a low whole-image score, and each word is one label however many views found it.
 
     Args:
         opinions: ``ascend`` outputs, one per image.
-        image_features: unit stock-CLIP features of the images, one row per opinion.
+        features: per opinion, the unit stock-CLIP features of its views ``[V, D]`` (``view_features``).
         text_features: unit prompt-ensemble features of words (one call for the batch's words).
         cfg: the rule.
-
-    Shape:
-        - image_features: :math:`(B, D)`.
     """
-    labels_of = [decode_labels(op["words"], cfg, tuple(op.get("settings", {}).get("block_words", ())))
-                 for op in opinions]
+    labels_of = [decode_labels(op["words"], cfg, tuple(op.get("settings", {}).get("block_words", ())),
+                               len(op["checkins"]) if op.get("views") else None) for op in opinions]
     vocab = list(dict.fromkeys(d["word"] for labels in labels_of for d in labels))
     text = text_features(vocab)  # [V, D]
     index = {w: i for i, w in enumerate(vocab)}
@@ -96,9 +113,13 @@ def label_opinions(opinions: list[dict], image_features: torch.Tensor,
     for b, (opinion, labels) in enumerate(zip(opinions, labels_of)):
         if labels:
             rows = torch.tensor([index[d["word"]] for d in labels], device=text.device)
-            scores = (text[rows] @ image_features[b].to(text.device)).cpu()
-            for d, s in zip(labels, scores):
-                d["score"] = round(float(s), 4)
+            scores = (text[rows] @ torch.atleast_2d(features[b]).to(text.device).T).cpu()  # [L, views]
+            for d, s in zip(labels, scores.tolist()):
+                if opinion.get("views"):
+                    d["evidence"] = evidence(d["word"], opinion["views"], s, cfg.lowercase)
+                    d["score"] = max(e["score"] for e in d["evidence"])
+                else:
+                    d["score"] = round(s[0], 4)
         labels.sort(key=lambda d: -d["score"])
         if cfg.min_score is not None:
             labels = [d for d in labels if d["score"] >= cfg.min_score]
@@ -135,8 +156,6 @@ class DecodeStage(PerImageStage[DecodeConfig]):
         results = {i: ItemResult(error=e) for i, e in failed.items()}
         written = []
         if ok:
-            with torch.no_grad():
-                feats = encode_images(lm, images)
             opinions = [doc if isinstance(doc, dict) and "words" in doc else None for doc, _ in read]
             for ref, op, (_, why) in zip(ok, opinions, read):
                 if op is None:
@@ -144,8 +163,11 @@ class DecodeStage(PerImageStage[DecodeConfig]):
                     results[ref.id] = ItemResult(error=f"{ref.rel}: {why}; the next run redoes ascend, then decode",
                                                  damaged={"ascend": why})
             keep = [b for b, op in enumerate(opinions) if op is not None]
-            ok, feats, opinions = [ok[b] for b in keep], feats[keep], [opinions[b] for b in keep]
-            written = list(zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)))
+            ok, opinions = [ok[b] for b in keep], [opinions[b] for b in keep]
+            if ok:
+                with torch.no_grad():
+                    feats = view_features(lm, images[keep], [op.get("views", []) for op in opinions])
+                written = list(zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)))
 
         def finish() -> list[ItemResult]:
             for ref, labels in written:

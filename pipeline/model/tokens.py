@@ -11,6 +11,16 @@ from clip.simple_tokenizer import SimpleTokenizer
 SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
 
+# Function words that CLIP's opinions are full of and that name nothing in a picture. A label equal to
+# one of them (any case) is dropped; ``decode.stop_words: []`` keeps them, and
+# ascend never explains them away.
+STOP_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "by", "for", "with", "from", "as", "is", "are",
+    "was", "be", "it", "its", "this", "that", "these", "those", "his", "her", "their", "my", "your", "our", "i",
+    "you", "he", "she", "we", "they", "me", "him", "them", "us", "not", "no", "so", "but", "if", "than", "then",
+    "there", "here", "very", "just", "also", "into", "onto", "over", "under", "about", "up", "down", "out", "off",
+)
+
 
 @dataclass(frozen=True)
 class Vocab:

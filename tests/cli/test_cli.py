@@ -36,8 +36,11 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
     mapped = 0
     for i in ids:
         assert (run / "ascend" / f"{i}.json").is_file() and (run / "ascend" / f"{i}.csv").is_file()
-        cands = json.loads((run / "ascend" / f"{i}.json").read_text())["candidates"]
-        assert len(cands) == 4 and all(-1 <= c["rescored"] <= 1 and len(c["ids"]) == 5 for c in cands)
+        opinion = json.loads((run / "ascend" / f"{i}.json").read_text())
+        cands = opinion["candidates"]  # the whole image's 4, and 3 for each of the 4 tiles (discover: tiles)
+        assert len(cands) == 4 + 4 * 3 and all(-1 <= c["rescored"] <= 1 and len(c["ids"]) == 5 for c in cands)
+        assert [v["kind"] for v in opinion["views"]] == ["image"] + ["tile"] * 4
+        assert sorted({c["view"] for c in cands}) == [0, 1, 2, 3, 4]
         lab = json.loads((run / "labels" / f"{i}.json").read_text())
         assert set(lab) >= {"labels", "prompts"} and all({"word", "frequency", "score"} <= set(d) for d in lab["labels"])
         _check_surgery_outputs(run, i, [d["word"] for d in lab["labels"]])
