@@ -52,6 +52,7 @@ class ExportConfig:
     label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.labels.autolabels.LabelMap)
     min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
     max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
+    evidence_prior: bool = False  # a label that ascend's tiles found gets its regions inside those tiles (on the demo it gave 4 more boxes, all wrong: docs/benchmarks.md#every-object)
     categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
     new_categories: str = "drop"  # classes that match none of `categories`: drop, or keep with new ids after the file's
     path_prefix: str = ""  # put before each image's relative path in Label Studio and FiftyOne: s3://bucket/folder/, or local (Label Studio's local files)
@@ -78,7 +79,7 @@ class ExportConfig:
     @property
     def rules(self) -> LabelRules:
         return LabelRules(self.region_method, self.tau, self.multi_instance, self.min_area, self.min_score, self.top_k,
-                          self.min_contrast, self.max_box_area)
+                          self.min_contrast, self.max_box_area, self.evidence_prior)
 
 
 def export_label_map(cfg: ExportConfig) -> LabelMap:
@@ -94,6 +95,7 @@ def regions_document(images: list[ExportImage], stamp: str) -> dict:
     """``regions.json``: each image's classes and boxes, for the report and for people."""
     return {"stamp": stamp, "images": {
         im.id: [{"label": lab.name, "score": lab.score, "words": list(lab.words),
+                 **({"evidence": [[round(v, 1) for v in b] for b in lab.evidence]} if lab.evidence else {}),
                  "regions": [{"box": [round(v, 1) for v in r.box], "source": r.source, "tau": r.tau, "peak": r.peak,
                               "area": r.area} for r in lab.regions],
                  **({"no_region": lab.no_region} if lab.no_region else {})}

@@ -143,7 +143,7 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
         if item.opinion:
             card["words"] = [[w, d["frequency"]] for w, d in list(item.opinion["words"].items())[: cfg.words_per_card]]
         if item.labels:
-            card["labels"] = [[d["word"], d["frequency"], d.get("score")] for d in item.labels["labels"]]
+            card["labels"] = [[d["word"], d["frequency"], d.get("score"), _where(d)] for d in item.labels["labels"]]
             card["prompts"] = [[p["text"], p["score"]] for p in item.labels["prompts"]]
         if item.heatmaps:
             _add_maps(card, item.heatmaps, cfg)
@@ -166,6 +166,14 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
             "has_masks": any(m[2] for c in cards for m in c["maps"]),
             "has_boxes": any(c.get("boxes") for c in cards),
             "has_scales": any(c.get("scale") for c in cards)}
+
+
+def _where(label: dict) -> list[list[float]] | None:
+    """Where in the picture a label came from: the boxes (fractions) of the tiles among its evidence, ``[]`` for the
+    whole image, ``None`` for a label with no evidence (an opinion of one view)."""
+    if "evidence" not in label:
+        return None
+    return [[round(v, 3) for v in e["box"]] for e in label["evidence"] if e.get("kind") == "tile"]
 
 
 def _add_maps(card: dict, heatmaps: dict, cfg: ReportConfig) -> None:

@@ -43,6 +43,7 @@ class LabelRules:
     top_k: int = 0
     min_contrast: float = 0.0
     max_box_area: float = 1.0
+    evidence_prior: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ExportLabel:
     regions: tuple[Region, ...] = ()
     heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
     no_region: str = ""  # why a label with a map has no region (a flat map, a box over nearly all the image)
+    evidence: tuple[tuple[float, float, float, float], ...] = ()  # the tiles that found the best word, in pixels
 
 
 @dataclass
@@ -252,6 +254,7 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         if cfg.min_score is not None and score < cfg.min_score:
             continue
         word = best["word"]
+        tiles = [e["box"] for e in best.get("evidence", ()) if e.get("kind") == "tile"]
         regions: tuple[Region, ...] = ()
         grid = maps.get(word) if heatmaps is not None else None
         why = ""
@@ -263,11 +266,14 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         elif grid is not None:
             rng = ranges.get(word)
             regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
-                                            cfg.min_area, tuple(rng) if rng else None))
+                                            cfg.min_area, tuple(rng) if rng else None,
+                                            tiles if cfg.evidence_prior else None))
         kept = tuple(r for r in regions if not too_large(r, (height, width), cfg.max_box_area))
         if len(kept) < len(regions) and not kept:
             why = f"its box covers more than export.max_box_area ({cfg.max_box_area:g}) of the image"
-        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why))
+        evidence = tuple((round(x * width, 2), round(y * height, 2), round(bw * width, 2), round(bh * height, 2))
+                         for x, y, bw, bh in tiles)
+        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why, evidence))
     out.sort(key=lambda lab: -lab.score)
     return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out[: cfg.top_k or None])
 

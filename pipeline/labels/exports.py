@@ -118,7 +118,8 @@ def image_url(prefix: str, im: ExportImage) -> str:
 
 def _region_attributes(lab: ExportLabel, region: Region) -> dict:
     return {"word": lab.words[0], "box_source": region.source, "tau": region.tau, "clip_score": lab.score,
-            "peak": region.peak, "peak_similarity": region.peak_similarity}
+            "peak": region.peak, "peak_similarity": region.peak_similarity,
+            "evidence": [[round(v, 2) for v in box] for box in lab.evidence]}
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -249,7 +250,9 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
                 x, y, w, h = region.box
                 det = {"label": lab.name, "confidence": lab.score, "box_source": region.source, "tau": region.tau,
                        "bounding_box": [x / im.width, y / im.height, w / im.width, h / im.height],
-                       "box_pixels": [int(x), int(y), int(w), int(h)]}
+                       "box_pixels": [int(x), int(y), int(w), int(h)],
+                       "evidence": [[bx / im.width, by / im.height, bw / im.width, bh / im.height]
+                                    for bx, by, bw, bh in lab.evidence]}
                 if region.mask is not None:
                     rel = PurePosixPath("masks", f"{run_key}__{im.id}__{slug}__{k}.png")
                     pngs.append((rel, region.mask.astype(np.uint8) * 255))

@@ -104,7 +104,8 @@ def map_boxes(heat: np.ndarray, tau: float, multi_instance: bool = False, min_ar
 
 def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, tau: float,
                     multi_instance: bool = False, min_area: float = 0.0,
-                    similarity_range: tuple[float, float] | None = None) -> list[Region]:
+                    similarity_range: tuple[float, float] | None = None,
+                    prior: list[list[float]] | None = None) -> list[Region]:
     """A label's regions from its grid map by CAM's rule (see ``map_boxes``), found on the map at the image's size
     (at most ``WORK_SIDE`` on the longer side, then scaled back to the image's pixels).
 
@@ -116,12 +117,16 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
         multi_instance: a region per component of at least ``min_area`` (a fraction of the image).
         similarity_range: the (lowest, highest) similarity the map's 0 and 1 stand for, to record
             the peak on the method's own scale.
+        prior: boxes ``[x, y, w, h]`` as fractions of the image (the label's evidence from ascend's tiles):
+            the map outside all of them is set to 0 first, so the regions lie where the word was found.
 
     Shape:
         - grid_map: :math:`(gh, gw)`.
     """
     h, w = size
     heat = upsample_to(grid_map, work_size(size))
+    if prior:
+        heat = heat * prior_mask(prior, heat.shape)
     sy, sx = h / heat.shape[0], w / heat.shape[1]
     out = []
     for (x, y, bw, bh), area, peak in map_boxes(heat, tau, multi_instance, min_area):
@@ -133,6 +138,15 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
             sim = round(lo + peak * (hi - lo), 5)
         out.append(Region(box=box, area=area, source=method, tau=tau, peak=round(peak, 4), peak_similarity=sim))
     return out
+
+
+def prior_mask(boxes: list[list[float]], size: tuple[int, int]) -> np.ndarray:
+    """1 inside any of ``boxes`` (fractions ``[x, y, w, h]``), 0 elsewhere, at ``(H, W)``."""
+    h, w = size
+    mask = np.zeros((h, w), np.float32)
+    for x, y, bw, bh in boxes:
+        mask[round(y * h): round((y + bh) * h), round(x * w): round((x + bw) * w)] = 1.0
+    return mask
 
 
 def map_contrast(grid_map: np.ndarray) -> float:

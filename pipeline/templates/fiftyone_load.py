@@ -34,7 +34,8 @@ def samples():
                 x, y, w, h = d["box_pixels"]
                 mask = full[y : y + h, x : x + w]
             detections.append(fo.Detection(label=d["label"], bounding_box=d["bounding_box"], mask=mask,
-                                           confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"]))
+                                           confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"],
+                                           evidence=d.get("evidence", [])))
         sample["clip_regions"] = fo.Detections(detections=detections)
         for h in s["heatmaps"]:
             sample[h["field"]] = fo.Heatmap(map_path=str(HERE / h["map"]), range=[0, 255], label=h["label"],

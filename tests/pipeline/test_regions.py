@@ -56,3 +56,14 @@ def test_mask_region_is_the_box_around_the_mask():
 
 def test_box_iou():
     assert box_iou((0, 0, 10, 10), np.array([[0, 0, 10, 10], [5, 0, 10, 10], [20, 20, 5, 5]])) == pytest.approx([1, 1 / 3, 0])
+
+
+def test_an_evidence_prior_keeps_the_regions_inside_the_tiles_that_found_the_word():
+    from pipeline.labels.regions import prior_mask
+
+    mask = prior_mask([[0.5, 0.5, 0.5, 0.5]], (8, 8))
+    assert mask.sum() == 16 and mask[4:, 4:].all()
+    (free,) = heatmap_regions(_two_blobs(), (64, 64), "single", tau=0.5)
+    (held,) = heatmap_regions(_two_blobs(), (64, 64), "single", tau=0.5, prior=[[0.5, 0.5, 0.5, 0.5]])
+    assert free.box[0] < 16 and held.box[0] >= 32 and held.box[1] >= 32  # the weaker blob, in the bottom-right tile
+    assert heatmap_regions(_two_blobs(), (64, 64), "single", tau=0.5, prior=[]) == [free]  # no tiles: no prior

@@ -548,3 +548,23 @@ def test_label_studio_local_preset_warning_and_an_image_outside_the_root(run, to
     assert r.exit_code == 2 and "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in r.output
     r = _run("export", "--run", str(run), "--to", "labelstudio", "--path-prefix", f"local:{toy_run / 'elsewhere'}")
     assert r.exit_code == 1 and "is not under Label Studio's document root" in r.output
+
+
+def test_a_labels_tile_evidence_is_its_prior_and_an_attribute_of_its_region():
+    from pipeline.labels.autolabels import LabelMap, LabelRules, export_image
+    from pipeline.labels.exports import coco_documents
+    from pipeline.run.images import ImageRef
+
+    grid = np.zeros((8, 8))
+    grid[1:3, 1:3] = 1.0  # the map's peak, top left
+    grid[5:7, 5:7] = 0.7  # the word's tile is the bottom right
+    labels = [{"word": "cat", "score": 0.3, "evidence": [{"kind": "tile", "box": [0.5, 0.5, 0.5, 0.5]},
+                                                         {"kind": "image", "box": [0, 0, 1, 1]}]}]
+    ref = ImageRef(id="a-1", path="/x/a.png", rel="a.png", root="/x")
+    held = export_image(ref, (64, 64), labels, {"labels": []}, {"cat": grid}, {}, LabelRules(evidence_prior=True),
+                        LabelMap()).labels[0]
+    free = export_image(ref, (64, 64), labels, {"labels": []}, {"cat": grid}, {}, LabelRules(), LabelMap()).labels[0]
+    assert held.evidence == free.evidence == ((32.0, 32.0, 32.0, 32.0),) and free.regions[0].box[0] < 16
+    assert held.regions[0].box[0] >= 32 and held.regions[0].box[1] >= 32
+    doc, _, _ = coco_documents([ExportImage("a-1", "a.png", "/x/a.png", 64, 64, [held])], "t")
+    assert doc["annotations"][0]["evidence"] == [[32.0, 32.0, 32.0, 32.0]]

@@ -24,7 +24,11 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     inputs = ReportInputs("run", {"model": "toy"}, [
         ImageOutputs(ImageRef("a", "/x/a.png", "a.png"), "../x/a.png",
                      {"words": {"red": {"frequency": 3}, "odd": {"frequency": 1}}},
-                     {"labels": [{"word": "red", "frequency": 3, "score": 0.2}], "prompts": [{"text": "red", "score": 0.3}]},
+                     {"labels": [{"word": "red", "frequency": 3, "score": 0.2},
+                                 {"word": "ring", "frequency": 2, "score": 0.1, "evidence": [
+                                     {"kind": "tile", "box": [0.5, 0.0, 0.5, 0.5]}, {"kind": "image", "box": [0, 0, 1, 1]}]},
+                                 {"word": "blue", "frequency": 2, "score": 0.1, "evidence": [{"kind": "image", "box": [0, 0, 1, 1]}]}],
+                      "prompts": [{"text": "red", "score": 0.3}]},
                      _heatmaps({"raw": "surgery/a/raw.png", "single": "surgery/a/single.png"}, mask="surgery/a/m.png"),
                      []),
         ImageOutputs(ImageRef("b", "/x/b.png", "b.png"), "../x/b.png", None, None, None, [("ascend", "b.png: empty")]),
@@ -37,7 +41,9 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     assert a["base"] == "surgery/a/"  # the prefix the stage's paths share, held once per card
     assert word == "red" and overlays == {"raw": "raw.png", "single": "single.png"}
     assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]] and row == 0  # one point of each kind
-    assert a["words"] == [["red", 3], ["odd", 1]] and a["labels"] == [["red", 3, 0.2]]
+    assert a["words"] == [["red", 3], ["odd", 1]]
+    # where each label came from: no evidence (one view), the tiles among its evidence, or the whole picture
+    assert a["labels"] == [["red", 3, 0.2, None], ["ring", 2, 0.1, [[0.5, 0.0, 0.5, 0.5]]], ["blue", 2, 0.1, []]]
     assert data["methods"] == ["raw", "single"] and data["default_method"] == "raw"  # only what exists, one order
     assert set(data["method_names"]) == {"raw", "single"}
     assert b["maps"] == [] and b["sheet"] == "" and data["failures"] == [
