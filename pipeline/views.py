@@ -15,6 +15,7 @@ from rich.text import Text
 
 from pipeline.doctor import Check
 from pipeline.run.images import ImageRef
+from pipeline.run.provenance import failure_lines
 from pipeline.run.rundir import RunDir
 from pipeline.run.runner import RunOutcome, stage_provenance
 from pipeline.run.stage import PerImageStage, WholeRunStage
@@ -25,16 +26,19 @@ def outcome_views(outcome: RunOutcome, summary: bool = True) -> list:
     off, the failures only (a command that prints what it did itself)."""
     ranks = (f" (per-image counts of rank 0 of {outcome.dist.world_size}; all ranks are in manifest.jsonl)"
              if outcome.dist.enabled else "")
-    table = Table(title=f"run {outcome.run.root}{ranks}")
-    for col in ("stage", "done", "failed", "skipped", "blocked", "seconds"):
+    table = Table(title=f"run {outcome.run.root}{ranks}",
+                  caption="up to date: done before, with today's settings; not run: an earlier stage failed for the "
+                          "image, or its input is missing")
+    for col in ("stage", "done", "failed", "up to date", "not run", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in outcome.summaries:
         table.add_row(s.stage, str(s.done), f"[red]{s.failed}[/]" if s.failed else "0", str(s.skipped), str(s.blocked),
                       f"{s.seconds:.1f}")
     views: list = [table] if summary else []
-    views += [Text.assemble(("failed", "red"), f" {r['stage']}: {r['error']}") for r in outcome.failures[:20]]
-    if len(outcome.failures) > 20:
-        views.append(f"... and {len(outcome.failures) - 20} more; see {outcome.run.file('manifest.jsonl')}")
+    lines = [line for per_image in failure_lines(outcome.failures).values() for line in per_image]
+    views += [Text.assemble(("failed", "red"), f" {line}") for line in lines[:20]]
+    if len(lines) > 20:
+        views.append(f"... and {len(lines) - 20} more; see {outcome.run.file('images.csv')}")
     if outcome.records and summary:
         views.append(top_words_table(outcome.records))
     if outcome.report and summary:
@@ -45,13 +49,16 @@ def outcome_views(outcome: RunOutcome, summary: bool = True) -> list:
 def top_words_table(records: list, top: int = 10) -> Table:
     """The leaderboard's first rows: ``records.csv`` rows, or the rank stage's records."""
     records = [asdict(r) if is_dataclass(r) else r for r in records[:top]]
-    table = Table(title="CLIP's most unusual words")
-    for col in ("word", "length", "pieces", "images", "score", "unusualness"):
+    scored = any(r["score"] not in (None, "") for r in records)  # a score is a label's: no column when none is one
+    table = Table(title="CLIP's most unusual words", caption=None if scored else "none of these words is a label, "
+                  "so none has a label score")
+    for col in ("word", "length", "pieces", "images", *(("label score",) if scored else ()), "unusualness"):
         table.add_column(col, justify="left" if col == "word" else "right")
     for r in records[:top]:
         score = r["score"]
         table.add_row(str(r["word"]), str(r["length"]), str(r["pieces"]), str(r["images"]),
-                      "" if score in (None, "") else f"{float(score):.3f}", f"{float(r['unusualness']):.3f}")
+                      *(("" if score in (None, "") else f"{float(score):.3f}",) if scored else ()),
+                      f"{float(r['unusualness']):.3f}")
     return table
 
 
@@ -80,13 +87,21 @@ def status_table(run: Path, status: dict[str, dict[str, list[tuple[str, str]]]],
     for col in ("stage", *states):
         table.add_column(col, justify="left" if col == "stage" else "right")
     lines: list = [table]
+    failed: dict[str, str] = {}  # an image's root failure, once however many stages it stopped
     for stage, by_state in status.items():
         table.add_row(stage, *(str(len(by_state.get(s, []))) for s in states))
-        for state in states[1:]:
+        for state in ("failed", "blocked"):
+            for rel, reason in by_state.get(state, []):
+                failed.setdefault(rel, reason)
+        for state in ("stale", "damaged", "pending"):
             for rel, reason in by_state.get(state, [])[:reasons]:
                 lines.append(Text(f"{stage} {state}: {rel}" + (f": {reason}" if reason else "")))
             if len(by_state.get(state, [])) > reasons:
                 lines.append(Text(f"{stage} {state}: ... and {len(by_state[state]) - reasons} more"))
+    shown = list(failed.values())
+    lines += [Text.assemble(("failed", "red"), f" {line}") for line in shown[: 10 * reasons]]
+    if len(shown) > 10 * reasons:
+        lines.append(Text(f"failed: ... and {len(shown) - 10 * reasons} more images; images.csv lists them all"))
     return lines
 
 

@@ -43,7 +43,7 @@ from pipeline.model.encode import explain_away, load_batch, rescore_texts, view_
 from pipeline.run.images import ImageRef, normalize
 from pipeline.model.load import LoadedModel
 from pipeline.run.rundir import atomic_write_json, atomic_write_text
-from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.run.stage import BAD_INPUT, Finish, ItemResult, PerImageStage, StageContext
 from pipeline.model.textenc import encode_text_embeddings
 from pipeline.model.discovery import WHOLE, Opinion, merge_views, tile_boxes, tile_views
 from pipeline.model.tokens import STOP_WORDS, allowed_token_ids, clean_words, vocab
@@ -386,7 +386,7 @@ class AscendStage(PerImageStage[AscentConfig]):
     def process(self, ctx: StageContext[AscentConfig], refs: list[ImageRef], loaded: tuple) -> Finish:
         cfg, lm = ctx.config, ctx.models.clip
         ok, images, failed = loaded
-        results: dict[str, ItemResult] = {i: ItemResult(error=e) for i, e in failed.items()}
+        results: dict[str, ItemResult] = {i: ItemResult(error=e, advice=BAD_INPUT) for i, e in failed.items()}
         written: list[tuple] = []
         if ok:
             t = time.time()

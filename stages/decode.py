@@ -21,7 +21,7 @@ from pipeline.run.config import require
 from pipeline.model.encode import load_batch, view_features
 from pipeline.run.images import ImageRef
 from pipeline.run.rundir import atomic_write_json, read_output
-from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.run.stage import BAD_INPUT, Finish, ItemResult, PerImageStage, StageContext
 from pipeline.model.tokens import STOP_WORDS
 
 
@@ -153,15 +153,15 @@ class DecodeStage(PerImageStage[DecodeConfig]):
     def process(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef], loaded: tuple) -> Finish:
         lm = ctx.models.clip
         ok, images, failed, read = loaded
-        results = {i: ItemResult(error=e) for i, e in failed.items()}
+        results = {i: ItemResult(error=e, advice=BAD_INPUT) for i, e in failed.items()}
         written = []
         if ok:
             opinions = [doc if isinstance(doc, dict) and "words" in doc else None for doc, _ in read]
             for ref, op, (_, why) in zip(ok, opinions, read):
                 if op is None:
                     why = why or f"ascend/{ref.id}.json: not an opinion file"
-                    results[ref.id] = ItemResult(error=f"{ref.rel}: {why}; the next run redoes ascend, then decode",
-                                                 damaged={"ascend": why})
+                    results[ref.id] = ItemResult(error=f"{ref.rel}: {why}", damaged={"ascend": why},
+                                                 advice="the next run redoes ascend, then decode")
             keep = [b for b, op in enumerate(opinions) if op is not None]
             ok, opinions = [ok[b] for b in keep], [opinions[b] for b in keep]
             if ok:

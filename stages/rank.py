@@ -24,7 +24,7 @@ from pipeline.run.images import ImageRef
 from pipeline.run.provenance import mark_damaged
 from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
 from pipeline.run.stage import StageContext, WholeRunStage
-from pipeline.model.tokens import vocab
+from pipeline.model.tokens import BYTE_MARK, vocab
 
 
 
@@ -40,7 +40,7 @@ class WordRecord:
     score: float | None  # its best label score, if it was ever a label
     best_image: str  # where that score was, else the first image that produced it
     unusualness: float
-    broken: bool = False  # holds a byte sequence that is not valid UTF-8 (shown as U+FFFD), as CLIP produced it
+    broken: bool = False  # holds a byte sequence that is not valid UTF-8 (shown as <0x..> bytes), as CLIP produced it
 
 
 COLUMNS = tuple(f.name for f in fields(WordRecord))
@@ -64,8 +64,9 @@ def unusualness(length: int, pieces: int, known: bool, images: int) -> float:
 
 
 def is_broken(word: str) -> bool:
-    """Whether a decoded word holds bytes that are not valid UTF-8 (BPE pieces cut inside a character)."""
-    return "\ufffd" in word
+    """Whether a decoded word holds bytes that are not valid UTF-8 (BPE pieces cut inside a character):
+    written ``<0x..>`` by today's decoding, U+FFFD in runs made before it."""
+    return "\ufffd" in word or BYTE_MARK.search(word) is not None
 
 
 def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: RankConfig) -> list[WordRecord]:
@@ -170,7 +171,8 @@ def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinion
     Args:
         refs: the run's images, in order.
         states: per image id, ``(state, reason)``: "done" when every per-image stage is, else the
-            first stage that is not, e.g. ``("failed", "ascend: ...")``.
+            first stage that is not, e.g. ``("failed", "a.jpg: file is empty (0 bytes) (ascend; later stages
+            skipped): replace or remove the file")``.
         opinions, labels: the done outputs by image id.
         records: the leaderboard, best first; an image's unusual word is its best-ranked word.
     """
@@ -227,12 +229,15 @@ class RankStage(WholeRunStage[RankConfig]):
         records = rank_unusual_words(opinions, labels, ctx.config)
         states = {}
         for ref in refs:
-            for stage in ("ascend", "decode", "surgery"):
-                st = ctx.status(ref.id, stage, latest)
+            per_stage = [(stage, ctx.status(ref.id, stage, latest)) for stage in ("ascend", "decode", "surgery")]
+            states[ref.id] = ("done", "")
+            for stage, st in per_stage:
+                if st.state in ("failed", "blocked"):  # its root cause, in the words the summary and status use
+                    later = sum(s.state in ("failed", "blocked") for _, s in per_stage) > 1
+                    states[ref.id] = (st.state, st.line(later))
+                    break
                 if st.state != "done":
                     states[ref.id] = (st.state, f"{stage}: {st.reason}" if st.reason else stage)
                     break
-            else:
-                states[ref.id] = ("done", "")
         rows = image_rows(refs, states, opinions, labels, records)
         return [*write_records(ctx.run.root, records, ctx.config), write_image_rows(ctx.run.root, rows)]

@@ -93,13 +93,17 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
     images = []
     for ref in run.load_images():
         docs, failures = {}, []
+        states = {stage: status(ref.id, stage, latest) for stage in readers}
+        stopped = [stage for stage, st in states.items() if st.state in ("failed", "blocked")]
         for stage, path in readers.items():
-            st = status(ref.id, stage, latest)
+            st = states[stage]
             docs[stage], why = read_output(path(ref.id), run.root) if st.state == "done" else (None, None)
             if st.state == "done" and not isinstance(docs[stage], dict):  # done by its record, but it does not parse
                 docs[stage] = None
                 failures.append((stage, f"{ref.rel}: {why or 'not a ' + stage + ' output'}; rerun {stage} with --force"))
-            if st.state in ("failed", "blocked", "damaged"):
+            if stage in stopped[:1]:  # one line, the root cause's, however many stages it stopped
+                failures.append((st.cause or stage, st.line(later=len(stopped) > 1)))
+            elif st.state == "damaged":
                 failures.append((stage, st.reason))
             elif st.state == "stale":
                 failures.append((stage, f"{ref.rel}: stale, {st.reason}; rerun {stage}"))

@@ -33,7 +33,7 @@ from pipeline.heatmaps.draw import contact_sheet, label_slug, map_atlas
 from pipeline.run.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.run.rundir import atomic_write_bytes, atomic_write_json, read_output
 from pipeline.sam import SamConfig, load_sam, sam_masks
-from pipeline.run.stage import Finish, ItemResult, PerImageStage, StageContext
+from pipeline.run.stage import BAD_INPUT, RERUN, Finish, ItemResult, PerImageStage, StageContext
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,13 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
             labels, why = read_output(ctx.run.labels(ref.id), ctx.run.root)
             if not isinstance(labels, dict) or not isinstance(labels.get("labels"), list):
                 why = why or f"labels/{ref.id}.json: not a labels file"
-                results[ref.id] = ItemResult(error=f"{ref.rel}: {why}; the next run redoes decode, then surgery",
-                                             damaged={"decode": why})
+                results[ref.id] = ItemResult(error=f"{ref.rel}: {why}", damaged={"decode": why},
+                                             advice="the next run redoes decode, then surgery")
                 continue
             try:
                 pictures.append(load_image(ref.path, max_side=ctx.settings.max_side))
             except ImageError as err:
-                results[ref.id] = ItemResult(error=f"{ref.rel}: {err}")
+                results[ref.id] = ItemResult(error=f"{ref.rel}: {err}", advice=BAD_INPUT)
                 continue
             ranked = sorted(labels["labels"], key=lambda d: d.get("rank", 0))
             words.append([d["word"] for d in ranked][: cfg.max_labels or None])
@@ -156,7 +156,7 @@ class SurgeryStage(PerImageStage[SurgeryConfig]):
                 drawn = draw_heatmaps(image, hm, cfg.methods, cfg.overlay_max_side)
                 return ItemResult(outputs=self._write(ctx, ref, image, hm, drawn, masks[i]))
             except OSError as err:
-                return ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}")
+                return ItemResult(error=f"{ref.rel}: could not write the surgery outputs: {err}", advice=RERUN)
 
         def write() -> list[ItemResult]:  # the batch's images drawn and written side by side
             for ref, result in zip(ok, writer_pool().map(finish, range(len(ok)))):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,6 +24,24 @@ STOP_WORDS: tuple[str, ...] = (
 )
 
 
+# A BPE piece can end inside a multi-byte character. Decoding a whole sequence joins such pieces with
+# their neighbours where the bytes form valid UTF-8; a byte left over is shown as ``<0xe2>``, never as
+# U+FFFD, so a person can read it and it survives cleaning as part of its word.
+BYTE_MARK = re.compile(r"<0x[0-9a-f]{2}>")
+
+
+def _byte_marks(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"<0x{b:02x}>" for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error("clipsight-bytes", _byte_marks)
+
+
+def readable(data: bytes) -> str:
+    """``data`` as UTF-8, each byte that is not part of a valid character written as ``<0x..>``."""
+    return data.decode("utf-8", errors="clipsight-bytes")
+
+
 @dataclass(frozen=True)
 class Vocab:
     """The tokenizer and the ids a pipeline needs from it."""
@@ -35,8 +55,11 @@ class Vocab:
         return self.tokenizer.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        keep = [i for i in ids if i not in (self.sot, self.eot)]
-        return self.tokenizer.decode(keep)
+        """The text of ``ids`` (special ids dropped): pieces cut inside a character are joined where their
+        bytes form valid text, and a byte that does not is written ``<0x..>`` (stock ``decode`` writes U+FFFD)."""
+        text = "".join(self.tokenizer.decoder[i] for i in ids if i not in (self.sot, self.eot))
+        data = bytes(self.tokenizer.byte_decoder[c] for c in text)
+        return readable(data).replace("</w>", " ")
 
     def piece(self, token_id: int) -> str:
         """The raw BPE piece of one id, e.g. ``"circle</w>"``."""
@@ -69,10 +92,12 @@ _STRIP_TABLE = str.maketrans("", "", STRIP_CHARS)
 
 
 def clean_words(text: str) -> list[str]:
-    """The original's cleaning: strip its punctuation set, keep printable characters, split on spaces."""
-    text = text.translate(_STRIP_TABLE)
-    text = "".join(ch for ch in text if ch.isprintable())
-    return text.split()
+    """The original's cleaning: strip its punctuation set, keep printable characters, split on spaces.
+    A byte mark (``<0xe2>``, from ``Vocab.decode``) is kept whole, as part of its word."""
+    parts = BYTE_MARK.split(text)
+    marks = BYTE_MARK.findall(text)
+    kept = ["".join(ch for ch in part.translate(_STRIP_TABLE) if ch.isprintable()) for part in parts]
+    return "".join(k + (marks[i] if i < len(marks) else "") for i, k in enumerate(kept)).split()
 
 
 @lru_cache(maxsize=8)

@@ -58,10 +58,44 @@ def fingerprint(settings: dict, upstream: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Status:
-    """The state of one (image, stage) and, unless done or pending, why."""
+    """The state of one (image, stage) and, unless done or pending, why.
+
+    A failed or blocked output names its root cause: ``reason`` is the first failure's own words, ``cause``
+    the stage it happened in (for a blocked output, an earlier one), and ``advice`` what helps, if anything
+    does (``"replace or remove the file"`` for bad input, ``"rerun"`` for an error that may pass)."""
 
     state: str  # "done", "stale", "damaged", "failed", "blocked" or "pending"
     reason: str = ""
+    cause: str = ""
+    advice: str = ""
+
+    def line(self, later: bool = False) -> str:
+        """One line a person can read: ``a.jpg: file is empty (0 bytes) (ascend; later stages skipped): replace
+        or remove the file``; ``later`` when the stages after ``cause`` were skipped for it."""
+        where = f" ({self.cause}{'; later stages skipped' if later else ''})" if self.cause else ""
+        return f"{self.reason}{where}" + (f": {self.advice}" if self.advice else "")
+
+
+def failure_lines(records: list[dict]) -> dict[str | None, list[str]]:
+    """Each image's failures as one line, its root cause's (``Status.line``), from its latest failed and
+    blocked manifest records; a whole-run stage's (``image: null``) one line each, under ``None``."""
+    by_image: dict[str | None, list[dict]] = {}
+    for rec in records:
+        by_image.setdefault(rec.get("image"), []).append(rec)
+    out: dict[str | None, list[str]] = {}
+    for image, recs in by_image.items():
+        if image is None:
+            out[None] = [f"{r['stage']}: {r.get('error') or ''}" for r in recs]
+            continue
+        root = next((r for r in recs if r["status"] == "failed"), recs[0])
+        out[image] = [record_status(root).line(later=any(r["status"] == "blocked" for r in recs if r is not root))]
+    return out
+
+
+def record_status(rec: Mapping) -> Status:
+    """The status a failed, blocked or damaged manifest record states, with its root cause."""
+    return Status(rec["status"], rec.get("error") or "", rec.get("cause") or rec.get("stage") or "",
+                  rec.get("advice") or "")
 
 
 class Provenance:
@@ -103,7 +137,7 @@ class Provenance:
         if rec is None:
             return Status("pending")
         if rec["status"] in ("failed", "blocked", "damaged"):
-            return Status(rec["status"], rec.get("error") or "")
+            return record_status(rec)
         damage = run.damage(rec)
         if damage is not None:
             return Status("pending" if damage.endswith(": missing") else "damaged",
@@ -128,15 +162,19 @@ class Provenance:
             return "made with other settings: " + ", ".join(changed)
         return f"made from {'/'.join(self.needs.get(stage, ())) or 'inputs'} output(s) since redone"
 
-    def blocked_reason(self, run: RunDir, latest: Mapping, image: str, stage: str) -> str | None:
-        """Why ``stage`` cannot run for ``image`` now (an input it reads is not done), or ``None``."""
+    def blocked_by(self, run: RunDir, latest: Mapping, image: str, rel: str, stage: str) -> Status | None:
+        """Why ``stage`` cannot run for ``image`` (``rel``) now, as a ``blocked`` status naming the root cause (an
+        input it reads failed, or is missing, stale or damaged), or ``None`` when every input is done. A chain of
+        blocked stages keeps the first failure's words, never nesting them."""
         for need in self.needs.get(stage, ()):
             st = self.status(run, latest, image, need)
             if st.state == "done":
                 continue
             if st.state == "pending":
-                return f"no {need} output: run {need} first"
-            return f"{need} is {st.state} ({st.reason}): rerun {need}"
+                return Status("blocked", f"{rel}: no {need} output", need, f"run {need} first")
+            if st.state in ("failed", "blocked"):
+                return Status("blocked", st.reason, st.cause, st.advice)
+            return Status("blocked", f"{rel}: {need} output is {st.state}, {st.reason}", need, f"rerun {need}")
         return None
 
 
@@ -157,11 +195,14 @@ def run_status(run: RunDir, provenance: Provenance, stages: list[str]) -> dict[s
     latest = run.latest()
     out: dict[str, dict[str, list[tuple[str, str]]]] = {s: {} for s in stages}
     for ref in run.load_images():
-        for stage in stages:
-            st = provenance.status(run, latest, ref.id, stage)
+        states = [provenance.status(run, latest, ref.id, stage) for stage in stages]
+        later = sum(st.state in ("failed", "blocked") for st in states) > 1
+        for stage, st in zip(stages, states):
             if st.state == "pending":
-                why = provenance.blocked_reason(run, latest, ref.id, stage)
-                st = Status("pending", why or st.reason)
+                why = provenance.blocked_by(run, latest, ref.id, ref.rel, stage)
+                st = Status("pending", why.line()) if why else st
+            elif st.state in ("failed", "blocked"):  # each in its root cause's words
+                st = Status(st.state, st.line(later))
             out[stage].setdefault(st.state, []).append((ref.rel, st.reason))
     return out
 

@@ -33,7 +33,8 @@ from pipeline.model.load import LoadedModel, ModelError, load_model, resolve_dev
 from pipeline.run.provenance import Provenance, run_status
 from pipeline.run.rundir import LOG, REPORT, RunDir
 from pipeline.run.batching import BatchSizer
-from pipeline.run.stage import Finish, ItemResult, Models, PerImageStage, RunSettings, StageContext, WholeRunStage
+from pipeline.run.stage import (RERUN, Finish, ItemResult, Models, PerImageStage, RunSettings, StageContext,
+                                WholeRunStage)
 
 
 
@@ -88,9 +89,10 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
         if not force and st.state == "done":
             summary.skipped += 1
             continue
-        reason = ctx.provenance.blocked_reason(ctx.run, latest, ref.id, stage.name)
-        if reason is not None:
-            blocked.append(_record(ctx, ref, stage.name, "blocked", f"{ref.rel}: {reason}"))
+        why = ctx.provenance.blocked_by(ctx.run, latest, ref.id, ref.rel, stage.name)
+        if why is not None:
+            blocked.append({**_record(ctx, ref, stage.name, "blocked", why.reason), "cause": why.cause,
+                            "advice": why.advice})
             continue
         if st.state == "stale":
             stale.add(ref.id)
@@ -108,7 +110,8 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
                 summary.failed += 1
                 ctx.log.warning("%s failed for %s: %s", stage.name, ref.rel, res.error)
                 records += [_record(ctx, ref, need, "damaged", why) for need, why in res.damaged.items()]
-                records.append(_record(ctx, ref, stage.name, "failed", res.error, per_image))
+                records.append({**_record(ctx, ref, stage.name, "failed", res.error, per_image),
+                                **({"advice": res.advice} if res.advice else {})})
             else:
                 made_from = {n: (latest.get((ref.id, n)) or {}).get("rid") for n in stage.needs}
                 try:
@@ -116,8 +119,8 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
                                            made_from))
                 except OSError as err:  # an output it named cannot be read back for its checksum
                     summary.failed += 1
-                    records.append(_record(ctx, ref, stage.name, "failed", f"{ref.rel}: an output could not be "
-                                           f"read back: {err}", per_image))
+                    records.append({**_record(ctx, ref, stage.name, "failed", f"{ref.rel}: an output could not be "
+                                              f"read back: {err}", per_image), "advice": RERUN})
                     continue
                 summary.done += 1
                 summary.redone += ref.id in stale
@@ -129,7 +132,7 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
         # a bug or resource failure in one batch must not end the run
         ctx.log.error("%s failed %s a batch of %d:\n%s", stage.name, what, len(batch),
                       "".join(traceback.format_exception(err)))
-        return [ItemResult(error=f"{type(err).__name__}: {err}") for _ in batch]
+        return [ItemResult(error=f"{ref.rel}: {type(err).__name__}: {err}", advice=RERUN) for ref in batch]
 
     def load(batch: list[ImageRef]) -> tuple[Any, Exception | None, float]:
         t = time.time()

@@ -31,11 +31,18 @@ class ItemResult:
     """What a stage did for one image: the files it wrote (relative to the run), or why it failed.
 
     ``damaged`` names upstream stages whose output for the image could not be read (stage -> reason):
-    they are recorded as damaged, so the next run redoes them and then this stage."""
+    they are recorded as damaged, so the next run redoes them and then this stage. ``advice`` says what
+    helps a failure, where something does: ``BAD_INPUT`` for a file no rerun can fix, ``RERUN`` for an
+    error that may pass."""
 
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     damaged: dict[str, str] = field(default_factory=dict)
+    advice: str | None = None
+
+
+BAD_INPUT = "replace or remove the file"
+RERUN = "rerun the same command to retry it; the traceback is in run.log"
 
 
 @dataclass(frozen=True)

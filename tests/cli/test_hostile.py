@@ -94,7 +94,8 @@ def test_hostile_folder(tmp_path, hostile):
         rec = latest[(images[name], "ascend")]
         assert rec["status"] == "failed" and reason in rec["error"] and name in rec["error"], (name, rec["error"])
         blocked = latest[(images[name], "decode")]  # blocked with its reason, not attempted
-        assert blocked["status"] == "blocked" and "ascend is failed" in blocked["error"] and not blocked["outputs"]
+        assert blocked["status"] == "blocked" and blocked["error"] == rec["error"] and not blocked["outputs"]
+        assert blocked["cause"] == "ascend" and blocked["advice"] == rec["advice"] == "replace or remove the file"
     meta = json.loads((run / "surgery" / f"{images['rotated.jpg']}.json").read_text())
     assert meta["size"] == [40, 50]  # EXIF rotation applied: 50x40 stored, 40x50 shown
     meta = json.loads((run / "surgery" / f"{images['huge.jpg']}.json").read_text())

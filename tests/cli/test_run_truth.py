@@ -156,7 +156,8 @@ def test_blocked_images_say_why_and_a_run_that_did_nothing_exits_1(tmp_path, ima
     assert r.exit_code == 1, r.output
     blocked = [x for x in _manifest(tmp_path / "out" / "r") if x["status"] == "blocked"]
     assert len(blocked) == 6
-    assert all("run ascend first" in x["error"] for x in blocked if x["stage"] == "decode")
-    assert all("decode is blocked" in x["error"] and "run ascend first" in x["error"]
-               for x in blocked if x["stage"] == "surgery")  # the reason follows the chain to its start
-    assert "run ascend first" in " ".join(r.output.split())
+    assert all(x["error"].endswith(": no ascend output") and x["cause"] == "ascend" and x["advice"] == "run ascend first"
+               for x in blocked)  # surgery's reason is the start of the chain, decode's words, not nested in them
+    printed = " ".join(r.output.split())
+    assert "no ascend output (ascend; later stages skipped): run ascend first" in printed
+    assert printed.count("no ascend output") == 3  # one line per image

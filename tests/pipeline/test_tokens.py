@@ -31,3 +31,12 @@ def test_allowed_ids_never_hold_special_or_blocked_tokens():
     assert v.encode("red")[0] not in blocked and all("red" not in v.piece(i).lower() for i in blocked)
     whole = allowed_token_ids(whole_words_only=True)
     assert all(v.piece(i).endswith("</w>") and v.piece(i)[:-4].isalpha() for i in whole[:500])
+
+
+def test_pieces_cut_inside_a_character_join_when_they_can_and_show_their_bytes_when_not():
+    v = vocab()
+    e = v.tokenizer.encoder
+    assert v.decode([e["â"], e["ľ"], e["ĵ</w>"], e["ring</w>"]]) == "✓ ring "  # e2 9c 93: one character again
+    assert v.decode([e["â"], e["ring</w>"]]) == "<0xe2>ring "  # a lead byte with nothing to finish it
+    assert v.decode([e["ľ"], e["â</w>"]]) == "<0x9c><0xe2> "
+    assert clean_words("(<0xe2>ring), a<0x9c>!") == ["<0xe2>ring", "a<0x9c>"]  # the marks survive cleaning whole

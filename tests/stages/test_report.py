@@ -73,7 +73,7 @@ def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
     card = data["cards"][0]
     assert card["src"] == "../a.png" and card["labels"] == [] and card["maps"] == []  # failed and stale: not shown
     assert [(f["stage"], f["error"]) for f in data["failures"]] == [
-        ("decode", "bad"), ("surgery", "a.png: stale, made with settings this run does not know; rerun surgery")]
+        ("decode", "bad (decode)"), ("surgery", "a.png: stale, made with settings this run does not know; rerun surgery")]
     assert data["seconds"] == {"ascend": 0.0, "surgery": 2.0}
     page = render_report(data)
     embedded = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
