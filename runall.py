@@ -18,7 +18,7 @@ import typer
 
 import pipeline  # noqa: F401  (quiets openai-clip's import warning)
 from cli.common import (INTERRUPTED, CacheOpt, ConfigOpt, DeviceOpt, ForceOpt, JsonOpt, ModelOpt, Preset, QuietOpt,
-                        SetOpt, console, execute, fail, out, print_dry_run, resolve, value, version)
+                        SetOpt, console, execute, fail, out, print_dry_run, read_words, resolve, value, version)
 from cli.runs import COMMANDS
 from cli.toy import toy_app
 from pipeline.run.config import STAGE_NAMES, ConfigError
@@ -49,6 +49,8 @@ def main(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    words: Annotated[Optional[str], typer.Option("--words", help="Your vocabulary beside CLIP's opinion: \"forklift,pallet\", or a file of one word a line (\"word: synonym, synonym\" lines allowed). Sets decode.words.", show_default=False)] = None,
+    no_ascent: Annotated[bool, typer.Option("--no-ascent", help="Label with the --words vocabulary alone, without gradient ascent (ascend.enabled: false): a fast closed-set run.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the images and estimate the time; run nothing.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
@@ -62,7 +64,10 @@ def main(
     from pipeline.run.rundir import RunDir
     from pipeline.run.runner import select_stages
 
-    cfg = resolve(config, {}, {"model": model, "device": value(device), "preset": value(preset)}, set_)
+    sections: dict = {"decode": {"words": list(vocabulary)}} if (vocabulary := read_words(words)) else {}
+    if no_ascent:
+        sections["ascend"] = {"enabled": False}
+    cfg = resolve(config, {}, {"model": model, "device": value(device), "preset": value(preset), **sections}, set_)
     try:
         names = select_stages(stages, STAGE_NAMES)
         refs = discover_images(input, cfg.input.patterns)

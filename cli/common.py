@@ -73,6 +73,27 @@ def value(option: enum.Enum | None) -> str | None:
     return None if option is None else option.value
 
 
+def read_words(words: str | None) -> tuple[str, ...] | None:
+    """``--words``: a file of one word a line (``word: synonym, synonym`` allowed; blank lines and ``#`` comments
+    skipped), or the words themselves, comma-separated."""
+    if words is None:
+        return None
+    path = Path(words)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            fail(f"--words {path}: cannot read it as UTF-8 text ({err})")
+        entries = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    elif path.suffix.lower() in (".txt", ".csv", ".list") or "/" in words:
+        fail(f"--words {words}: no such file (give a file of one word a line, or the words, comma-separated)")
+    else:
+        entries = tuple(w.strip() for w in words.split(",") if w.strip())
+    if not entries:
+        fail(f"--words {words}: names no word")
+    return entries
+
+
 def resolve(config: Path | None, base: dict, cli: dict, set_: list[str] | None, **kw) -> RunConfig:
     from stages import PRESETS, RunConfig
 

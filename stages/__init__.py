@@ -53,6 +53,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         require(self.encode_batch_size >= 1, f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
         require(self.max_side >= 32, f"max_side must be >= 32, got {self.max_side}")
+        require(self.ascend.enabled or bool(self.decode.words),
+                "ascend.enabled is false (--no-ascent), so the labels come from a vocabulary alone: give one with "
+                "--words or decode.words")
 
 
 # Named settings a run can start from (``preset: fast`` in a config, or ``--preset fast``); any key a config

@@ -72,6 +72,7 @@ class AscentConfig:
     block_words: tuple[str, ...] = ()  # any token containing one of these is never chosen
     whole_words_only: bool = False  # allow only tokens that are whole words
     batch_size: int = 0  # images optimised together; 0 = 4 on CPU, on CUDA as many as fit (up to 128); halves on out-of-memory
+    enabled: bool = True  # false (--no-ascent): no gradient ascent; each opinion is empty and the labels are decode.words' alone, a fast closed-set run
     discover: Literal["tiles", "explain", "whole"] = "tiles"  # past the dominant concept: tile views beside the whole image, rounds that explain found words away, or the original's one whole-image ascent
     tiles: int = 2  # discover tiles: tiles per side of the grid
     tile_size: float = 0.625  # discover tiles: a tile's side, as a fraction of the image's
@@ -388,7 +389,9 @@ class AscendStage(PerImageStage[AscentConfig]):
         ok, images, failed = loaded
         results: dict[str, ItemResult] = {i: ItemResult(error=e, advice=BAD_INPUT) for i, e in failed.items()}
         written: list[tuple] = []
-        if ok:
+        if ok and not cfg.enabled:  # vocabulary-only: an empty opinion, for decode to add the words to
+            written = [(ref, image_seed(ctx.settings.seed, ref.id), Opinion([], {}), lm.name, 0.0) for ref in ok]
+        elif ok:
             t = time.time()
             seeds = [image_seed(ctx.settings.seed, r.id) for r in ok]
             opinions = ctx.batches.run(self.name, lambda a, b: discover_opinions(lm, images[a:b], seeds[a:b], cfg, ctx.progress),

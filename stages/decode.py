@@ -8,6 +8,13 @@ and the image; labels scored below ``min_score`` are dropped.
 An opinion of several views (ascend's ``discover: tiles`` or ``explain``) is decoded as one:
 a word counts by its mean frequency over the check-ins, all views together, is scored on
 the views that produced it, and keeps them, with their boxes, as its ``evidence``.
+
+A vocabulary (``decode.words``, ``--words``) adds the user's own words: each is scored by stock CLIP
+on the whole image, with the same prompt ensemble, and is a label when its score stands out from the
+image's scores of the whole vocabulary and a few background prompts: its z-score among them is at
+least ``vocabulary_z`` (a threshold on the standardised score, so it holds across models whose cosines
+differ in scale; chosen on held-out scenes by ``tests/benchmarks/vocabulary.py``). Each label says
+where it came from: ``opinion``, ``vocabulary`` or ``both``.
 """
 
 from __future__ import annotations
@@ -33,17 +40,21 @@ class DecodeConfig:
     stop_words: tuple[str, ...] = STOP_WORDS  # labels equal to one of these (any case) are dropped
     min_score: float | None = 0.0  # labels whose stock-CLIP score is below this are dropped; null keeps all
     prompts: int = 5  # best decoded candidates kept, by stock-CLIP score, trimmed and without repeats
+    words: tuple[str, ...] = ()  # your vocabulary (--words): each "word" or "word: synonym, synonym"; each is scored on every image and is a label when it stands out
+    vocabulary_z: float = 0.5  # a vocabulary word is a label when its score's z-score among the image's scores of every vocabulary text and the background prompts is at least this (chosen on held-out scenes)
 
     def __post_init__(self) -> None:
         require(self.min_frequency >= 1, f"decode.min_frequency must be >= 1, got {self.min_frequency}")
         require(self.prompts >= 0, f"decode.prompts must be >= 0, got {self.prompts}")
+        for entry in self.words:
+            require(bool(vocabulary_entries((entry,))), f"decode.words: {entry!r} names no word")
 
 
 @dataclass
 class Labels:
     """One image's decode result: labels best-scored first, and the best decoded prompts."""
 
-    labels: list[dict]  # {"word", "frequency", "score", "rank"}
+    labels: list[dict]  # {"word", "frequency", "score", "rank"} (+ "source", "z" with a vocabulary; "evidence")
     prompts: list[dict]  # {"text", "score"}: the candidates with the best stock-CLIP re-score
 
 
@@ -75,6 +86,67 @@ def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[
     return sorted(labels, key=lambda d: (-d["frequency"], d["word"]))
 
 
+# The texts a vocabulary word must stand out from besides the vocabulary itself, so that a vocabulary of
+# one word still has a background to be compared with.
+BACKGROUND: tuple[str, ...] = ("nothing", "background", "a photo", "an empty scene")
+
+
+def vocabulary_entries(words: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """``("forklift: fork lift, lift truck", "pallet")`` -> ``[("forklift", ("forklift", "fork lift",
+    "lift truck")), ("pallet", ("pallet",))]``: each word with the texts it is scored by (itself first)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in words:
+        name, _, rest = entry.partition(":")
+        name = name.strip()
+        if name:
+            texts = (name, *(t.strip() for t in rest.split(",") if t.strip()))
+            out[name] = tuple(dict.fromkeys((*out.get(name, ()), *texts)))
+    return list(out.items())
+
+
+def vocabulary_labels(whole: torch.Tensor, words: tuple[str, ...],
+                      text_features: Callable[[list[str]], torch.Tensor], z_min: float) -> list[list[dict]]:
+    """Per image, the vocabulary words that stand out on it, best first.
+
+    A word's ``score`` is the best stock-CLIP cosine of its texts (itself and its synonyms, each a prompt
+    ensemble) with the image; its ``z`` standardises that score among the image's scores of every
+    vocabulary text and ``BACKGROUND``. It is a label when ``z >= z_min``.
+
+    Shape:
+        - whole: :math:`(B, D)`, unit whole-image features.
+    """
+    entries = vocabulary_entries(words)
+    if not entries or not len(whole):
+        return [[] for _ in range(len(whole))]
+    texts = list(dict.fromkeys([t for _, ts in entries for t in ts] + list(BACKGROUND)))
+    column = {t: i for i, t in enumerate(texts)}
+    scores = (whole.to(torch.float32) @ text_features(texts).to(whole.device, torch.float32).T).cpu()  # [B, texts]
+    mean, std = scores.mean(-1, keepdim=True), scores.std(-1, keepdim=True).clamp_min(1e-6)
+    best = torch.stack([scores[:, [column[t] for t in ts]].max(-1).values for _, ts in entries], -1)  # [B, words]
+    z = (best - mean) / std
+    out = []
+    for b in range(len(whole)):
+        labels = [{"word": name, "frequency": 0, "score": round(best[b, k].item(), 4), "z": round(z[b, k].item(), 3),
+                   "source": "vocabulary"} for k, (name, _) in enumerate(entries) if z[b, k].item() >= z_min]
+        out.append(sorted(labels, key=lambda d: -d["score"]))
+    return out
+
+
+def merge_vocabulary(labels: list[dict], vocabulary: list[dict], lowercase: bool = False) -> list[dict]:
+    """Opinion labels (``source: opinion``) and vocabulary labels as one list: a word in both is one label,
+    the opinion's, with ``source: both`` and the vocabulary's ``z``."""
+    key = (lambda w: w.lower()) if lowercase else (lambda w: w)
+    found = {key(d["word"]): d for d in labels}
+    out = [{**d, "source": "opinion"} for d in labels]
+    index = {key(d["word"]): i for i, d in enumerate(out)}
+    for v in vocabulary:
+        if key(v["word"]) in found:
+            out[index[key(v["word"])]].update(source="both", z=v["z"])
+        else:
+            out.append(dict(v))
+    return out
+
+
 def evidence(word: str, views: list[dict], scores: list[float], lowercase: bool = False) -> list[dict]:
     """The views that produced ``word``: each view whose candidates held it at least once a check-in on
     average (or, when none did, the one that held it most), most appearances first, with its box and the
@@ -93,7 +165,8 @@ def label_opinions(opinions: list[dict], features: list[torch.Tensor],
                    text_features: Callable[[list[str]], torch.Tensor], cfg: DecodeConfig) -> list[Labels]:
     """Labels for a batch of opinions, each scored by stock CLIP on the views that found it.
 
-    An opinion of one view (the whole image) gives labels scored on the image. An opinion of several
+    With ``cfg.words``, the vocabulary's labels (``vocabulary_labels``) join them (``merge_vocabulary``);
+    every label has a ``source``. An opinion of one view (the whole image) gives labels scored on the image. An opinion of several
     (``views``: tiles, or rounds) gives each label its ``evidence``: the views that produced it, with
     their boxes; its ``score`` is the best of its scores there, so a small object's word is not dropped
     for a low whole-image score, and each word is one label however many views found it.
@@ -123,10 +196,14 @@ def label_opinions(opinions: list[dict], features: list[torch.Tensor],
         labels.sort(key=lambda d: -d["score"])
         if cfg.min_score is not None:
             labels = [d for d in labels if d["score"] >= cfg.min_score]
+        out.append(labels)
+    whole = torch.stack([torch.atleast_2d(f)[0] for f in features])  # every opinion's first view: the image
+    for b, extra in enumerate(vocabulary_labels(whole, cfg.words, text_features, cfg.vocabulary_z)):
+        out[b] = sorted(merge_vocabulary(out[b], extra, cfg.lowercase), key=lambda d: -d["score"])
+    for labels in out:
         for rank, d in enumerate(labels, 1):
             d["rank"] = rank
-        out.append(Labels(labels, best_prompts(opinion["candidates"], cfg.prompts)))
-    return out
+    return [Labels(labels, best_prompts(op["candidates"], cfg.prompts)) for labels, op in zip(out, opinions)]
 
 
 def best_prompts(candidates: list[dict], n: int) -> list[dict]:

@@ -94,7 +94,7 @@ def export_label_map(cfg: ExportConfig) -> LabelMap:
 def regions_document(images: list[ExportImage], stamp: str) -> dict:
     """``regions.json``: each image's classes and boxes, for the report and for people."""
     return {"stamp": stamp, "images": {
-        im.id: [{"label": lab.name, "score": lab.score, "words": list(lab.words),
+        im.id: [{"label": lab.name, "score": lab.score, "words": list(lab.words), "source": lab.source,
                  **({"evidence": [[round(v, 1) for v in b] for b in lab.evidence]} if lab.evidence else {}),
                  "regions": [{"box": [round(v, 1) for v in r.box], "source": r.source, "tau": r.tau, "peak": r.peak,
                               "area": r.area} for r in lab.regions],

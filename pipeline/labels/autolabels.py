@@ -58,6 +58,7 @@ class ExportLabel:
     heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
     no_region: str = ""  # why a label with a map has no region (a flat map, a box over nearly all the image)
     evidence: tuple[tuple[float, float, float, float], ...] = ()  # the tiles that found the best word, in pixels
+    source: str = "opinion"  # where the best word came from: "opinion", "vocabulary", "both" or "human"
 
 
 @dataclass
@@ -258,7 +259,10 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         regions: tuple[Region, ...] = ()
         grid = maps.get(word) if heatmaps is not None else None
         why = ""
-        if heatmaps is not None and word in masks:
+        if best.get("source") == "human" and best.get("boxes"):  # a reviewer drew them: they are the regions
+            regions = tuple(Region(tuple(float(v) for v in b), float(b[2] * b[3]), "human", None, 1.0)
+                            for b in best["boxes"])
+        elif heatmaps is not None and word in masks:
             region = mask_region(masks[word])
             regions = (region,) if region is not None else ()
         elif grid is not None and (contrast := map_contrast(grid)) < cfg.min_contrast:
@@ -268,12 +272,13 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
             regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
                                             cfg.min_area, tuple(rng) if rng else None,
                                             tiles if cfg.evidence_prior else None))
-        kept = tuple(r for r in regions if not too_large(r, (height, width), cfg.max_box_area))
+        kept = tuple(r for r in regions if r.source == "human" or not too_large(r, (height, width), cfg.max_box_area))
         if len(kept) < len(regions) and not kept:
             why = f"its box covers more than export.max_box_area ({cfg.max_box_area:g}) of the image"
         evidence = tuple((round(x * width, 2), round(y * height, 2), round(bw * width, 2), round(bh * height, 2))
                          for x, y, bw, bh in tiles)
-        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why, evidence))
+        out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why, evidence,
+                               best.get("source", "opinion")))
     out.sort(key=lambda lab: -lab.score)
     return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out[: cfg.top_k or None])
 

@@ -117,7 +117,8 @@ def image_url(prefix: str, im: ExportImage) -> str:
 
 
 def _region_attributes(lab: ExportLabel, region: Region) -> dict:
-    return {"word": lab.words[0], "box_source": region.source, "tau": region.tau, "clip_score": lab.score,
+    return {"word": lab.words[0], "label_source": lab.source, "box_source": region.source, "tau": region.tau,
+            "clip_score": lab.score,
             "peak": region.peak, "peak_similarity": region.peak_similarity,
             "evidence": [[round(v, 2) for v in box] for box in lab.evidence]}
 
@@ -248,7 +249,8 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
             slug = label_slug(lab.name)
             for k, region in enumerate(lab.regions):
                 x, y, w, h = region.box
-                det = {"label": lab.name, "confidence": lab.score, "box_source": region.source, "tau": region.tau,
+                det = {"label": lab.name, "confidence": lab.score, "label_source": lab.source,
+                       "box_source": region.source, "tau": region.tau,
                        "bounding_box": [x / im.width, y / im.height, w / im.width, h / im.height],
                        "box_pixels": [int(x), int(y), int(w), int(h)],
                        "evidence": [[bx / im.width, by / im.height, bw / im.width, bh / im.height]

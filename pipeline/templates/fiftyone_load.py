@@ -35,6 +35,7 @@ def samples():
                 mask = full[y : y + h, x : x + w]
             detections.append(fo.Detection(label=d["label"], bounding_box=d["bounding_box"], mask=mask,
                                            confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"],
+                                           label_source=d.get("label_source", "opinion"),
                                            evidence=d.get("evidence", [])))
         sample["clip_regions"] = fo.Detections(detections=detections)
         for h in s["heatmaps"]:

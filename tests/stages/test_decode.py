@@ -53,3 +53,50 @@ def test_stop_words_min_score_and_repeated_prompts():
     assert out.prompts[0]["score"] == 0.3
     kept = label_opinions([op], image, text, DecodeConfig(min_score=None))[0]
     assert [d["word"] for d in kept.labels] == ["red", "far"] and kept.labels[1]["score"] < 0
+
+
+def test_vocabulary_entries_take_synonyms_and_merge_repeats():
+    from stages.decode import vocabulary_entries
+
+    assert vocabulary_entries(("forklift: fork lift, lift truck", " pallet ", "forklift: hi-lo", ": x", "")) == [
+        ("forklift", ("forklift", "fork lift", "lift truck", "hi-lo")), ("pallet", ("pallet",))]
+
+
+def test_vocabulary_words_that_stand_out_are_labels_and_say_where_they_came_from():
+    from stages.decode import BACKGROUND
+
+    names = ["red", "ring", "blue", "fork", *BACKGROUND, "odd"]
+    axes = {w: [float(i == k) for k in range(len(names))] for i, w in enumerate(names)}
+    text_features = lambda ws: torch.tensor([axes[w] for w in ws]) if ws else torch.empty(0, 9)  # noqa: E731
+    image = F.normalize(torch.tensor([[3.0, 2.0, 0.0, 0.0, 0.1, 0.1, 0.1, 0.1, 1.0]]), dim=-1)
+    ops = [_opinion({"red": 4, "odd": 3}, [("a", 0.1)])]
+    cfg = DecodeConfig(words=("ring", "red", "blue: fork"), vocabulary_z=0.5)
+    labels = label_opinions(ops, image, text_features, cfg)[0].labels
+    got = {d["word"]: d for d in labels}
+    assert set(got) == {"red", "odd", "ring"}  # blue (and its synonym fork) does not stand out: no label
+    assert got["red"]["source"] == "both" and got["odd"]["source"] == "opinion" and got["ring"]["source"] == "vocabulary"
+    assert got["ring"]["score"] == round(float(image[0, 1]), 4) and got["ring"]["z"] >= 0.5
+    assert [d["rank"] for d in labels] == [1, 2, 3] and labels[0]["word"] == "red"  # one ranking, by score
+    synonym = label_opinions(ops, F.normalize(torch.tensor([[0.0, 0.0, 0.0, 3.0, 0.1, 0.1, 0.1, 0.1, 1.0]]), dim=-1),
+                             text_features, cfg)[0].labels
+    assert [d["word"] for d in synonym if d["source"] == "vocabulary"] == ["blue"]  # found by its synonym's score
+
+
+def test_vocabulary_labels_on_toy_scenes_name_the_object(toy):
+    from pipeline.model.encode import encode_images
+    from pipeline.model.prompts import prompt_ensemble
+    from pipeline.run.images import to_tensor
+    from pipeline.toy.world import COLOURS, SHAPES, SceneSpec, make_scenes
+    from PIL import Image
+    from stages.decode import vocabulary_labels
+
+    scenes = make_scenes(5, 12, SceneSpec(max_objects=1))
+    imgs = torch.stack([to_tensor(Image.fromarray(s.image), toy.input_resolution) for s in scenes])
+    cache: dict = {}
+    with torch.no_grad():
+        found = vocabulary_labels(encode_images(toy, imgs), (*SHAPES, *COLOURS),
+                                  lambda ws: prompt_ensemble(toy.model, ws, cache), DecodeConfig().vocabulary_z)
+    colours = sum(s.objects[0].colour in {d["word"] for d in labels} for s, labels in zip(scenes, found))
+    shapes = sum(s.objects[0].shape in {d["word"] for d in labels} for s, labels in zip(scenes, found))
+    assert colours >= 11 and shapes >= 9, (colours, shapes)  # the toy's own style: its words stand out
+    assert all(d["source"] == "vocabulary" and d["z"] >= DecodeConfig().vocabulary_z for ls in found for d in ls)
