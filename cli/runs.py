@@ -1,5 +1,5 @@
 """The commands over run directories: one per stage, ``rank`` (one run, or several merged), ``compare``,
-``export``, ``eval`` and ``status``. Each body parses, calls ``pipeline`` or ``stages``, and prints."""
+``export``, ``eval``, ``status`` and ``import`` (a reviewer's labels back in). Each body parses, calls ``pipeline`` or ``stages``, and prints."""
 
 from __future__ import annotations
 
@@ -198,15 +198,63 @@ def status_command(
         except RunLocked as err:
             fail(f"{err}; the damage was found but not recorded: rerun --verify when it is free")
     status = stage_status(cfg, rd, STAGES, RESULT_KEYS)
+    human = sum(1 for (_, stage), rec in rd.latest().items() if stage == "decode" and rec.get("human"))
     if as_json:
-        print(json.dumps({"run": str(run), "verify": report or None,
+        print(json.dumps({"run": str(run), "verify": report or None, "human": human,
                           "stages": {s: {k: [list(x) for x in v] for k, v in by.items()} for s, by in status.items()}}, indent=1))
     else:
         for line in [*(verify_views(report) if verify else []), *status_table(run, status)]:
             out.print(line, highlight=False)
+        if human:
+            out.print(f"human-labelled images: {human} (imported; decode keeps their labels)", highlight=False)
     raise typer.Exit(1 if verify and report["damaged"] else 0)
+
+
+def import_command(
+    run: RunOpt,
+    labelstudio: Annotated[Path, typer.Option("--labelstudio", help="Label Studio's JSON export of the reviewed project, or the run's export/labelstudio/tasks.json, edited.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring a reviewer's corrections back: each reviewed image's labels and boxes become its human labels, which
+    decode keeps; the next run (or `surgery --run R`) draws their maps and regions and leaves the rest alone."""
+    import time
+
+    from pipeline.labels.review import config_labels, read_review, write_reviews
+    from pipeline.run.rundir import RunLocked
+    from pipeline.run.runner import stage_provenance
+    from stages import RESULT_KEYS, STAGES
+
+    rd = open_run(run)
+    try:
+        tasks = json.loads(labelstudio.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        fail(f"{labelstudio}: cannot read it as JSON ({err}); nothing was imported")
+    xml = rd.file("export", "labelstudio", "label_config.xml")
+    known = config_labels(xml.read_text(encoding="utf-8")) if xml.is_file() else None
+    reviews, problems = read_review(tasks, rd.load_images(), {}, known)
+    prov = stage_provenance(run_config(rd), STAGES, RESULT_KEYS)
+    try:
+        with rd.lock():
+            write_reviews(rd, reviews, prov.expected["decode"], labelstudio.name,
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    except RunLocked as err:
+        fail(f"{err}; nothing was imported")
+    summary = {"run": str(run), "imported": len(reviews), "labels": sum(len(r.labels) for r in reviews),
+               "boxes": sum(len(d["boxes"]) for r in reviews for d in r.labels), "problems": problems}
+    if as_json:
+        print(json.dumps(summary, indent=1))
+    else:
+        out.print(f"imported the human labels of {summary['imported']} images ({summary['labels']} labels, "
+                  f"{summary['boxes']} boxes) from {labelstudio}", highlight=False)
+        for line in problems:
+            out.print(f"[yellow]skipped[/] {line}", highlight=False)
+        if reviews:
+            out.print(f"next: python runall.py surgery --run {run}, then export --run {run} (or rerun the whole "
+                      "command): maps and regions for the corrected words; decode keeps them", highlight=False)
+    raise typer.Exit(1 if problems else 0)
 
 
 # (name, function) in the order the help lists them; the per-stage commands come first
 COMMANDS = [*((n, stage_command(n)) for n in STAGE_NAMES if n not in ("rank", "export")), ("rank", rank_command),
-            ("compare", compare_command), ("export", export_command), ("eval", eval_command), ("status", status_command)]
+            ("compare", compare_command), ("export", export_command), ("eval", eval_command), ("status", status_command),
+            ("import", import_command)]

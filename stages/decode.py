@@ -224,14 +224,20 @@ class DecodeStage(PerImageStage[DecodeConfig]):
         return ctx.settings.encode_batch_size
 
     def load(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef]) -> tuple:
+        human = {}  # a reviewer's labels (``import``): kept however often decode runs, never redone from the opinion
+        for r in refs:
+            doc, _ = read_output(ctx.run.human(r.id), ctx.run.root) if ctx.run.human(r.id).is_file() else (None, None)
+            if isinstance(doc, dict) and isinstance(doc.get("labels"), list):
+                human[r.id] = doc
+        refs = [r for r in refs if r.id not in human]
         ok, images, failed = load_batch(ctx.models.clip.input_resolution, refs, ctx.settings.max_side)
-        return ok, images, failed, [read_output(ctx.run.opinion(r.id), ctx.run.root) for r in ok]
+        return ok, images, failed, [read_output(ctx.run.opinion(r.id), ctx.run.root) for r in ok], human
 
     def process(self, ctx: StageContext[DecodeConfig], refs: list[ImageRef], loaded: tuple) -> Finish:
         lm = ctx.models.clip
-        ok, images, failed, read = loaded
+        ok, images, failed, read, human = loaded
         results = {i: ItemResult(error=e, advice=BAD_INPUT) for i, e in failed.items()}
-        written = []
+        written = [(r, Labels(human[r.id]["labels"], [])) for r in refs if r.id in human]
         if ok:
             opinions = [doc if isinstance(doc, dict) and "words" in doc else None for doc, _ in read]
             for ref, op, (_, why) in zip(ok, opinions, read):
@@ -244,12 +250,13 @@ class DecodeStage(PerImageStage[DecodeConfig]):
             if ok:
                 with torch.no_grad():
                     feats = view_features(lm, images[keep], [op.get("views", []) for op in opinions])
-                written = list(zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)))
+                written += list(zip(ok, label_opinions(opinions, feats, ctx.models.text_features, ctx.config)))
 
         def finish() -> list[ItemResult]:
             for ref, labels in written:
                 path = ctx.run.labels(ref.id)
-                atomic_write_json(path, {"image": ref.id, "labels": labels.labels, "prompts": labels.prompts})
+                review = {"review": human[ref.id].get("review")} if ref.id in human else {}
+                atomic_write_json(path, {"image": ref.id, "labels": labels.labels, "prompts": labels.prompts, **review})
                 results[ref.id] = ItemResult(outputs=[ctx.run.rel(path)])
             return [results[r.id] for r in refs]
 

@@ -17,6 +17,9 @@ which setting changed. An output is:
 * ``damaged``: an output is not what was written (another size, or, found by ``status --verify``, another
   checksum), or ``verify`` recorded it so; the next run redoes it;
 * ``pending``: never tried.
+
+A record marked ``human`` (a reviewer's labels, brought in by ``import``) is done while its files are:
+no setting and no redone upstream output makes it stale.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class Provenance:
         if damage is not None:
             return Status("pending" if damage.endswith(": missing") else "damaged",
                           f"an output file is missing: {damage}" if damage.endswith(": missing") else damage)
+        if rec.get("human"):  # a reviewer's labels, imported: no setting and no upstream output redoes them
+            return Status("done")
         made = rec.get("provenance")
         if made != self.expected[stage]:
             return Status("stale", self.explain(run, stage, made))

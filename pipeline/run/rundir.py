@@ -173,6 +173,10 @@ class RunDir:
         """decode: labels with counts and scores, and the best prompts (JSON)."""
         return self.file("labels", f"{image_id}.json")
 
+    def human(self, image_id: str) -> Path:
+        """import: a reviewer's labels for the image, which decode keeps instead of the opinion's (JSON)."""
+        return self.file("human", f"{image_id}.json")
+
     def heatmaps(self, image_id: str) -> Path:
         """surgery: per-label entries, peaks, points and the paths of the drawn files (JSON)."""
         return self.file("surgery", f"{image_id}.json")
