@@ -147,7 +147,8 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
         if item.opinion:
             card["words"] = [[w, d["frequency"]] for w, d in list(item.opinion["words"].items())[: cfg.words_per_card]]
         if item.labels:
-            card["labels"] = [[d["word"], d["frequency"], d.get("score"), _where(d)] for d in item.labels["labels"]]
+            card["labels"] = [[d["word"], d["frequency"], d.get("score"), _where(d), d.get("source", "opinion")]
+                              for d in item.labels["labels"]]
             card["prompts"] = [[p["text"], p["score"]] for p in item.labels["prompts"]]
         if item.heatmaps:
             _add_maps(card, item.heatmaps, cfg)

@@ -24,7 +24,7 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     inputs = ReportInputs("run", {"model": "toy"}, [
         ImageOutputs(ImageRef("a", "/x/a.png", "a.png"), "../x/a.png",
                      {"words": {"red": {"frequency": 3}, "odd": {"frequency": 1}}},
-                     {"labels": [{"word": "red", "frequency": 3, "score": 0.2},
+                     {"labels": [{"word": "red", "frequency": 3, "score": 0.2, "source": "human"},
                                  {"word": "ring", "frequency": 2, "score": 0.1, "evidence": [
                                      {"kind": "tile", "box": [0.5, 0.0, 0.5, 0.5]}, {"kind": "image", "box": [0, 0, 1, 1]}]},
                                  {"word": "blue", "frequency": 2, "score": 0.1, "evidence": [{"kind": "image", "box": [0, 0, 1, 1]}]}],
@@ -43,7 +43,9 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     assert mask == "m.png" and points == [[1, 2, 1], [5, 6, 0]] and row == 0  # one point of each kind
     assert a["words"] == [["red", 3], ["odd", 1]]
     # where each label came from: no evidence (one view), the tiles among its evidence, or the whole picture
-    assert a["labels"] == [["red", 3, 0.2, None], ["ring", 2, 0.1, [[0.5, 0.0, 0.5, 0.5]]], ["blue", 2, 0.1, []]]
+    # and its source (a label written before sources existed is the opinion's)
+    assert a["labels"] == [["red", 3, 0.2, None, "human"], ["ring", 2, 0.1, [[0.5, 0.0, 0.5, 0.5]], "opinion"],
+                           ["blue", 2, 0.1, [], "opinion"]]
     assert data["methods"] == ["raw", "single"] and data["default_method"] == "raw"  # only what exists, one order
     assert set(data["method_names"]) == {"raw", "single"}
     assert b["maps"] == [] and b["sheet"] == "" and data["failures"] == [
