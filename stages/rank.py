@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Literal
 
 from pipeline.run.config import require
 from pipeline.run.images import ImageRef
-from pipeline.run.provenance import mark_damaged
+from pipeline.run.provenance import mark_damaged, root_line
 from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
 from pipeline.run.stage import StageContext, WholeRunStage
 from pipeline.model.tokens import BYTE_MARK, vocab
@@ -233,8 +233,7 @@ class RankStage(WholeRunStage[RankConfig]):
             states[ref.id] = ("done", "")
             for stage, st in per_stage:
                 if st.state in ("failed", "blocked"):  # its root cause, in the words the summary and status use
-                    later = sum(s.state in ("failed", "blocked") for _, s in per_stage) > 1
-                    states[ref.id] = (st.state, st.line(later))
+                    states[ref.id] = (st.state, root_line([s for _, s in per_stage]) or "")
                     break
                 if st.state != "done":
                     states[ref.id] = (st.state, f"{stage}: {st.reason}" if st.reason else stage)

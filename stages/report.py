@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.run.config import require
 from pipeline.heatmaps import titles
 from pipeline.run.images import ImageError, ImageRef, load_image
-from pipeline.run.provenance import Status
+from pipeline.run.provenance import Status, root_line
 from pipeline.run.rundir import EXPORT_REGIONS, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
 from pipeline.run.stage import StageContext, WholeRunStage
 
@@ -102,7 +102,7 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
                 docs[stage] = None
                 failures.append((stage, f"{ref.rel}: {why or 'not a ' + stage + ' output'}; rerun {stage} with --force"))
             if stage in stopped[:1]:  # one line, the root cause's, however many stages it stopped
-                failures.append((st.cause or stage, st.line(later=len(stopped) > 1)))
+                failures.append((st.cause or stage, root_line(list(states.values())) or ""))
             elif st.state == "damaged":
                 failures.append((stage, st.reason))
             elif st.state == "stale":

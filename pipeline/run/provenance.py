@@ -79,6 +79,13 @@ class Status:
         return f"{self.reason}{where}" + (f": {self.advice}" if self.advice else "")
 
 
+def root_line(states: list[Status]) -> str | None:
+    """One image's failure as one line, from its stages' statuses in run order: the first failed or blocked
+    stage's (``Status.line``), saying whether later stages were skipped; ``None`` when none failed."""
+    stopped = [st for st in states if st.state in ("failed", "blocked")]
+    return stopped[0].line(later=len(stopped) > 1) if stopped else None
+
+
 def failure_lines(records: list[dict]) -> dict[str | None, list[str]]:
     """Each image's failures as one line, its root cause's (``Status.line``), from its latest failed and
     blocked manifest records; a whole-run stage's (``image: null``) one line each, under ``None``."""
@@ -201,13 +208,13 @@ def run_status(run: RunDir, provenance: Provenance, stages: list[str]) -> dict[s
     out: dict[str, dict[str, list[tuple[str, str]]]] = {s: {} for s in stages}
     for ref in run.load_images():
         states = [provenance.status(run, latest, ref.id, stage) for stage in stages]
-        later = sum(st.state in ("failed", "blocked") for st in states) > 1
+        line = root_line(states)
         for stage, st in zip(stages, states):
             if st.state == "pending":
                 why = provenance.blocked_by(run, latest, ref.id, ref.rel, stage)
                 st = Status("pending", why.line()) if why else st
             elif st.state in ("failed", "blocked"):  # each in its root cause's words
-                st = Status(st.state, st.line(later))
+                st = Status(st.state, line or "")
             out[stage].setdefault(st.state, []).append((ref.rel, st.reason))
     return out
 
