@@ -143,37 +143,46 @@ def export_command(
 
 def eval_command(
     run: RunOpt,
-    truth: Annotated[Path, typer.Option("--truth", help="A COCO file with the true categories, boxes and (optionally) masks.")],
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="A COCO file with the true categories, boxes and (optionally) masks.", show_default=False)] = None,
+    human_truth: Annotated[Optional[Path], typer.Option("--human-truth", help="A run directory whose human labels (brought in by `import`) are the truth: this run's or another's over the same images.", show_default=False)] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default: RUN/export/eval.json).")] = None,
     label_map: Annotated[Optional[Path], typer.Option(help="YAML file mapping words to classes (default: the config's export.label_map).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure the run's labels and regions against ground truth: precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
+    """Measure the run's labels and regions against ground truth (a COCO file, or a run's human labels): precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
     from pipeline.labels.autolabels import load_label_map
     from pipeline.labels.evaluation import read_truth
     from pipeline.run.rundir import EXPORT_EVAL, atomic_write_json
     from pipeline.views import eval_views
     from stages.export import effective_config, evaluate_run
 
+    from pipeline.labels.review import human_truth as read_human_truth
+
+    if (truth is None) == (human_truth is None):
+        fail("give the truth as --truth COCO_FILE or --human-truth RUN (a run with imported human labels), one of them")
     rd = open_run(run)
     sets = [f"export.label_map={json.dumps(str(label_map.resolve()))}"] if label_map else []
     cfg = run_config(rd, config, None, [*sets, *(set_ or [])])
     try:
-        doc = read_truth(truth)
+        doc = read_truth(truth) if truth is not None else read_human_truth(open_run(human_truth))
         lmap = load_label_map(cfg.export.label_map)
     except (OSError, ValueError) as err:
-        fail(f"{truth}: {err}" if not isinstance(err, ConfigError) else str(err))
+        fail(f"{truth or human_truth}: {err}" if not isinstance(err, ConfigError) else str(err))
+    if not doc["images"]:
+        fail(f"{human_truth} has no human labels: bring a review in with `import --run {human_truth} --labelstudio FILE`")
     methods = list(cfg.surgery.methods)
     export_cfg = effective_config(cfg.export, methods)
-    result = {**evaluate_run(rd, doc, export_cfg, lmap, state_of(rd, cfg), methods), "truth": str(truth)}
+    source = truth.name if truth is not None else f"the human labels of {human_truth}"
+    result = {**evaluate_run(rd, doc, export_cfg, lmap, state_of(rd, cfg), methods),
+              "truth": str(truth) if truth is not None else source}
     target = out_file or rd.file(EXPORT_EVAL)
     atomic_write_json(target, result)
     if as_json:
         print(json.dumps(result, indent=1))
         return
-    for line in eval_views(result, rd.root.name, truth, target, export_cfg.tau, export_cfg.region_method, methods):
+    for line in eval_views(result, rd.root.name, source, target, export_cfg.tau, export_cfg.region_method, methods):
         out.print(line, highlight=False)
 
 

@@ -205,14 +205,14 @@ def export_views(run: RunDir, stamp: dict) -> tuple[list[str], list[str]]:
     return lines, warnings
 
 
-def eval_views(result: dict, run_name: str, truth: Path, target: Path, tau: float, region_method: str,
+def eval_views(result: dict, run_name: str, truth: str, target: Path, tau: float, region_method: str,
                methods: list[str]) -> list[str]:
     """What ``eval`` prints: the table of every method, then coverage, COCO detection and where it was written."""
     from pipeline.labels.evaluation import eval_table, format_table
 
     o, ap = result["overall"], result["detection"]
     best = {m: b.get("best_tau") for m, b in o["methods"].items() if b.get("best_tau") is not None}
-    return [f"{run_name} against {truth.name} (tau {tau}, boxes from {region_method}):",
+    return [f"{run_name} against {truth} (tau {tau}, boxes from {region_method}):",
             format_table(eval_table(result, methods, region_method)),
             f"coverage {o['coverage']} of {o['pairs']} true (image, category) pairs named by CLIP; "
             f"best tau by method: {best}; {len(result['missing_from_run'])} truth images not in the run\n"

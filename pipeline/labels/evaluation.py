@@ -123,14 +123,14 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
             row["images"] += 1
             row["tp" if c in exported else "fn"] += 1
             row["pairs"] += 1
-            objs = im.truth[c]
-            if c in exported:
+            objs = im.truth[c]  # none for an image-level truth: counted for the labels, not for where they are
+            if c in exported and objs:
                 gt = np.asarray([o.box for o in objs], dtype=np.float64)
                 row["corloc"].append(any(float(box_iou(b, gt).max()) >= 0.5 for b in im.boxes.get(c, [])))
             if c not in im.scores:
                 continue
             row["named"] += 1
-            for m in methods:
+            for m in methods if objs else ():
                 grid = im.maps.get(m, {}).get(c)
                 if grid is None:
                     continue
@@ -191,7 +191,8 @@ def coco_detection(truth: dict, results: list[dict]) -> dict:
     from pycocotools.cocoeval import COCOeval
 
     doc = copy.deepcopy(truth)
-    for ann in doc.get("annotations", []):
+    doc["annotations"] = [a for a in doc.get("annotations", []) if a.get("bbox") is not None]  # image-level: no box
+    for ann in doc["annotations"]:
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
     objects = sum(not a["iscrowd"] for a in doc.get("annotations", []))
@@ -250,7 +251,8 @@ def read_truth(path: Path) -> dict:
 def truth_by_file(coco: dict) -> dict[str, dict[str, list[TruthObject]]]:
     """A COCO truth document as ``{file_name: {category name: [objects]}}`` (images without objects included).
 
-    Masks are decoded from polygons or RLE when the image has a size.
+    Masks are decoded from polygons or RLE when the image has a size. An annotation without a ``bbox`` (a
+    reviewer's image-level label) makes its category present with no object.
     """
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     images = {im["id"]: im for im in coco.get("images", [])}
@@ -272,8 +274,9 @@ def truth_by_file(coco: dict) -> dict[str, dict[str, list[TruthObject]]]:
             else:
                 rle = seg
             mask = mask_utils.decode(rle).astype(bool)
-        out[im["file_name"]].setdefault(names[ann["category_id"]], []).append(
-            TruthObject(tuple(float(v) for v in ann["bbox"]), mask))
+        objects = out[im["file_name"]].setdefault(names[ann["category_id"]], [])
+        if ann.get("bbox") is not None:  # without one: an image-level label, present but not localised
+            objects.append(TruthObject(tuple(float(v) for v in ann["bbox"]), mask))
     return out
 
 

@@ -201,12 +201,13 @@ def labelstudio_task(im: ExportImage, model_version: str, prefix: str) -> dict:
 
     result: list[dict] = []
 
-    def item(kind: str, name: str, value: dict, score: float, extra: dict | None = None) -> dict:
+    def item(kind: str, name: str, value: dict, score: float, extra: dict | None = None, human: bool = False) -> dict:
         return {"id": f"r{len(result)}", "from_name": name, "to_name": LS_IMAGE, "type": kind, "value": value,
-                "score": _unit(score), **(extra or {})}
+                "score": _unit(score), **(extra or {}), **({"origin": "manual"} if human else {})}
 
-    if im.labels:
-        result.append(item("choices", LS_CHOICES, {"choices": [lab.name for lab in im.labels]}, im.certainty))
+    if im.labels:  # a reviewer's labels (``import``) keep Label Studio's own mark of a person's region: origin manual
+        result.append(item("choices", LS_CHOICES, {"choices": [lab.name for lab in im.labels]}, im.certainty,
+                           human=all(lab.source == "human" for lab in im.labels)))
     size = {"original_width": im.width, "original_height": im.height, "image_rotation": 0}
     for lab in im.labels:
         for region in lab.regions:
@@ -214,11 +215,12 @@ def labelstudio_task(im: ExportImage, model_version: str, prefix: str) -> dict:
             result.append(item("rectanglelabels", LS_BOXES,
                                {"x": 100 * x / im.width, "y": 100 * y / im.height, "width": 100 * w / im.width,
                                 "height": 100 * h / im.height, "rotation": 0, "rectanglelabels": [lab.name]},
-                               lab.score, size))
+                               lab.score, size, lab.source == "human"))
             if region.mask is not None:
                 rle = mask2rle((region.mask.astype(np.uint8) * 255))
                 result.append(item("brushlabels", LS_BRUSH, {"format": "rle", "rle": [int(v) for v in rle],
-                                                             "brushlabels": [lab.name]}, lab.score, size))
+                                                             "brushlabels": [lab.name]}, lab.score, size,
+                                   lab.source == "human"))
     return {"data": {LS_IMAGE: image_url(prefix, im), "clipsight_id": im.id},
             "predictions": [{"model_version": model_version, "score": _unit(im.certainty), "result": result}]}
 

@@ -20,7 +20,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from pipeline.run.images import ImageRef
-from pipeline.run.rundir import RunDir, atomic_write_json
+from pipeline.run.rundir import RunDir, atomic_write_json, read_output
 
 HUMAN = "human"
 
@@ -169,3 +169,21 @@ def write_reviews(run: RunDir, reviews: list[Review], fingerprint: str, source: 
                         "provenance": fingerprint, "human": True, "session": session})
     run.append_manifest(records)
     return records
+
+
+def human_truth(run: RunDir) -> dict:
+    """A run's human labels as a COCO truth document for ``eval``: each reviewed image, each drawn box an
+    object, and each label without a box an annotation without ``bbox`` (present, not localised)."""
+    images, annotations, names = [], [], {}
+    for k, ref in enumerate(r for r in run.load_images() if run.human(r.id).is_file()):
+        doc, _ = read_output(run.human(ref.id), run.root)
+        if not isinstance(doc, dict) or not isinstance(doc.get("labels"), list):
+            continue
+        images.append({"id": k + 1, "file_name": ref.rel.replace("\\", "/")})
+        for d in doc["labels"]:
+            cat = names.setdefault(d["word"], len(names) + 1)
+            for box in d.get("boxes") or [None]:
+                annotations.append({"id": len(annotations) + 1, "image_id": k + 1, "category_id": cat, "iscrowd": 0,
+                                    **({"bbox": box, "area": box[2] * box[3]} if box else {})})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": n} for n, i in names.items()]}

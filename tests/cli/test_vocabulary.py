@@ -116,6 +116,24 @@ def test_a_run_round_trips_through_label_studio_review(tmp_path):
     assert any(a["label_source"] == "human" and a["box_source"] == "human" for a in coco["annotations"])
     assert before.keys() == _labels(run).keys()  # nothing else in the run was lost
 
+    tasks = {t["data"]["clipsight_id"]: t for t in
+             json.loads((run / "export" / "labelstudio" / "tasks.json").read_text())}
+    marked = tasks[image]["predictions"][0]["result"]  # Label Studio's mark of a person's regions
+    assert marked and all(item.get("origin") == "manual" for item in marked)
+    from label_studio_sdk.label_interface import LabelInterface
+
+    li = LabelInterface((run / "export" / "labelstudio" / "label_config.xml").read_text())
+    assert li.validate_prediction(tasks[image]["predictions"][0], return_errors=True) == []
+    assert not any(item.get("origin") for i, t in tasks.items() if i != image for item in t["predictions"][0]["result"])
+    # the human labels as the truth: this run's own labels of the reviewed image match them exactly
+    r = _run("eval", "--run", run, "--human-truth", run, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["overall"]["images"] == 1 and result["overall"]["pairs"] == len(choices)
+    assert result["overall"]["precision"] == result["overall"]["recall"] == 1.0
+    assert result["overall"]["corloc"] == 1.0 and result["overall"]["corloc_pairs"] == 1  # the one drawn box
+    assert result["truth"] == f"the human labels of {run}" and len(result["not_in_truth"]) == 2
+
 
 def test_importing_a_broken_file_changes_nothing(tmp_path):
     write_scenes(tmp_path / "imgs", seed=9, count=1)
