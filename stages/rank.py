@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Literal
 
 from pipeline.run.config import require
 from pipeline.run.images import ImageRef
-from pipeline.run.provenance import mark_damaged, root_line
+from pipeline.run.provenance import mark_damaged, read_state, reads_stamp, root_line, set_stamp, stamp_of
 from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
 from pipeline.run.stage import StageContext, WholeRunStage
 from pipeline.model.tokens import BYTE_MARK, vocab
@@ -160,6 +160,7 @@ def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[WordRecord
     return records
 
 
+PER_IMAGE = ("ascend", "decode", "surgery")  # the per-image stages whose outputs and states rank reads
 IMAGE_COLUMNS = ("file", "id", "status", "reason", "best_prompt", "best_prompt_score", "labels", "unusual_word",
                  "unusualness")
 
@@ -214,11 +215,18 @@ class RankStage(WholeRunStage[RankConfig]):
     needs = ("ascend", "decode")
 
     def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
-        latest = ctx.run.latest()
+        latest, refs = ctx.run.latest(), ctx.run.load_images()
+        statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in PER_IMAGE} for r in refs}
+        stamp = reads_stamp(ctx.provenance.settings.get("rank"), {
+            i: {stage: read_state(st, latest.get((i, stage))) for stage, st in by.items()} for i, by in statuses.items()})
+        outputs = [RECORDS, RECORDS_MD, LONGEST, IMAGES_CSV]
+        if stamp_of(ctx.run, self.name) == stamp and all(ctx.run.file(p).is_file() for p in outputs):
+            ctx.log.info("rank: up to date (%d images)", len(refs))  # nothing it reads has changed
+            return outputs
+        set_stamp(ctx.run, self.name, None)
         unreadable: dict[tuple[str, str], str] = {}
-        opinions, labels = read_run(ctx.run, keep=lambda i, stage: ctx.status(i, stage, latest).state == "done",
+        opinions, labels = read_run(ctx.run, keep=lambda i, stage: statuses[i][stage].state == "done",
                                     unreadable=unreadable)
-        refs = ctx.run.load_images()
         if unreadable:  # done by its record, but it does not parse: damaged, so the next run redoes it
             paths = {r.id: r.path for r in refs}
             mark_damaged(ctx.run, [{"image": i, "path": paths.get(i), "stage": st, "reason": why}
@@ -226,10 +234,11 @@ class RankStage(WholeRunStage[RankConfig]):
             for (i, st), why in unreadable.items():
                 ctx.log.warning("rank: %s output of %s is damaged: %s", st, i, why)
             latest = ctx.run.latest()
+            statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in PER_IMAGE} for r in refs}
         records = rank_unusual_words(opinions, labels, ctx.config)
         states = {}
         for ref in refs:
-            per_stage = [(stage, ctx.status(ref.id, stage, latest)) for stage in ("ascend", "decode", "surgery")]
+            per_stage = list(statuses[ref.id].items())
             states[ref.id] = ("done", "")
             for stage, st in per_stage:
                 if st.state in ("failed", "blocked"):  # its root cause, in the words the summary and status use
@@ -239,4 +248,7 @@ class RankStage(WholeRunStage[RankConfig]):
                     states[ref.id] = (st.state, f"{stage}: {st.reason}" if st.reason else stage)
                     break
         rows = image_rows(refs, states, opinions, labels, records)
-        return [*write_records(ctx.run.root, records, ctx.config), write_image_rows(ctx.run.root, rows)]
+        written = [*write_records(ctx.run.root, records, ctx.config), write_image_rows(ctx.run.root, rows)]
+        if not unreadable:  # else the next run, which redoes the damaged outputs, ranks again
+            set_stamp(ctx.run, self.name, stamp)
+        return written

@@ -26,8 +26,9 @@ from PIL import Image
 from pipeline.run.config import require
 from pipeline.heatmaps import titles
 from pipeline.run.images import ImageError, ImageRef, load_image
-from pipeline.run.provenance import Status, root_line
-from pipeline.run.rundir import EXPORT_REGIONS, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text, read_json, read_output
+from pipeline.run.provenance import Status, read_state, reads_stamp, root_line, set_stamp, stamp_of
+from pipeline.run.rundir import (EXPORT_REGIONS, EXPORT_STAMP, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text,
+                                read_json, read_output)
 from pipeline.run.stage import StageContext, WholeRunStage
 
 # The page: HTML, CSS and script in one file, packaged with the library; render_report fills in its __KEYS__.
@@ -273,7 +274,18 @@ class ReportStage(WholeRunStage[ReportConfig]):
     def run_all(self, ctx: StageContext[ReportConfig]) -> list[str]:
         side, run = ctx.config.thumbnail_side, ctx.run
         config = run.load_config() if run.has_config() else ctx.settings.config  # what the results were made with
+        latest = run.latest()
+        statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in self.needs} for r in run.load_images()}
+        stamp = reads_stamp({"report": ctx.provenance.settings.get("report"), "config": config,
+                             "export": (read_json(run.file(EXPORT_STAMP)) or {}).get("stamp"),
+                             "rank": stamp_of(run, "rank")},
+                            {i: {s: read_state(st, latest.get((i, s))) for s, st in by.items()} for i, by in statuses.items()})
+        if stamp_of(run, self.name) == stamp and run.file(REPORT).is_file():
+            ctx.log.info("report: up to date (%d images)", len(statuses))  # nothing it shows has changed
+            return [REPORT]
+        set_stamp(run, self.name, None)
         thumbnail = (lambda ref: write_thumbnail(run, ref, side, ctx.settings.max_side)) if side else (lambda ref: None)
-        inputs = read_report_inputs(run, config, ctx.status, thumbnail)
+        inputs = read_report_inputs(run, config, lambda image, stage, _: statuses[image][stage], thumbnail)
         atomic_write_text(run.file(REPORT), render_report(build_report_data(inputs, ctx.config)))
+        set_stamp(run, self.name, stamp)
         return [REPORT]

@@ -28,10 +28,11 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.run.rundir import RunDir, atomic_write_json, read_json
+from pipeline.run.rundir import STAMPS, RunDir, atomic_write_json, read_json
 
 PROVENANCE = "provenance.json"
 
@@ -188,6 +189,41 @@ class Provenance:
                 return Status("blocked", st.reason, st.cause, st.advice)
             return Status("blocked", f"{rel}: {need} output is {st.state}, {st.reason}", need, f"rerun {need}")
         return None
+
+
+def reads_stamp(settings: Mapping, states: Mapping[str, Mapping[str, tuple]]) -> str:
+    """A hash of what a whole-run stage reads: its ``settings`` and, per image and stage, the state of the output it
+    reads (``{image id: {stage: (state, record id or reason)}}``); a redone output has a new record id, so it
+    changes the stamp, and an unchanged run gives the same one. The installed clipsight's version is part of
+    it: an upgrade rebuilds the leaderboard and the report in its own form."""
+    try:
+        code = package_version("clipsight")
+    except PackageNotFoundError:
+        code = "unknown"
+    blob = json.dumps({"settings": settings, "states": states, "code": code}, sort_keys=True, ensure_ascii=False,
+                      default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def read_state(status: Status, rec: Mapping | None) -> tuple[str, str]:
+    """An output's entry in ``reads_stamp``: its state, with its record id when done, else its reason."""
+    return status.state, ((rec or {}).get("rid") or "") if status.state == "done" else status.reason
+
+
+def stamp_of(run: RunDir, stage: str) -> str | None:
+    """The stamp a whole-run stage last finished with (``stamps.json``), or ``None``."""
+    return (read_json(run.file(STAMPS)) or {}).get(stage)
+
+
+def set_stamp(run: RunDir, stage: str, stamp: str | None) -> None:
+    """Record ``stage``'s stamp, or (``None``) drop it before its outputs are rewritten, so a kill in between
+    leaves no stamp over torn files."""
+    stamps = read_json(run.file(STAMPS)) or {}
+    if stamp is None:
+        stamps.pop(stage, None)
+    else:
+        stamps[stage] = stamp
+    atomic_write_json(run.file(STAMPS), stamps)
 
 
 def _changed(old: Mapping, new: Mapping, path: str = "") -> list[str]:

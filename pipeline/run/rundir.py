@@ -43,6 +43,7 @@ LEADERBOARD = "leaderboard.html"  # rank --runs: the merged leaderboard page
 EXPORT_STAMP = "export/export.json"  # the export's stamp, files and what it left out
 EXPORT_REGIONS = "export/regions.json"  # every image's classes and boxes, which the report draws
 LOCK = ".lock"
+STAMPS = "stamps.json"  # rank's and report's stamps: what each was last made from (export keeps its own)
 
 
 class RunLocked(RuntimeError):

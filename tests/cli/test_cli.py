@@ -51,10 +51,19 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
     assert all(x["status"] == "done" and "seconds" in x and "path" in x for x in recs)
 
     n = len(recs)
+    made = {name: (run / name).stat().st_mtime_ns for name in ("records.csv", "images.csv", "report.html")}
     r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
     assert r.exit_code == 0
     new = _manifest(run)[n:]
     assert {x["stage"] for x in new} == {"rank", "export", "report"}  # per-image work was skipped
+    assert {name: (run / name).stat().st_mtime_ns for name in made} == made  # and rank and report: nothing changed
+    log = (run / "run.log").read_text()
+    assert "rank: up to date" in log and "report: up to date" in log
+    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST,
+             "--set", "rank.min_length=2")
+    assert r.exit_code == 0
+    remade = {name: (run / name).stat().st_mtime_ns for name in made}
+    assert all(remade[name] != made[name] for name in made)  # a rank setting changed: rank, then the report, again
 
     r = _run("decode", "--run", str(run), "--force", "--quiet")
     assert r.exit_code == 0
