@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Literal
 from pipeline.run.config import require
 from pipeline.run.images import ImageRef
 from pipeline.run.provenance import mark_damaged, read_state, reads_stamp, root_line, set_stamp, stamp_of
+from pipeline.run.shards import caption_of
 from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
 from pipeline.run.stage import StageContext, WholeRunStage
 from pipeline.model.tokens import BYTE_MARK, vocab
@@ -162,7 +163,7 @@ def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[WordRecord
 
 PER_IMAGE = ("ascend", "decode", "surgery")  # the per-image stages whose outputs and states rank reads
 IMAGE_COLUMNS = ("file", "id", "status", "reason", "best_prompt", "best_prompt_score", "labels", "unusual_word",
-                 "unusualness")
+                 "unusualness", "caption")
 
 
 def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinions: dict[str, dict],
@@ -191,6 +192,7 @@ def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinion
             "best_prompt_score": "" if prompt.get("score") is None else f"{prompt['score']:.4f}",
             "labels": "; ".join(f"{d['word']} {d['score']:.3f}" for d in lab.get("labels", [])[:top_labels]),
             "unusual_word": unusual.word if unusual else "", "unusualness": unusual.unusualness if unusual else "",
+            "caption": caption_of(ref),
         })
     return rows
 
@@ -220,7 +222,7 @@ class RankStage(WholeRunStage[RankConfig]):
         stamp = reads_stamp(ctx.provenance.settings.get("rank"), {
             i: {stage: read_state(st, latest.get((i, stage))) for stage, st in by.items()} for i, by in statuses.items()})
         outputs = [RECORDS, RECORDS_MD, LONGEST, IMAGES_CSV]
-        if stamp_of(ctx.run, self.name) == stamp and all(ctx.run.file(p).is_file() for p in outputs):
+        if not ctx.force and stamp_of(ctx.run, self.name) == stamp and all(ctx.run.file(p).is_file() for p in outputs):
             ctx.log.info("rank: up to date (%d images)", len(refs))  # nothing it reads has changed
             return outputs
         set_stamp(ctx.run, self.name, None)

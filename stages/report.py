@@ -27,6 +27,7 @@ from pipeline.run.config import require
 from pipeline.heatmaps import titles
 from pipeline.run.images import ImageError, ImageRef, load_image
 from pipeline.run.provenance import Status, read_state, reads_stamp, root_line, set_stamp, stamp_of
+from pipeline.run.shards import caption_of
 from pipeline.run.rundir import (EXPORT_REGIONS, EXPORT_STAMP, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text,
                                 read_json, read_output)
 from pipeline.run.stage import StageContext, WholeRunStage
@@ -143,7 +144,8 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
     methods: set[str] = set()
     for item in inputs.images:
         ref = item.ref
-        card = {"id": ref.id, "rel": ref.rel, "src": item.src, "words": [], "labels": [], "prompts": [], "maps": [],
+        card = {"id": ref.id, "rel": ref.rel, "src": item.src, "caption": caption_of(ref), "words": [], "labels": [],
+                "prompts": [], "maps": [],
                 "base": "", "sheet": "", "failures": [[stage, error] for stage, error in item.failures]}
         if item.opinion:
             card["words"] = [[w, d["frequency"]] for w, d in list(item.opinion["words"].items())[: cfg.words_per_card]]
@@ -280,7 +282,7 @@ class ReportStage(WholeRunStage[ReportConfig]):
                              "export": (read_json(run.file(EXPORT_STAMP)) or {}).get("stamp"),
                              "rank": stamp_of(run, "rank")},
                             {i: {s: read_state(st, latest.get((i, s))) for s, st in by.items()} for i, by in statuses.items()})
-        if stamp_of(run, self.name) == stamp and run.file(REPORT).is_file():
+        if not ctx.force and stamp_of(run, self.name) == stamp and run.file(REPORT).is_file():
             ctx.log.info("report: up to date (%d images)", len(statuses))  # nothing it shows has changed
             return [REPORT]
         set_stamp(run, self.name, None)

@@ -36,7 +36,8 @@ import yaml
 from pipeline.labels.autolabels import Categories, ExportImage, ExportLabel
 from pipeline.heatmaps.draw import label_slug
 from pipeline.labels.regions import Region
-from pipeline.run.rundir import atomic_write_text
+from pipeline.run.rundir import atomic_path, atomic_write_text
+from pipeline.run.shards import read_sample, split_sample
 
 FORMATS: tuple[str, ...] = ("coco", "labelstudio", "fiftyone", "yolo")
 
@@ -314,7 +315,16 @@ def yolo_split(images: list[ExportImage], val: float, seed: int) -> dict[str, st
 
 def place_image(source: str, target: Path, mode: str) -> str:
     """Put an image into a dataset folder as a symbolic link (``link``; a copy where the filesystem refuses links)
-    or a copy (``copy``); an up-to-date one is kept. Returns how it was placed, ``link`` or ``copy``."""
+    or a copy (``copy``); an up-to-date one is kept. Returns how it was placed, ``link`` or ``copy``. A webdataset
+    sample has no file to link to: its bytes are written out from its shard."""
+    if split_sample(source) is not None:
+        data = read_sample(source)
+        if not target.is_symlink() and target.is_file() and target.stat().st_size == len(data):
+            return "copy"
+        target.unlink(missing_ok=True)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+        return "copy"
     source = os.path.abspath(source)
     if mode == "link":
         if target.is_symlink() and os.readlink(target) == source:

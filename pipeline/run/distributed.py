@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,9 +41,16 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, items: Sequence[T]) -> list[T]:
-        """This rank's items: every ``world_size``-th, starting at ``rank``."""
-        return list(items[self.rank :: self.world_size])
+    def shard(self, items: Sequence[T], group: Callable[[T], str] | None = None) -> list[T]:
+        """This rank's items: every ``world_size``-th, starting at ``rank``; with ``group``, every ``world_size``-th
+        group of items (in order of first appearance), so that items of one group (a webdataset shard's samples)
+        go to one rank together."""
+        if group is None:
+            return list(items[self.rank :: self.world_size])
+        order: dict[str, int] = {}
+        for item in items:
+            order.setdefault(group(item), len(order))
+        return [item for item in items if order[group(item)] % self.world_size == self.rank]
 
     def barrier(self) -> None:
         if self.enabled:

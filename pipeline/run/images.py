@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
+import json
 import os
 import re
 import unicodedata
@@ -19,6 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.run.shards import (SHARD_SUFFIX, TAR_SEP, ShardError, broken_shard, expand_braces, is_pattern, list_shard,
+                                 read_sample, sample_path, split_sample)
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +49,7 @@ class ImageRef:
     path: str
     rel: str
     root: str = ""
+    meta: str = ""  # a shard sample's metadata (its .json and .txt members), as JSON text; "" for none
 
 
 def slugify(text: str, max_len: int = 60) -> str:
@@ -71,6 +77,12 @@ def discover_images(source: Path, patterns: tuple[str, ...] = ()) -> list[ImageR
     Raises:
         InputError: when ``source`` does not exist or a list file cannot be read.
     """
+    if is_pattern(str(source)):  # webdataset shards: shards/{00000..00099}.tar
+        shards = [Path(os.path.abspath(p)) for p in expand_braces(str(source))]
+        if not any(s.is_file() for s in shards):
+            raise InputError(f"no shard of {source} exists (looked for {shards[0]} ... {shards[-1]})")
+        root = Path(os.path.commonpath([s.parent for s in shards]))
+        return _unique([r for s in shards for r in shard_refs(s, root) if _wanted(r.rel, patterns)])
     if not os.path.lexists(source):
         raise InputError(f"input not found: {source}")
     source = Path(os.path.abspath(source))  # absolute, links kept: a run resolves its images from any directory
@@ -82,7 +94,10 @@ def discover_images(source: Path, patterns: tuple[str, ...] = ()) -> list[ImageR
             for name in sorted(filenames):
                 full = Path(dirpath) / name
                 rels.append(full.relative_to(root).as_posix())
-        rels = [r for r in rels if r.lower().endswith(IMAGE_EXTENSIONS)]
+        rels = [r for r in rels if r.lower().endswith(IMAGE_EXTENSIONS + (SHARD_SUFFIX,))]
+    elif source.suffix.lower() == SHARD_SUFFIX:
+        root = source.parent
+        rels = [source.name]
     elif source.suffix.lower() in IMAGE_EXTENSIONS:
         root = source.parent
         rels = [source.name]
@@ -93,19 +108,43 @@ def discover_images(source: Path, patterns: tuple[str, ...] = ()) -> list[ImageR
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"{source}: not an image and not a readable list of paths ({err})") from None
         rels = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-    if patterns:
-        rels = [r for r in rels if any(fnmatch.fnmatch(r, p) or fnmatch.fnmatch(Path(r).name, p) for p in patterns)]
     refs = []
-    seen: dict[str, str] = {}
     for rel in rels:
         path = Path(rel) if os.path.isabs(rel) else root / rel
-        ref = ImageRef(id=image_id(rel), path=str(path), rel=rel, root=str(root))
-        if ref.id in seen and seen[ref.id] != rel:  # a 48-bit hash collision: refuse rather than mix results
-            raise InputError(f"image id collision between {seen[ref.id]!r} and {rel!r}; rename one of them")
+        if rel.lower().endswith(SHARD_SUFFIX):  # a shard in a folder or a list: each of its samples
+            refs += [r for r in shard_refs(path, root) if _wanted(r.rel, patterns)]
+        elif _wanted(rel, patterns):
+            refs.append(ImageRef(id=image_id(rel), path=str(path), rel=rel, root=str(root)))
+    return _unique(refs)
+
+
+def _wanted(rel: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(Path(rel).name, p) for p in patterns)
+
+
+def _unique(refs: list[ImageRef]) -> list[ImageRef]:
+    """Each image once; two paths with one id (a 48-bit hash collision) are refused rather than mixed."""
+    out, seen = [], {}
+    for ref in refs:
+        if ref.id in seen and seen[ref.id] != ref.rel:
+            raise InputError(f"image id collision between {seen[ref.id]!r} and {ref.rel!r}; rename one of them")
         if ref.id not in seen:
-            seen[ref.id] = rel
-            refs.append(ref)
-    return refs
+            seen[ref.id] = ref.rel
+            out.append(ref)
+    return out
+
+
+def shard_refs(shard: Path, root: Path) -> list[ImageRef]:
+    """A webdataset shard's samples as images (``pipeline.run.shards``); a shard that cannot be listed is one
+    input, which fails with the reason when it is read."""
+    rel = Path(os.path.relpath(shard, root)).as_posix()
+    try:
+        samples = list_shard(shard, IMAGE_EXTENSIONS)
+    except ShardError:
+        return [ImageRef(id=image_id(rel), path=str(shard) + TAR_SEP, rel=rel, root=str(root))]
+    return [ImageRef(id=image_id(f"{rel}/{member}"), path=sample_path(shard, offset, size, member),
+                     rel=f"{rel}/{member}", root=str(root), meta=json.dumps(meta, ensure_ascii=False) if meta else "")
+            for member, offset, size, meta in samples]
 
 
 def load_image(path: str, max_pixels: int = 150_000_000, max_side: int = 4096) -> Image.Image:
@@ -118,11 +157,24 @@ def load_image(path: str, max_pixels: int = 150_000_000, max_side: int = 4096) -
     Raises:
         ImageError: with a reason a person can act on.
     """
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as err:
-        raise ImageError(f"cannot read file: {err.strerror or err}") from None
+    p: Path | io.BytesIO = Path(path)
+    if split_sample(path) is not None:  # a webdataset sample: its bytes, by offset, from its shard
+        try:
+            data = read_sample(path)
+        except ShardError as err:
+            raise ImageError(str(err)) from None
+        size, p = len(data), io.BytesIO(data)
+    elif (shard := broken_shard(path)) is not None:
+        try:
+            list_shard(Path(shard), IMAGE_EXTENSIONS)
+        except ShardError as err:
+            raise ImageError(f"the shard cannot be read: {err}") from None
+        raise ImageError("the shard could not be listed when the run began; run again to list it anew")
+    else:
+        try:
+            size = p.stat().st_size
+        except OSError as err:
+            raise ImageError(f"cannot read file: {err.strerror or err}") from None
     if size == 0:
         raise ImageError("file is empty (0 bytes)")
     previous = Image.MAX_IMAGE_PIXELS

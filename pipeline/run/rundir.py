@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import yaml
 
 from pipeline.run.images import ImageRef
+from pipeline.run.shards import TAR_SEP
 
 MANIFEST = "manifest.jsonl"
 SHARDS = "manifests"
@@ -262,7 +263,8 @@ class RunDir:
 
     def save_images(self, refs: list[ImageRef]) -> None:
         """The run's image list: each image's id, absolute path, input root and path relative to the root."""
-        lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root}, ensure_ascii=False) for r in refs]
+        lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root, **({"meta": r.meta} if r.meta else {})},
+                            ensure_ascii=False) for r in refs]
         atomic_write_text(self.file(IMAGES), "".join(line + "\n" for line in lines))
 
     def load_images(self) -> list[ImageRef]:
@@ -273,7 +275,9 @@ class RunDir:
                 d = json.loads(line)
                 root = d.get("root", "")
                 path = os.path.join(root, d["rel"]) if root else d["path"]  # a list file may name absolute paths
-                refs.append(ImageRef(id=d["id"], path=path, rel=d["rel"], root=root))
+                if TAR_SEP in d["path"]:  # a shard's sample: its path holds the shard and the sample's bytes
+                    path = d["path"]
+                refs.append(ImageRef(id=d["id"], path=path, rel=d["rel"], root=root, meta=d.get("meta", "")))
         return refs
 
     # manifest

@@ -100,6 +100,7 @@ class StageContext(Generic[C]):
     # called by a stage with the fraction of the current batch it has done, so progress moves within a batch
     progress: Callable[[float], None] = field(default=lambda fraction: None)
     session: str = ""  # when this command started (UTC, ISO 8601): every manifest record it writes carries it
+    force: bool = False  # --force (and `rank --run`): a whole-run stage rebuilds even when its stamp is unchanged
 
     def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
         """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.run.provenance``)."""
