@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
@@ -52,6 +52,7 @@ class ExportConfig:
     label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.labels.autolabels.LabelMap)
     min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
     max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
+    refine: Literal["none", "pamr"] = "none"  # refine each map with its picture before CAM's rule: PAMR (held-out two-object scenes: single's CorLoc 0.50 -> 0.73 at tau 0.85), but it reads every picture and costs about 0.18 s an image of 10 labels: docs/benchmarks.md#regions-refined-with-the-image
     evidence_prior: bool = False  # a label that ascend's tiles found gets its regions inside those tiles (on the demo it gave 4 more boxes, all wrong: docs/benchmarks.md#every-object)
     categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
     new_categories: str = "drop"  # classes that match none of `categories`: drop, or keep with new ids after the file's
@@ -79,7 +80,7 @@ class ExportConfig:
     @property
     def rules(self) -> LabelRules:
         return LabelRules(self.region_method, self.tau, self.multi_instance, self.min_area, self.min_score, self.top_k,
-                          self.min_contrast, self.max_box_area, self.evidence_prior)
+                          self.min_contrast, self.max_box_area, self.evidence_prior, self.refine)
 
 
 def export_label_map(cfg: ExportConfig) -> LabelMap:

@@ -26,8 +26,9 @@ import yaml
 from PIL import Image
 
 from pipeline.run.config import ConfigError
-from pipeline.run.images import ImageRef
-from pipeline.labels.regions import Region, heatmap_regions, map_contrast, mask_region, too_large
+from pipeline.run.images import ImageError, ImageRef, load_image
+from pipeline.labels.refine import Pamr
+from pipeline.labels.regions import Region, heatmap_regions, map_contrast, mask_region, too_large, work_size
 from pipeline.run.rundir import RunDir, read_output
 
 
@@ -44,6 +45,7 @@ class LabelRules:
     min_contrast: float = 0.0
     max_box_area: float = 1.0
     evidence_prior: bool = False
+    refine: str = "none"
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,19 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         label_map: words to classes.
     """
     width, height = size
+    refiners: list[Pamr | None] = []  # export.refine: the picture's PAMR at the maps' working size, made once
+
+    def refiner() -> Pamr | None:
+        if cfg.refine == "none":
+            return None
+        if not refiners:
+            try:
+                h, w = work_size((height, width))
+                refiners.append(Pamr(np.asarray(load_image(ref.path).resize((w, h), Image.BILINEAR))))
+            except ImageError:  # the picture is gone or broken: its maps' regions, unrefined
+                refiners.append(None)
+        return refiners[0]
+
     by_class: dict[str, list[dict]] = {}
     for d in sorted(labels, key=lambda d: -(d.get("score") or 0.0)):
         name = label_map.classify(d["word"])
@@ -271,7 +286,7 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
             rng = ranges.get(word)
             regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
                                             cfg.min_area, tuple(rng) if rng else None,
-                                            tiles if cfg.evidence_prior else None))
+                                            tiles if cfg.evidence_prior else None, refiner()))
         kept = tuple(r for r in regions if r.source == "human" or not too_large(r, (height, width), cfg.max_box_area))
         if len(kept) < len(regions) and not kept:
             why = f"its box covers more than export.max_box_area ({cfg.max_box_area:g}) of the image"

@@ -15,6 +15,7 @@ These are pure functions of arrays; ``stages/export.py`` reads the run and write
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -105,7 +106,8 @@ def map_boxes(heat: np.ndarray, tau: float, multi_instance: bool = False, min_ar
 def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, tau: float,
                     multi_instance: bool = False, min_area: float = 0.0,
                     similarity_range: tuple[float, float] | None = None,
-                    prior: list[list[float]] | None = None) -> list[Region]:
+                    prior: list[list[float]] | None = None,
+                    refiner: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Region]:
     """A label's regions from its grid map by CAM's rule (see ``map_boxes``), found on the map at the image's size
     (at most ``WORK_SIDE`` on the longer side, then scaled back to the image's pixels).
 
@@ -119,12 +121,16 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
             the peak on the method's own scale.
         prior: boxes ``[x, y, w, h]`` as fractions of the image (the label's evidence from ascend's tiles):
             the map outside all of them is set to 0 first, so the regions lie where the word was found.
+        refiner: refines the map at the working size (``work_size(size)``) with the picture before CAM's rule:
+            ``pipeline.labels.refine.Pamr`` of the picture at that size.
 
     Shape:
         - grid_map: :math:`(gh, gw)`.
     """
     h, w = size
     heat = upsample_to(grid_map, work_size(size))
+    if refiner is not None and heat.max() > 0:
+        heat = refiner(heat)
     if prior:
         heat = heat * prior_mask(prior, heat.shape)
     sy, sx = h / heat.shape[0], w / heat.shape[1]

@@ -1,11 +1,14 @@
 """Export at scale: a synthetic run of N images (10 labels, 3 methods' 14x14 maps each), exported; prints JSON.
 
-    python tests/benchmarks/export_scale.py [--images 10000] [--formats coco labelstudio fiftyone yolo]
+    python tests/benchmarks/export_scale.py [--images 10000] [--formats coco labelstudio fiftyone yolo] [--refine]
 
 It builds the run with ``report_scale.make_run`` plus each image's ``surgery/<id>.npz`` and the
 size, methods and ranges of ``surgery/<id>.json``, then times what the export stage does:
 reading every image's labels and maps, building the regions (``pipeline.labels.regions``, at 640x480),
 and writing ``regions.json`` and each format. No model runs.
+
+With ``--refine``, every image is a hard link to one 640x480 JPEG, and the reading and regions are timed again
+with ``export.refine: pamr`` (each picture read and every map refined), after the plain reading, in the same run.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def add_maps(run, seed: int = 0) -> None:
 
 
 def main() -> None:
+    from dataclasses import replace
+
     from pipeline.labels.autolabels import LabelMap
     from pipeline.labels.exports import run_key
     from pipeline.run.provenance import Status
@@ -65,6 +70,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--workers", type=int, default=None, help="reading processes (default: one per core)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--refine", action="store_true", help="also time the reading and regions with export.refine: pamr")
     args = ap.parse_args()
     out_workers = args.workers
     out: dict = {"images": args.images, "formats": args.formats, "workers": out_workers or "one per core",
@@ -77,12 +83,22 @@ def main() -> None:
             doc["image"] = path.stem
             path.write_text(json.dumps(doc))
         add_maps(run)
+        if args.refine:
+            pictures(run, Path(tmp) / "photos")
         out["build_seconds"] = round(time.time() - t, 1)
         os.sync()  # the build's hundreds of MB of dirty pages would otherwise throttle the timed export's writes
         cfg = ExportConfig(formats=tuple(args.formats))
         t = time.time()
         images, left_out, records = read_exports(run, cfg, LabelMap(), lambda i, s, latest: Status("done"), args.workers)
         out["read_and_regions_seconds"] = round(time.time() - t, 2)
+        if args.refine:
+            t = time.time()
+            refined, _, _ = read_exports(run, replace(cfg, refine="pamr"), LabelMap(), lambda i, s, latest: Status("done"),
+                                         args.workers)
+            out["refined_read_and_regions_seconds"] = round(time.time() - t, 2)
+            out["refine_cost_vs_read_and_regions"] = round(out["refined_read_and_regions_seconds"]
+                                                           / out["read_and_regions_seconds"], 2)
+            out["refined_regions"] = sum(len(lab.regions) for im in refined for lab in im.labels)
         files, out["write_seconds_by_format"] = [], {}
         for fmt in args.formats:
             t = time.time()
@@ -98,6 +114,21 @@ def main() -> None:
         out["files"] = len(files)
         out["export_mib"] = round(sum(p.stat().st_size for p in run.file("export").rglob("*") if p.is_file()) / 2**20, 1)
     emit(out, args.out)
+
+
+def pictures(run, folder: Path) -> None:
+    """Every image of ``run`` a hard link to one 640x480 JPEG under ``folder`` (the refiner reads each)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    one = folder / "one.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(one, quality=90)
+    lines = []
+    for line in run.file("images.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        os.link(one, folder / d["rel"])
+        lines.append(json.dumps({**d, "path": str(folder / d["rel"]), "root": str(folder)}))
+    run.file("images.jsonl").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,28 @@ def test_an_evidence_prior_keeps_the_regions_inside_the_tiles_that_found_the_wor
     (held,) = heatmap_regions(_two_blobs(), (64, 64), "single", tau=0.5, prior=[[0.5, 0.5, 0.5, 0.5]])
     assert free.box[0] < 16 and held.box[0] >= 32 and held.box[1] >= 32  # the weaker blob, in the bottom-right tile
     assert heatmap_regions(_two_blobs(), (64, 64), "single", tau=0.5, prior=[]) == [free]  # no tiles: no prior
+
+
+def test_pamr_pulls_a_map_that_spills_over_an_edge_back_to_its_object():
+    from pipeline.labels.refine import Pamr, pamr
+    from pipeline.labels.regions import box_iou, heatmap_regions
+
+    image = np.full((64, 64, 3), 120, np.uint8)
+    image[20:36, 24:40] = (220, 40, 40)  # a red square, 16 px
+    yy, xx = np.mgrid[0:64, 0:64]
+    blob = np.exp(-((yy - 30) ** 2 + (xx - 34) ** 2) / (2 * 12.0 ** 2)).astype(np.float32)  # wider than the square
+    refined = pamr(image, blob)
+    inside = np.zeros((64, 64), bool)
+    inside[20:36, 24:40] = True
+    assert refined.shape == blob.shape and refined.min() >= blob.min() - 1e-6 and refined.max() <= blob.max() + 1e-6
+    scaled = lambda m: (m - m.min()) / (m.max() - m.min())  # noqa: E731
+    assert scaled(blob)[~inside].max() > 0.8  # the coarse map is high well outside the square
+    assert scaled(refined)[inside].min() > 0.9 and scaled(refined)[~inside].max() < 0.2  # it flowed along the square
+    truth = np.array([[24, 20, 16, 16]], dtype=float)
+    for tau in (0.5, 0.8):
+        coarse = heatmap_regions(blob, (64, 64), "single", tau)[0]
+        fine = heatmap_regions(blob, (64, 64), "single", tau, refiner=Pamr(image))[0]
+        assert box_iou(np.array(coarse.box), truth)[0] < 0.6 and box_iou(np.array(fine.box), truth)[0] > 0.95
+    spot = np.eye(8, dtype=np.float32)
+    flat = pamr(np.full((8, 8, 3), 50, np.uint8), spot[None])[0]
+    assert flat.std() < spot.std() / 5 and 0 <= flat.min() <= flat.max() <= 1  # no edges: it only smooths the map

@@ -568,3 +568,19 @@ def test_a_labels_tile_evidence_is_its_prior_and_an_attribute_of_its_region():
     assert held.regions[0].box[0] >= 32 and held.regions[0].box[1] >= 32
     doc, _, _ = coco_documents([ExportImage("a-1", "a.png", "/x/a.png", 64, 64, [held])], "t")
     assert doc["annotations"][0]["evidence"] == [[32.0, 32.0, 32.0, 32.0]]
+
+
+def test_refined_regions_read_each_picture_and_differ_from_the_coarse_ones(run):
+    before = json.loads((run / "export" / "regions.json").read_text())
+    r = _run("export", "--run", str(run), "--set", "export.refine=pamr", "--set", "export.tau=0.8", "--quiet")
+    assert r.exit_code == 0, r.output
+    after = json.loads((run / "export" / "regions.json").read_text())
+    assert after["stamp"] != before["stamp"]  # a new setting: a new export
+    boxes = [(im, reg["box"]) for im, labels in after["images"].items() for lab in labels for reg in lab["regions"]]
+    assert boxes and all(0 <= x and 0 <= y and x + w <= after["size"][im][0] + 0.5 and y + h <= after["size"][im][1] + 0.5
+                         for im, (x, y, w, h) in boxes)
+    coarse = _run("export", "--run", str(run), "--set", "export.tau=0.8", "--set", "export.refine=none", "--quiet")
+    assert coarse.exit_code == 0
+    plain = json.loads((run / "export" / "regions.json").read_text())
+    assert [b for _, b in boxes] != [reg["box"] for labels in plain["images"].values() for lab in labels
+                                     for reg in lab["regions"]]  # the pictures changed the boxes
