@@ -10,7 +10,7 @@ on the second half, beside CorLoc at the export's default tau. The metrics are t
 ``runall.py eval`` computes (``pipeline.labels.evaluation``); boxes come from ``pipeline.labels.regions``.
 
 Style ``heldout`` draws the scenes with ``heldout.py``'s renderer, which no training saw, from its stream 23
-(PAMR's iterations and dilations were chosen on its stream 11). Each ``--refine`` setting is measured apart:
+(PAMR's iterations and dilations were chosen on the toy's alt style and this renderer's stream 11). Each ``--refine`` setting is measured apart:
 ``pamr`` refines every map with the scene's picture before CAM's rule (``export.refine``), with its own tau
 chosen on the first half.
 """
