@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
+from xml.sax.saxutils import unescape
 
 from pipeline.run.images import ImageRef
 from pipeline.run.rundir import RunDir, atomic_write_json, read_output
@@ -33,16 +34,12 @@ class Review:
     labels: list[dict]  # {"word", "score", "frequency", "source": "human", "rank", "boxes": [[x, y, w, h] px]}
     task: str
     annotation: str | None  # the annotation's id; None for an edited prediction
-    problems: list[str] = field(default_factory=list)
 
 
 def config_labels(xml: str) -> set[str]:
-    """The label values a Label Studio labeling config lists (``<Choice value=..>``, ``<Label value=..>``)."""
-    return {unquote_xml(v) for v in re.findall(r'<(?:Choice|Label)\s+value="([^"]*)"', xml)}
-
-
-def unquote_xml(value: str) -> str:
-    return value.replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    """The label values a Label Studio labeling config lists (``<Choice value=..>``, ``<Label value=..>``), as
+    ``exports.labelstudio_config`` writes them (``quoteattr``)."""
+    return {unescape(v, {"&quot;": '"'}) for v in re.findall(r'<(?:Choice|Label)\s+value="([^"]*)"', xml)}
 
 
 def _result_of(task: dict, annotated: bool) -> tuple[list | None, str | None]:
@@ -109,26 +106,25 @@ def read_review(tasks: object, refs: list[ImageRef], sizes: dict[str, tuple[int,
         for item in result:
             value = item.get("value") if isinstance(item, dict) else None
             if not isinstance(value, dict):
-                review.problems.append(f"{name} ({ref.rel}): a result item without a value; left out")
+                problems.append(f"{name} ({ref.rel}): a result item without a value; left out")
                 continue
             names = value.get("choices") or value.get("rectanglelabels") or value.get("brushlabels") or \
                 value.get("labels") or []
             for label in names if isinstance(names, list) else []:
                 if known is not None and label not in known:
-                    review.problems.append(f"{name} ({ref.rel}): label {label!r} is not in the run's label config; "
+                    problems.append(f"{name} ({ref.rel}): label {label!r} is not in the run's label config; "
                                            "left out")
                     continue
                 boxes = words.setdefault(str(label), [])
                 if item.get("type") == "rectanglelabels":
                     box = _pixels(value, item, sizes.get(ref.id))
                     if box is None:
-                        review.problems.append(f"{name} ({ref.rel}): a {label!r} rectangle without a size; "
+                        problems.append(f"{name} ({ref.rel}): a {label!r} rectangle without a size; "
                                                "kept as a label")
                     else:
                         boxes.append(box)
         review.labels = [{"word": w, "score": 1.0, "frequency": 0, "source": HUMAN, "rank": i, "boxes": b}
                          for i, (w, b) in enumerate(words.items(), 1)]
-        problems += review.problems
         if ref.id in seen:
             problems.append(f"{name} ({ref.rel}): a second task for the image; it replaces task {seen[ref.id]}")
             reviews = [r for r in reviews if r.image != ref.id]
