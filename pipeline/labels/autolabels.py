@@ -17,7 +17,7 @@ import io
 import json
 import zipfile
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
 
@@ -244,18 +244,15 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         label_map: words to classes.
     """
     width, height = size
-    refiners: list[Pamr | None] = []  # export.refine: the picture's PAMR at the maps' working size, made once
-
-    def refiner() -> Pamr | None:
+    @cache
+    def refiner() -> Pamr | None:  # export.refine: the picture's PAMR at the maps' working size, made once
         if cfg.refine == "none":
             return None
-        if not refiners:
-            try:
-                h, w = work_size((height, width))
-                refiners.append(Pamr(np.asarray(load_image(ref.path).resize((w, h), Image.BILINEAR))))
-            except ImageError:  # the picture is gone or broken: its maps' regions, unrefined
-                refiners.append(None)
-        return refiners[0]
+        try:
+            h, w = work_size((height, width))
+            return Pamr(np.asarray(load_image(ref.path).resize((w, h), Image.BILINEAR)))
+        except ImageError:  # the picture is gone or broken: its maps' regions, unrefined
+            return None
 
     by_class: dict[str, list[dict]] = {}
     for d in sorted(labels, key=lambda d: -(d.get("score") or 0.0)):

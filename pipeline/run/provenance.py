@@ -98,8 +98,7 @@ def failure_lines(records: list[dict]) -> dict[str | None, list[str]]:
         if image is None:
             out[None] = [f"{r['stage']}: {r.get('error') or ''}" for r in recs]
             continue
-        root = next((r for r in recs if r["status"] == "failed"), recs[0])
-        out[image] = [record_status(root).line(later=any(r["status"] == "blocked" for r in recs if r is not root))]
+        out[image] = [root_line([record_status(r) for r in sorted(recs, key=lambda r: r["status"] != "failed")]) or ""]
     return out
 
 

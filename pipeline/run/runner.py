@@ -32,7 +32,7 @@ from pipeline.run.images import ImageRef
 from pipeline.model.load import LoadedModel, ModelError, load_model, resolve_device
 from pipeline.run.provenance import Provenance, run_status
 from pipeline.run.rundir import LOG, REPORT, RunDir
-from pipeline.run.shards import TAR_SEP
+from pipeline.run.shards import shard_group
 from pipeline.run.batching import BatchSizer
 from pipeline.run.stage import (RERUN, Finish, ItemResult, Models, PerImageStage, RunSettings, StageContext,
                                 WholeRunStage)
@@ -403,7 +403,7 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
             provenance.record(run)
             saved = True
 
-    refs = info.shard(run.load_images(), group=lambda ref: ref.path.split(TAR_SEP)[0] if TAR_SEP in ref.path else ref.id)
+    refs = info.shard(run.load_images(), group=lambda ref: shard_group(ref.path))
     log.info("run %s: %d images%s, stages %s", run.root, len(refs),
              f" (rank {info.rank} of {info.world_size})" if info.enabled else "", ",".join(names))
     error: Exception | None = None

@@ -63,6 +63,11 @@ def sample_path(shard: Path, offset: int, size: int, member: str) -> str:
     return f"{shard}{TAR_SEP}{offset}:{size}{TAR_SEP}{member}"
 
 
+def shard_group(path: str) -> str:
+    """What an image is read from, to keep a shard's samples together (torchrun's split): its shard, or the path."""
+    return path.split(TAR_SEP)[0] if TAR_SEP in path else path
+
+
 def split_sample(path: str) -> tuple[str, int, int, str] | None:
     """``(shard, offset, size, member)`` of a sample's path, or ``None`` for a plain file (or a shard that failed
     to list, ``SHARD::``)."""
