@@ -147,11 +147,12 @@ def eval_command(
     human_truth: Annotated[Optional[Path], typer.Option("--human-truth", help="A run directory whose human labels (brought in by `import`) are the truth: this run's or another's over the same images.", show_default=False)] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON (default: RUN/export/eval.json).")] = None,
     label_map: Annotated[Optional[Path], typer.Option(help="YAML file mapping words to classes (default: the config's export.label_map).")] = None,
+    refiners: Annotated[str, typer.Option("--refiners", help="Also measure every method's maps after these refiners, comma-separated (none, pamr, guided): CorLoc, MaxBoxAccV2, mask mIoU and the best tau of each; '' for none of them.")] = "none,pamr,guided",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure the run's labels and regions against ground truth (a COCO file, or a run's human labels): precision, recall, AP, pointing, CorLoc, MaxBoxAccV2."""
+    """Measure the run's labels and regions against ground truth (a COCO file, or a run's human labels): precision, recall, AP, pointing, CorLoc, MaxBoxAccV2, mask mIoU, per refiner."""
     from pipeline.labels.autolabels import load_label_map
     from pipeline.labels.evaluation import read_truth
     from pipeline.run.rundir import EXPORT_EVAL, atomic_write_json
@@ -160,6 +161,11 @@ def eval_command(
 
     from pipeline.labels.review import human_truth as read_human_truth
 
+    from pipeline.labels.refine import REFINERS
+
+    chosen = tuple(r.strip() for r in refiners.split(",") if r.strip())
+    if bad := [r for r in chosen if r != "none" and r not in REFINERS]:
+        fail(f"--refiners: unknown refiner {bad[0]!r}; valid: none, {', '.join(REFINERS)}")
     if (truth is None) == (human_truth is None):
         fail("give the truth as --truth COCO_FILE or --human-truth RUN (a run with imported human labels), one of them")
     rd = open_run(run)
@@ -175,7 +181,7 @@ def eval_command(
     methods = list(cfg.surgery.methods)
     export_cfg = effective_config(cfg.export, methods)
     source = truth.name if truth is not None else f"the human labels of {human_truth}"
-    result = {**evaluate_run(rd, doc, export_cfg, lmap, state_of(rd, cfg), methods),
+    result = {**evaluate_run(rd, doc, export_cfg, lmap, state_of(rd, cfg), methods, chosen),
               "truth": str(truth) if truth is not None else source}
     target = out_file or rd.file(EXPORT_EVAL)
     atomic_write_json(target, result)

@@ -28,7 +28,8 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from pipeline.labels.autolabels import (ExportImage, LabelMap, LabelRules, categories_from_coco, export_one, load_categories,
-                                 load_label_map, read_npz)
+                                 load_label_map, read_npz, working_picture)
+from pipeline.labels.regions import region_pixels
 from pipeline.run.config import ConfigError, require
 from pipeline.labels.exports import (FORMATS, YOLO_IMAGES, coco_documents, local_root, run_key, write_coco, write_fiftyone, write_labelstudio,
                               write_yolo)
@@ -52,7 +53,7 @@ class ExportConfig:
     label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.labels.autolabels.LabelMap)
     min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
     max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
-    refine: Literal["none", "pamr"] = "none"  # refine each map with its picture before CAM's rule: PAMR (held-out two-object scenes: single's CorLoc 0.50 -> 0.73 at tau 0.85), but it reads every picture and costs about 0.18 s an image of 10 labels: docs/benchmarks.md#regions-refined-with-the-image
+    refine: Literal["none", "pamr", "guided"] = "none"  # refine each map with its picture before CAM's rule: PAMR (held-out two-object scenes: single's CorLoc 0.50 -> 0.73 at tau 0.85), but it reads every picture and costs about 0.18 s an image of 10 labels: docs/benchmarks.md#regions-refined-with-the-image
     evidence_prior: bool = False  # a label that ascend's tiles found gets its regions inside those tiles (on the demo it gave 4 more boxes, all wrong: docs/benchmarks.md#every-object)
     categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
     new_categories: str = "drop"  # classes that match none of `categories`: drop, or keep with new ids after the file's
@@ -98,7 +99,8 @@ def regions_document(images: list[ExportImage], stamp: str) -> dict:
         im.id: [{"label": lab.name, "score": lab.score, "words": list(lab.words), "source": lab.source,
                  **({"evidence": [[round(v, 1) for v in b] for b in lab.evidence]} if lab.evidence else {}),
                  "regions": [{"box": [round(v, 1) for v in r.box], "source": r.source, "tau": r.tau, "peak": r.peak,
-                              "area": r.area} for r in lab.regions],
+                              "area": r.area, **({"object": r.object} if r.object else {}),
+                              **({"mask": True} if r.mask is not None else {})} for r in lab.regions],
                  **({"no_region": lab.no_region} if lab.no_region else {})}
                 for lab in im.labels]
         for im in images}, "size": {im.id: [im.width, im.height] for im in images}}
@@ -276,8 +278,9 @@ class ExportStage(WholeRunStage[ExportConfig]):
 
 
 def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMap, state: Any,
-                 methods: list[str]) -> dict:
-    """A run's labels and regions against a COCO truth document (``pipeline.labels.evaluation``).
+                 methods: list[str], refiners: tuple[str, ...] = ()) -> dict:
+    """A run's labels and regions against a COCO truth document (``pipeline.labels.evaluation``), with each method's
+    maps also measured after each of ``refiners`` (``none`` or a name in ``pipeline.labels.refine.REFINERS``).
 
     Images are matched by their path relative to the input root (the truth's ``file_name``),
     else by file name when that is unique; truth images the run lacks are listed. Classes are
@@ -308,12 +311,14 @@ def evaluate_run(run: RunDir, truth: dict, cfg: ExportConfig, label_map: LabelMa
                 method, _, word = k.partition("/")
                 if method in methods and word in best:
                     maps.setdefault(method, {})[best[word]] = grid
+        size = (im.height, im.width)
         matched.append(EvalImage(truth=by_file[key], scores={lab.name: lab.score for lab in im.labels},
                                  exported=[lab.name for lab in kept],
                                  boxes={lab.name: [r.box for r in lab.regions] for lab in kept},
-                                 maps=maps, size=(im.height, im.width)))
-    result = evaluate(matched, methods)
-    result["region_method"], result["tau"] = cfg.region_method, cfg.tau
+                                 maps=maps, size=size, masks={lab.name: region_pixels(lab.regions, size) for lab in kept},
+                                 picture=working_picture(im.path, size) if refiners and maps else None))
+    result = evaluate(matched, methods, tuple(refiners))
+    result["region_method"], result["tau"], result["refine"] = cfg.region_method, cfg.tau, cfg.refine
     result["min_score"], result["top_k"] = cfg.min_score, cfg.top_k
     result["detection"] = coco_detection(truth, coco_documents(scored, "", categories)[1])
     result["labels_without_region"] = sum(bool(lab.no_region) for im in scored for lab in im.labels)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property, lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
@@ -27,8 +27,9 @@ from PIL import Image
 
 from pipeline.run.config import ConfigError
 from pipeline.run.images import ImageError, ImageRef, load_image
-from pipeline.labels.refine import Pamr
-from pipeline.labels.regions import Region, heatmap_regions, map_contrast, mask_region, too_large, work_size
+from pipeline.labels.refine import refiner_for
+from pipeline.labels.regions import (Region, group_objects, heatmap_regions, map_contrast, mask_region, too_large,
+                                     work_size)
 from pipeline.run.rundir import RunDir, read_output
 
 
@@ -245,14 +246,11 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
     """
     width, height = size
     @cache
-    def refiner() -> Pamr | None:  # export.refine: the picture's PAMR at the maps' working size, made once
+    def refiner():  # export.refine: the picture's refiner at the maps' working size, made once
         if cfg.refine == "none":
             return None
-        try:
-            h, w = work_size((height, width))
-            return Pamr(np.asarray(load_image(ref.path).resize((w, h), Image.BILINEAR)))
-        except ImageError:  # the picture is gone or broken: its maps' regions, unrefined
-            return None
+        picture = working_picture(ref.path, (height, width))
+        return None if picture is None else refiner_for(cfg.refine, picture)  # a broken picture: maps unrefined
 
     by_class: dict[str, list[dict]] = {}
     for d in sorted(labels, key=lambda d: -(d.get("score") or 0.0)):
@@ -292,7 +290,21 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why, evidence,
                                best.get("source", "opinion")))
     out.sort(key=lambda lab: -lab.score)
-    return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out[: cfg.top_k or None])
+    out = out[: cfg.top_k or None]
+    numbered = group_objects([list(lab.regions) for lab in out])  # "red" and "square" on one object: one number
+    out = [replace(lab, regions=tuple(rs)) for lab, rs in zip(out, numbered)]
+    return ExportImage(ref.id, ref.rel.replace("\\", "/"), ref.path, width, height, out)
+
+
+def working_picture(path: str, size: tuple[int, int]) -> np.ndarray | None:
+    """An image at the maps' working size (``work_size(size)``, ``size`` its ``(H, W)``) as ``[h, w, 3]`` uint8, what
+    a refiner reads; decoded near that size (a JPEG at a fraction of its scale), then resized to it exactly.
+    ``None`` when the image cannot be read."""
+    h, w = work_size(size)
+    try:
+        return np.asarray(load_image(path, max_side=max(h, w)).resize((w, h), Image.BILINEAR))
+    except ImageError:
+        return None
 
 
 def export_one(root: Path, cfg: LabelRules, label_map: LabelMap, job: tuple[ImageRef, bool]

@@ -13,6 +13,13 @@ Pure functions over plain data; the ``eval`` command reads a run and a COCO trut
 * **MaxBoxAccV2** (Choe et al., CVPR 2020), per method: boxes around every component of the
   map thresholded at tau, the best IoU with a true box; the best tau's box accuracy, averaged
   over IoU 0.3, 0.5 and 0.7. The tau it picks is reported, to be used on other images.
+* **Per refiner** (``none`` and each of ``pipeline.labels.refine.REFINERS``), per method: the map refined with
+  its picture, then at every tau the box accuracy of all its components (MaxBoxAccV2, and its tau), CorLoc of the
+  largest component's box as the export draws it (and the tau that maximises it), and the mask IoU of that
+  component against the category's true masks; ``by_tau`` holds the three at every tau, to choose a tau from.
+* **Mask mIoU**, where the truth has masks: per category, the pixels of the exported regions' masks (a region
+  without a mask counts as its filled box) against the union of the true masks, intersection over union summed
+  over the images, then the mean over categories (the segmentation benchmarks' mIoU, over exported pairs).
 * **Detection**: COCO's AP (pycocotools' ``COCOeval``, IoU 0.50:0.95, 0.50 and 0.75) of the
   exported boxes, each scored by its label's stock-CLIP score: what the COCO export's
   ``results.json`` scores against the same truth; and at IoU 0.5, the boxes' precision and
@@ -30,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.labels.regions import box_iou, map_boxes, upsample_to, work_size
+from pipeline.labels.refine import refiner_for
+from pipeline.labels.regions import box_iou, map_boxes, map_components, mask_at, upsample_to, work_size
 
 TAUS: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0.05, 1.0, 0.05))
 IOUS: tuple[float, ...] = (0.3, 0.5, 0.7)
@@ -52,6 +60,8 @@ class EvalImage:
     boxes: dict[str, list[tuple[float, float, float, float]]]  # the exported regions' boxes per class
     maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> class -> grid map
     size: tuple[int, int] = (0, 0)  # (H, W)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # the exported regions' pixels per class, [H, W] bool
+    picture: np.ndarray | None = None  # the image at work_size(size), [h, w, 3] uint8: what a refiner reads
 
 
 def average_precision(ranked: list[bool], positives: int) -> float:
@@ -97,16 +107,48 @@ def box_accuracy(grid_map: np.ndarray, size: tuple[int, int], truth: list[TruthO
     return out
 
 
-def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
-    """Every metric, overall and per category (see the module docstring)."""
+def refined_accuracy(heat: np.ndarray, size: tuple[int, int], truth: list[TruthObject],
+                     taus: tuple[float, ...] = TAUS) -> np.ndarray:
+    """At each tau, for a map already at the working size (and refined, or not): the best IoU of any component's box
+    with a true box, whether the largest component's box reaches IoU 0.5 with one (CorLoc's hit), and that
+    component's mask pixels against the true masks' union, as ``(intersection, union)`` (0, 0 without true masks).
+
+    Returns:
+        ``[len(taus), 4]``: best box IoU, hit, intersection, union.
+    """
+    scale = np.array([size[1] / heat.shape[1], size[0] / heat.shape[0]] * 2)
+    gt = np.asarray([o.box for o in truth], dtype=np.float64)
+    masks = [o.mask for o in truth if o.mask is not None]
+    true = None
+    if masks:
+        true = np.logical_or.reduce(masks)
+    out = np.zeros((len(taus), 4))
+    for i, tau in enumerate(taus):
+        comps = map_components(heat, tau, multi_instance=True)
+        if not comps:
+            out[i, 3] = true.sum() if true is not None else 0
+            continue
+        ious = [float(box_iou(tuple(np.asarray(b) * scale), gt).max()) for b, _, _, _ in comps]
+        out[i, 0], out[i, 1] = max(ious), ious[0] >= 0.5  # the components come largest first
+        if true is not None:
+            pred = mask_at(comps[0][3], size)
+            out[i, 2], out[i, 3] = np.logical_and(pred, true).sum(), np.logical_or(pred, true).sum()
+    return out
+
+
+def evaluate(images: list[EvalImage], methods: list[str], refiners: tuple[str, ...] = ()) -> dict:
+    """Every metric, overall and per category (see the module docstring); ``refiners`` (names of
+    ``pipeline.labels.refine.REFINERS``, or ``none``) are measured on the images that carry a ``picture``."""
     cats = sorted({c for im in images for c in im.truth})
     per: dict[str, dict] = {c: {"images": 0, "tp": 0, "fp": 0, "fn": 0, "ranked": [], "pairs": 0, "named": 0,
                                 "corloc": [], "pointing": {m: [] for m in methods},
-                                "ious": {m: [] for m in methods}} for c in cats}
+                                "ious": {m: [] for m in methods}, "mask": [0, 0],
+                                "refined": {(m, r): [] for m in methods for r in refiners}} for c in cats}
     ranked: list[tuple[float, bool]] = []
     tp = fp = fn = 0
     for im in images:
         true = set(im.truth)
+        refine = {r: refiner_for(r, im.picture) for r in refiners} if im.picture is not None else {}
         for c, s in im.scores.items():
             ranked.append((s, c in true))
             if c in per:  # a category CLIP named where it is absent ranks as a miss of that category
@@ -127,6 +169,12 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
             if c in exported and objs:
                 gt = np.asarray([o.box for o in objs], dtype=np.float64)
                 row["corloc"].append(any(float(box_iou(b, gt).max()) >= 0.5 for b in im.boxes.get(c, [])))
+                truth_masks = [o.mask for o in objs if o.mask is not None]
+                if truth_masks:
+                    want = np.logical_or.reduce(truth_masks)
+                    got = im.masks.get(c, np.zeros_like(want))
+                    row["mask"][0] += int(np.logical_and(got, want).sum())
+                    row["mask"][1] += int(np.logical_or(got, want).sum())
             if c not in im.scores:
                 continue
             row["named"] += 1
@@ -137,6 +185,11 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
                 point = peak_point(grid, im.size)
                 row["pointing"][m].append(any(inside(point, o) for o in objs))
                 row["ious"][m].append(box_accuracy(grid, im.size, objs))
+                if refine:
+                    heat = upsample_to(grid, work_size(im.size))
+                    for r, refiner in refine.items():
+                        refined = refiner(heat) if refiner is not None and heat.max() > 0 else heat
+                        row["refined"][(m, r)].append(refined_accuracy(refined, im.size, objs))
 
     def labels_block(tp_: int, fp_: int, fn_: int, pairs: list[tuple[float, bool]], positives: int) -> dict:
         p = tp_ / (tp_ + fp_) if tp_ + fp_ else float("nan")
@@ -145,7 +198,26 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
         order = [hit for _, hit in sorted(pairs, key=lambda t: -t[0])]
         return {"precision": _r(p), "recall": _r(r), "f1": _r(f1), "ap": _r(average_precision(order, positives))}
 
-    def loc_block(pointing: dict, ious: dict, corloc: list) -> dict:
+    def refined_block(rows: list[np.ndarray], by_class: dict[str, list[np.ndarray]], detail: bool) -> dict:
+        acc = np.stack(rows)  # [pairs, tau, 4]
+        table = np.stack([(acc[:, :, 0] >= d).mean(0) for d in IOUS])  # [iou, tau]
+        corloc = acc[:, :, 1].mean(0)
+        sums = [np.stack(v)[:, :, 2:].sum(0) for v in by_class.values() if v]  # per class: [tau, (inter, union)]
+        with_masks = [t for t in sums if t[:, 1].max() > 0]
+        miou = np.mean([t[:, 0] / np.maximum(t[:, 1], 1) for t in with_masks], 0) if with_masks else None
+        best, best_c = int(np.argmax(table.mean(0))), int(np.argmax(corloc))
+        out = {"maxboxacc_v2": _r(float(table.max(1).mean())), "best_tau": float(TAUS[best]),
+               "corloc_at_best_tau": _r(float(corloc[best])), "best_corloc_tau": float(TAUS[best_c]),
+               "corloc_at_best_corloc_tau": _r(float(corloc[best_c])),
+               "miou_at_best_corloc_tau": _r(float(miou[best_c])) if miou is not None else None}
+        if detail:  # overall only: every tau's figures, to choose a tau from
+            out["by_tau"] = {str(t): {"boxacc": _r(float(table.mean(0)[i])), "corloc": _r(float(corloc[i])),
+                                      "miou": _r(float(miou[i])) if miou is not None else None}
+                            for i, t in enumerate(TAUS)}
+        return out
+
+    def loc_block(pointing: dict, ious: dict, corloc: list, refined: dict | None = None, detail: bool = False
+                  ) -> dict:
         out: dict = {"corloc": _r(np.mean(corloc)) if corloc else None, "corloc_pairs": len(corloc), "methods": {}}
         for m in methods:
             acc = np.asarray(ious[m]) if ious[m] else None
@@ -155,21 +227,34 @@ def evaluate(images: list[EvalImage], methods: list[str]) -> dict:
                 block["maxboxacc_v2"] = _r(float(table.max(1).mean()))
                 block["best_tau"] = float(TAUS[int(np.argmax(table.mean(0)))])
                 block["boxacc_at_iou"] = {str(d): _r(float(table[i].max())) for i, d in enumerate(IOUS)}
+            for r in refiners if refined else ():
+                by_class = refined[(m, r)]
+                if any(by_class.values()):
+                    block.setdefault("refiners", {})[r] = refined_block(
+                        [a for v in by_class.values() for a in v], by_class, detail)
             out["methods"][m] = block
         return out
+
+    def miou_block(rows: list[list[int]]) -> dict:
+        ious = [i / u for i, u in rows if u]
+        return {"miou": _r(float(np.mean(ious))) if ious else None, "miou_categories": len(ious)}
 
     positives = sum(len(im.truth) for im in images)
     all_pointing = {m: [h for c in cats for h in per[c]["pointing"][m]] for m in methods}
     all_ious = {m: [a for c in cats for a in per[c]["ious"][m]] for m in methods}
     all_corloc = [h for c in cats for h in per[c]["corloc"]]
+    all_refined = {k: {c: per[c]["refined"][k] for c in cats} for k in ((m, r) for m in methods for r in refiners)}
     overall = {"images": len(images), "pairs": positives,
                "coverage": _r(sum(per[c]["named"] for c in cats) / positives) if positives else None,
-               **labels_block(tp, fp, fn, ranked, positives), **loc_block(all_pointing, all_ious, all_corloc)}
+               **labels_block(tp, fp, fn, ranked, positives), **miou_block([per[c]["mask"] for c in cats]),
+               **loc_block(all_pointing, all_ious, all_corloc, all_refined, detail=True)}
     categories = {}
     for c in cats:
         row = per[c]
         categories[c] = {"images": row["images"], **labels_block(row["tp"], row["fp"], row["fn"], row["ranked"], row["pairs"]),
-                         **loc_block(row["pointing"], row["ious"], row["corloc"])}
+                         **miou_block([row["mask"]]),
+                         **loc_block(row["pointing"], row["ious"], row["corloc"],
+                                     {k: {c: v} for k, v in row["refined"].items()})}
     return {"overall": overall, "categories": categories, "taus": list(TAUS), "ious": list(IOUS)}
 
 

@@ -119,9 +119,15 @@ def image_url(prefix: str, im: ExportImage) -> str:
 
 def _region_attributes(lab: ExportLabel, region: Region) -> dict:
     return {"word": lab.words[0], "label_source": lab.source, "box_source": region.source, "tau": region.tau,
-            "clip_score": lab.score,
+            "clip_score": lab.score, "object_id": region.object,
             "peak": region.peak, "peak_similarity": region.peak_similarity,
             "evidence": [[round(v, 2) for v in box] for box in lab.evidence]}
+
+
+def region_score(lab: ExportLabel, region: Region) -> float:
+    """A region's own score: its label's stock-CLIP score times the map's peak inside it (1 for the component that
+    holds the map's maximum, and for a SAM or a reviewer's region), so a second, weaker component ranks lower."""
+    return round(lab.score * region.peak, 4)
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -155,9 +161,9 @@ def coco_documents(images: list[ExportImage], description: str, categories: Cate
         for lab in im.labels:
             for region in lab.regions:
                 ann = {"id": len(doc["annotations"]) + 1, "image_id": image_id, "category_id": cat[lab.name],
-                       "bbox": [round(v, 2) for v in region.box], "area": region.area, "iscrowd": 0, "score": lab.score,
-                       **_region_attributes(lab, region)}
-                res = {"image_id": image_id, "category_id": cat[lab.name], "bbox": ann["bbox"], "score": lab.score}
+                       "bbox": [round(v, 2) for v in region.box], "area": region.area, "iscrowd": 0,
+                       "score": region_score(lab, region), **_region_attributes(lab, region)}
+                res = {"image_id": image_id, "category_id": cat[lab.name], "bbox": ann["bbox"], "score": ann["score"]}
                 if region.mask is not None:
                     ann["segmentation"] = res["segmentation"] = _rle(region.mask)
                 doc["annotations"].append(ann)
@@ -187,8 +193,10 @@ def labelstudio_config(names: list[str]) -> str:
 
     return (f'<View>\n  <Image name="{LS_IMAGE}" value="${LS_IMAGE}"/>\n'
             f'  <Choices name="{LS_CHOICES}" toName="{LS_IMAGE}" choice="multiple">{labels("Choice")}\n  </Choices>\n'
-            f'  <RectangleLabels name="{LS_BOXES}" toName="{LS_IMAGE}">{labels("Label")}\n  </RectangleLabels>\n'
-            f'  <BrushLabels name="{LS_BRUSH}" toName="{LS_IMAGE}">{labels("Label")}\n  </BrushLabels>\n</View>\n')
+            f'  <RectangleLabels name="{LS_BOXES}" toName="{LS_IMAGE}" choice="multiple">{labels("Label")}\n'
+            f'  </RectangleLabels>\n'
+            f'  <BrushLabels name="{LS_BRUSH}" toName="{LS_IMAGE}" choice="multiple">{labels("Label")}\n'
+            f'  </BrushLabels>\n</View>\n')
 
 
 def _unit(score: float) -> float:
@@ -210,20 +218,32 @@ def labelstudio_task(im: ExportImage, model_version: str, prefix: str) -> dict:
         result.append(item("choices", LS_CHOICES, {"choices": [lab.name for lab in im.labels]}, im.certainty,
                            human=all(lab.source == "human" for lab in im.labels)))
     size = {"original_width": im.width, "original_height": im.height, "image_rotation": 0}
-    for lab in im.labels:
-        for region in lab.regions:
-            x, y, w, h = region.box
-            result.append(item("rectanglelabels", LS_BOXES,
-                               {"x": 100 * x / im.width, "y": 100 * y / im.height, "width": 100 * w / im.width,
-                                "height": 100 * h / im.height, "rotation": 0, "rectanglelabels": [lab.name]},
-                               lab.score, size, lab.source == "human"))
-            if region.mask is not None:
-                rle = mask2rle((region.mask.astype(np.uint8) * 255))
-                result.append(item("brushlabels", LS_BRUSH, {"format": "rle", "rle": [int(v) for v in rle],
-                                                             "brushlabels": [lab.name]}, lab.score, size,
-                                   lab.source == "human"))
+    for members in objects(im):  # one region per object, with every label on it ("red" and "square")
+        lab, region = members[0]  # the best-scored label's region gives the shape
+        names = list(dict.fromkeys(m.name for m, _ in members))
+        human = all(m.source == "human" for m, _ in members)
+        x, y, w, h = region.box
+        result.append(item("rectanglelabels", LS_BOXES,
+                           {"x": 100 * x / im.width, "y": 100 * y / im.height, "width": 100 * w / im.width,
+                            "height": 100 * h / im.height, "rotation": 0, "rectanglelabels": names},
+                           region_score(lab, region), size, human))
+        if region.mask is not None:
+            rle = mask2rle((region.mask.astype(np.uint8) * 255))
+            result.append(item("brushlabels", LS_BRUSH, {"format": "rle", "rle": [int(v) for v in rle],
+                                                         "brushlabels": names}, region_score(lab, region), size, human))
     return {"data": {LS_IMAGE: image_url(prefix, im), "clipsight_id": im.id},
             "predictions": [{"model_version": model_version, "score": _unit(im.certainty), "result": result}]}
+
+
+def objects(im: ExportImage) -> list[list[tuple[ExportLabel, Region]]]:
+    """An image's regions grouped by object (``Region.object``), each group best label first; a region without a
+    number is an object of its own."""
+    groups: dict[object, list[tuple[ExportLabel, Region]]] = {}
+    for lab in im.labels:
+        for k, region in enumerate(lab.regions):
+            key = region.object if region.object is not None else (lab.name, k)
+            groups.setdefault(key, []).append((lab, region))
+    return list(groups.values())
 
 
 def write_labelstudio(folder: Path, images: list[ExportImage], model_version: str, prefix: str,
@@ -252,8 +272,8 @@ def fiftyone_samples(images: list[ExportImage], run_key: str, prefix: str
             slug = label_slug(lab.name)
             for k, region in enumerate(lab.regions):
                 x, y, w, h = region.box
-                det = {"label": lab.name, "confidence": lab.score, "label_source": lab.source,
-                       "box_source": region.source, "tau": region.tau,
+                det = {"label": lab.name, "confidence": region_score(lab, region), "label_source": lab.source,
+                       "box_source": region.source, "tau": region.tau, "index": region.object,
                        "bounding_box": [x / im.width, y / im.height, w / im.width, h / im.height],
                        "box_pixels": [int(x), int(y), int(w), int(h)],
                        "evidence": [[bx / im.width, by / im.height, bw / im.width, bh / im.height]

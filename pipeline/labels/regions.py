@@ -3,10 +3,12 @@
 A heatmap becomes boxes by CAM's rule (Zhou et al., CVPR 2016): upsample the grid map to
 the image's size, min-max it, keep the pixels at or above ``tau`` times its maximum, and
 take the box around the largest connected component (or around every component of at
-least ``min_area`` when ``multi_instance`` is on). A SAM mask becomes one box around its
-pixels, and keeps the mask. A map too flat to localise (``map_contrast`` below a floor) gives
-no box, and neither does a box over nearly all the image (``too_large``): such a label stays
-an image-level label. ``tau`` should be chosen on held-out images: the ``eval``
+least ``min_area`` when ``multi_instance`` is on). A map refined with its picture first
+(``pipeline.labels.refine``) follows the object's edges, so each of its regions also keeps
+its component as a mask. A SAM mask becomes one box around its pixels, and keeps the mask.
+Regions of different labels that cover one object share its ``object`` number (``group_objects``).
+A map too flat to localise (``map_contrast`` below a floor) gives no box, and neither does a
+box over nearly all the image (``too_large``): such a label stays an image-level label. ``tau`` should be chosen on held-out images: the ``eval``
 command reports the best one on data with truth (wsolevaluation, Choe et al., CVPR 2020).
 
 These are pure functions of arrays; ``stages/export.py`` reads the run and writes the formats.
@@ -14,7 +16,7 @@ These are pure functions of arrays; ``stages/export.py`` reads the run and write
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import cv2
@@ -35,8 +37,9 @@ class Region:
     source: str  # "sam", or the heatmap method the box came from
     tau: float | None  # the threshold, as a fraction of the map's maximum (None for a SAM mask)
     peak: float
-    mask: np.ndarray | None = None  # [H, W] bool, only where a mask exists (SAM)
+    mask: np.ndarray | None = None  # [H, W] bool, only where a mask exists (SAM, or a refined map's component)
     peak_similarity: float | None = None
+    object: int | None = None  # the image's object this region is (1, 2, ...): one number for one object's labels
 
 
 # Boxes are found on the map upsampled to the image's size, capped at this many pixels on the longer side and
@@ -82,6 +85,12 @@ def map_boxes(heat: np.ndarray, tau: float, multi_instance: bool = False, min_ar
     Shape:
         - heat: :math:`(H, W)`.
     """
+    return [(box, area, peak) for box, area, peak, _ in map_components(heat, tau, multi_instance, min_area)]
+
+
+def map_components(heat: np.ndarray, tau: float, multi_instance: bool = False, min_area: float = 0.0
+                   ) -> list[tuple[tuple[float, float, float, float], float, float, np.ndarray]]:
+    """``map_boxes``' components, each with its pixels as well: ``(box, area, peak, mask)``, ``mask`` ``[H, W]`` bool."""
     top = float(heat.max())
     if top <= 0:
         return []
@@ -98,8 +107,9 @@ def map_boxes(heat: np.ndarray, tau: float, multi_instance: bool = False, min_ar
         x, y, w, h, area = (int(v) for v in stats[k])
         if multi_instance and area < smallest and len(out) > 0:
             continue
-        peak = float(heat[y : y + h, x : x + w][labels[y : y + h, x : x + w] == k].max())
-        out.append(((float(x), float(y), float(w), float(h)), float(area), peak))
+        mask = labels == k
+        peak = float(heat[y : y + h, x : x + w][mask[y : y + h, x : x + w]].max())
+        out.append(((float(x), float(y), float(w), float(h)), float(area), peak, mask))
     return out
 
 
@@ -121,8 +131,9 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
             the peak on the method's own scale.
         prior: boxes ``[x, y, w, h]`` as fractions of the image (the label's evidence from ascend's tiles):
             the map outside all of them is set to 0 first, so the regions lie where the word was found.
-        refiner: refines the map at the working size (``work_size(size)``) with the picture before CAM's rule:
-            ``pipeline.labels.refine.Pamr`` of the picture at that size.
+        refiner: refines the map at the working size (``work_size(size)``) with the picture before CAM's rule
+            (``pipeline.labels.refine.refiner_for`` of the picture at that size); each region then keeps its
+            component as a mask at the image's size.
 
     Shape:
         - grid_map: :math:`(gh, gw)`.
@@ -135,15 +146,29 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
         heat = heat * prior_mask(prior, heat.shape)
     sy, sx = h / heat.shape[0], w / heat.shape[1]
     out = []
-    for (x, y, bw, bh), area, peak in map_boxes(heat, tau, multi_instance, min_area):
+    for (x, y, bw, bh), area, peak, component in map_components(heat, tau, multi_instance, min_area):
         box = (round(x * sx, 2), round(y * sy, 2), round(bw * sx, 2), round(bh * sy, 2))
         area = round(area * sx * sy, 1)
         sim = None
         if similarity_range is not None:
             lo, hi = similarity_range
             sim = round(lo + peak * (hi - lo), 5)
-        out.append(Region(box=box, area=area, source=method, tau=tau, peak=round(peak, 4), peak_similarity=sim))
+        mask = None
+        if refiner is not None:  # the refined map follows the picture's edges: its component is the region's mask
+            mask = mask_at(component, size)
+            area = float(mask.sum())
+        out.append(Region(box=box, area=area, source=method, tau=tau, peak=round(peak, 4), peak_similarity=sim,
+                          mask=mask))
     return out
+
+
+def mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask found at the working size, at the image's ``(H, W)``: resized smoothly and cut at one half, so its
+    edge is not a staircase of working pixels."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask.astype(bool)
+    return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
 
 
 def prior_mask(boxes: list[list[float]], size: tuple[int, int]) -> np.ndarray:
@@ -198,3 +223,52 @@ def box_iou(a: tuple[float, float, float, float], b: np.ndarray) -> np.ndarray:
     inter = ix * iy
     union = aw * ah + b[:, 2] * b[:, 3] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def region_pixels(regions: list[Region] | tuple[Region, ...], size: tuple[int, int]) -> np.ndarray:
+    """The pixels a label's regions cover, ``[H, W]`` bool: each region's mask, or its filled box where it has none."""
+    h, w = size
+    out = np.zeros((h, w), bool)
+    for r in regions:
+        if r.mask is not None and r.mask.shape == (h, w):
+            out |= r.mask
+        else:
+            x, y, bw, bh = r.box
+            out[int(round(y)): int(round(y + bh)), int(round(x)): int(round(x + bw))] = True
+    return out
+
+
+def region_iou(a: Region, b: Region) -> float:
+    """Two regions' overlap: their masks' IoU when both have one, else their boxes'."""
+    if a.mask is not None and b.mask is not None and a.mask.shape == b.mask.shape:
+        union = int(np.logical_or(a.mask, b.mask).sum())
+        return int(np.logical_and(a.mask, b.mask).sum()) / union if union else 0.0
+    return float(box_iou(a.box, np.asarray([b.box]))[0])
+
+
+SAME_OBJECT_IOU = 0.5  # regions of two labels that overlap at least this much are one object
+
+
+def group_objects(regions: list[list[Region]], min_iou: float = SAME_OBJECT_IOU) -> list[list[Region]]:
+    """Each label's regions (one list per label, best label first) numbered by object: regions of different labels
+    that overlap by at least ``min_iou`` (``region_iou``, and through each other) share one ``object``; every other
+    region is an object of its own. Numbers run 1, 2, ... in the order the objects are first met.
+    """
+    flat = [(i, j, r) for i, rs in enumerate(regions) for j, r in enumerate(rs)]
+    parent = list(range(len(flat)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for a in range(len(flat)):
+        for b in range(a + 1, len(flat)):
+            if flat[a][0] != flat[b][0] and region_iou(flat[a][2], flat[b][2]) >= min_iou:
+                parent[root(b)] = root(a)
+    number: dict[int, int] = {}
+    out = [list(rs) for rs in regions]
+    for k, (i, j, r) in enumerate(flat):
+        out[i][j] = replace(r, object=number.setdefault(root(k), len(number) + 1))
+    return out

@@ -36,7 +36,7 @@ def samples():
             detections.append(fo.Detection(label=d["label"], bounding_box=d["bounding_box"], mask=mask,
                                            confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"],
                                            label_source=d.get("label_source", "opinion"),
-                                           evidence=d.get("evidence", [])))
+                                           evidence=d.get("evidence", []), index=d.get("index")))
         sample["clip_regions"] = fo.Detections(detections=detections)
         for h in s["heatmaps"]:
             sample[h["field"]] = fo.Heatmap(map_path=str(HERE / h["map"]), range=[0, 255], label=h["label"],

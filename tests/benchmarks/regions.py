@@ -1,18 +1,21 @@
-"""Regions from heatmaps on held-out toy scenes: pointing, CorLoc and MaxBoxAccV2 per method; prints JSON.
+"""Regions from heatmaps on held-out toy scenes: pointing, CorLoc, MaxBoxAccV2 and mask mIoU per method and
+refiner; prints JSON.
 
-    python tests/benchmarks/regions.py [--scenes 200] [--depth 3] [--style train alt heldout] [--refine none pamr]
+    python tests/benchmarks/regions.py [--scenes 200] [--depth 3] [--style heldout] [--refine none pamr guided]
 
 Each scene has two objects of different shapes; its labels are its true colour and shape
 words, so this measures localisation given the word (what ``export`` does with CLIP's
-labels). The scenes are split in two: tau is chosen on the first half (the best mean box
-accuracy over IoU 0.3/0.5/0.7, as ``eval`` reports it) and CorLoc is measured with that tau
-on the second half, beside CorLoc at the export's default tau. The metrics are the ones
-``runall.py eval`` computes (``pipeline.labels.evaluation``); boxes come from ``pipeline.labels.regions``.
+labels). The scenes are split in two. For each method and refiner, tau is chosen on the
+first half (the best CorLoc of the largest component's box, as the export draws it) and
+CorLoc and mask mIoU are measured with that tau on the second half; MaxBoxAccV2 (every
+component's box, at its own best tau) is the second half's. ``default`` is the export's
+default settings (``export.region_method``, ``tau``, ``refine``) on the second half, its
+regions made as the export makes them. The metrics are the ones ``runall.py eval``
+computes (``pipeline.labels.evaluation``); boxes and masks come from ``pipeline.labels.regions``.
 
 Style ``heldout`` draws the scenes with ``heldout.py``'s renderer, which no training saw, from its stream 23
-(PAMR's iterations and dilations were chosen on the toy's alt style and this renderer's stream 11). Each ``--refine`` setting is measured apart:
-``pamr`` refines every map with the scene's picture before CAM's rule (``export.refine``), with its own tau
-chosen on the first half.
+(PAMR's iterations and dilations, and the guided filter's radius and eps, were chosen on the toy's alt style and
+this renderer's stream 11).
 """
 
 from __future__ import annotations
@@ -31,17 +34,14 @@ from pipeline.labels.evaluation import EvalImage, TruthObject, evaluate  # noqa:
 from pipeline.heatmaps import names  # noqa: E402
 from pipeline.model.load import load_model, resolve_device  # noqa: E402
 from pipeline.model.prompts import prompt_ensemble  # noqa: E402
-from pipeline.labels.refine import Pamr  # noqa: E402
-from pipeline.labels.regions import heatmap_regions, work_size  # noqa: E402
+from pipeline.labels.refine import REFINERS, refiner_for  # noqa: E402
+from pipeline.labels.regions import heatmap_regions, region_pixels, work_size  # noqa: E402
 from PIL import Image  # noqa: E402
 from stages.export import ExportConfig  # noqa: E402
 from stages.surgery import SurgeryConfig  # noqa: E402
 from tests.benchmarks.jsonout import emit  # noqa: E402
 from tests.benchmarks.heldout import heldout_scenes  # noqa: E402
 from tests.benchmarks.toyeval import held_out_scenes, scene_heatmaps  # noqa: E402
-
-REFINE_TAUS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)  # a refiner's tau is chosen among these on the first half
-
 
 @torch.inference_mode()
 def scene_maps(lm, scenes, cfg: SurgeryConfig) -> list[tuple[list[str], dict[str, np.ndarray]]]:
@@ -56,8 +56,9 @@ def scene_maps(lm, scenes, cfg: SurgeryConfig) -> list[tuple[list[str], dict[str
     return out
 
 
-def eval_images(scenes, maps, methods: list[str], region_method: str, tau: float, refine: str = "none"
-                ) -> list[EvalImage]:
+def eval_images(scenes, maps, methods: list[str], export: ExportConfig) -> list[EvalImage]:
+    """Each scene as ``eval`` sees it: its true objects with masks, every method's maps, its picture at the
+    working size, and the regions (boxes and masks) that ``export`` settings draw from the true words' maps."""
     images = []
     for s, (words, by_method) in zip(scenes, maps):
         h, w = s.image.shape[:2]
@@ -67,16 +68,17 @@ def eval_images(scenes, maps, methods: list[str], region_method: str, tau: float
             box = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1))
             for word in o.words:
                 truth.setdefault(word, []).append(TruthObject(box, o.mask))
-        refiner = None
-        if refine == "pamr":
-            gh, gw = work_size((h, w))
-            refiner = Pamr(np.asarray(Image.fromarray(s.image).resize((gw, gh), Image.BILINEAR)))
-        boxes = {word: [r.box for r in heatmap_regions(by_method[region_method][t], (h, w), region_method, tau,
-                                                         refiner=refiner)]
-                 for t, word in enumerate(words)}
-        images.append(EvalImage(truth=truth, scores={word: 1.0 for word in words}, exported=list(words), boxes=boxes,
+        gh, gw = work_size((h, w))
+        picture = np.asarray(Image.fromarray(s.image).resize((gw, gh), Image.BILINEAR))
+        refiner = refiner_for(export.refine, picture)
+        regions = {word: heatmap_regions(by_method[export.region_method][t], (h, w), export.region_method, export.tau,
+                                         export.multi_instance, export.min_area, refiner=refiner)
+                   for t, word in enumerate(words)}
+        images.append(EvalImage(truth=truth, scores={word: 1.0 for word in words}, exported=list(words),
+                                boxes={word: [r.box for r in rs] for word, rs in regions.items()},
                                 maps={m: {word: by_method[m][t] for t, word in enumerate(words)} for m in methods},
-                                size=(h, w)))
+                                size=(h, w), masks={word: region_pixels(rs, (h, w)) for word, rs in regions.items()},
+                                picture=picture))
     return images
 
 
@@ -86,8 +88,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3, help="surgery depth (the demo's: 3)")
     ap.add_argument("--single-resolution", type=int, default=64)
     ap.add_argument("--methods", nargs="+", default=list(names()))
-    ap.add_argument("--style", nargs="+", default=["train", "alt"], choices=["train", "alt", "varied", "heldout"])
-    ap.add_argument("--refine", nargs="+", default=["none"], choices=["none", "pamr"])
+    ap.add_argument("--style", nargs="+", default=["heldout"], choices=["train", "alt", "varied", "heldout"])
+    ap.add_argument("--refine", nargs="+", default=["none", *REFINERS], choices=["none", *REFINERS])
     ap.add_argument("--seed", type=int, default=23, help="the held-out renderer's stream, for --style heldout")
     ap.add_argument("--model", default="toy")
     ap.add_argument("--device", default="auto")
@@ -95,8 +97,10 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model(args.model, resolve_device(args.device))
     cfg = SurgeryConfig(surgery_depth=args.depth, methods=tuple(args.methods), single_resolution=args.single_resolution)
-    default_tau = ExportConfig().tau
-    result: dict = {"model": args.model, "depth": args.depth, "scenes": args.scenes, "default_tau": default_tau,
+    export = ExportConfig()
+    result: dict = {"model": args.model, "depth": args.depth, "scenes": args.scenes,
+                    "default": {"region_method": export.region_method, "tau": export.tau, "refine": export.refine,
+                                "multi_instance": export.multi_instance},
                     "command": " ".join(sys.argv), "styles": {}}
     t0 = time.time()
     for style in args.style:
@@ -104,24 +108,21 @@ def main() -> None:
                   else held_out_scenes(args.scenes, objects=2, style=style))
         maps = scene_maps(lm, scenes, cfg)
         half = len(scenes) // 2
-        tune = evaluate(eval_images(scenes[:half], maps[:half], args.methods, args.methods[0], default_tau), args.methods)
+        refiners = tuple(args.refine)
+        tune = evaluate(eval_images(scenes[:half], maps[:half], args.methods, export), args.methods, refiners)
+        test = evaluate(eval_images(scenes[half:], maps[half:], args.methods, export), args.methods, refiners)
         per_method = {}
         for m in args.methods:
-            chosen = tune["overall"]["methods"][m]["best_tau"]
-            test_best = evaluate(eval_images(scenes[half:], maps[half:], args.methods, m, chosen), args.methods)
-            test_default = evaluate(eval_images(scenes[half:], maps[half:], [m], m, default_tau), [m])
-            block = test_best["overall"]["methods"][m]
-            per_method[m] = {"pointing": block["pointing"], "maxboxacc_v2": block["maxboxacc_v2"],
-                             "tau_chosen_on_first_half": chosen, "corloc_at_chosen_tau": test_best["overall"]["corloc"],
-                             f"corloc_at_tau_{default_tau}": test_default["overall"]["corloc"],
-                             "pairs": block["pairs"]}
-            for refine in (r for r in args.refine if r != "none"):  # CorLoc only: MaxBoxAccV2 scores the raw map
-                corloc = {tau: evaluate(eval_images(scenes[:half], maps[:half], [], m, tau, refine), [])["overall"]["corloc"]
-                          for tau in REFINE_TAUS}
-                best = max(REFINE_TAUS, key=lambda t: (corloc[t], -abs(t - default_tau)))
-                test = evaluate(eval_images(scenes[half:], maps[half:], [], m, best, refine), [])["overall"]["corloc"]
-                per_method[m][refine] = {"tau_chosen_on_first_half": best, "corloc_at_chosen_tau": test}
-        result["styles"][style] = per_method
+            first, second = tune["overall"]["methods"][m], test["overall"]["methods"][m]
+            per_method[m] = {"pointing": second["pointing"], "pairs": second["pairs"]}
+            for r in refiners:
+                chosen = first["refiners"][r]["best_corloc_tau"]
+                at = second["refiners"][r]["by_tau"][str(chosen)]
+                per_method[m][r] = {"tau_chosen_on_first_half": chosen, "corloc": at["corloc"], "miou": at["miou"],
+                                    "maxboxacc_v2": second["refiners"][r]["maxboxacc_v2"]}
+        o = test["overall"]
+        result["styles"][style] = {"methods": per_method,
+                                   "default": {"corloc": o["corloc"], "miou": o["miou"], "pairs": o["corloc_pairs"]}}
     result["seconds"] = round(time.time() - t0, 1)
     emit(result, args.out)
 
