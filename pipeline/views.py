@@ -218,8 +218,13 @@ def eval_views(result: dict, run_name: str, truth: str, target: Path, tau: float
             f"best tau by method: {best}; {len(result['missing_from_run'])} truth images not in the run\n"
             f"detection (COCO): AP {ap['ap']}, AP50 {ap['ap50']}, AP75 {ap['ap75']}; at IoU 0.5 precision "
             f"{ap['precision']}, recall {ap['recall']} ({ap['tp']} TP, {ap['fp']} FP, {ap['fn']} FN); "
-            f"{result['labels_without_region']} of {result['labels_exported']} exported labels have no box\n"
-            f"written: {target}"]
+            f"{result['labels_without_region']} of {result['labels_exported']} exported labels have no box; "
+            f"mask mIoU {o.get('miou')}\n"
+            + "".join(f"{region_method} maps refined by {r}: CorLoc {b['corloc_at_best_corloc_tau']} at tau "
+                      f"{b['best_corloc_tau']} (mask mIoU {b['miou_at_best_corloc_tau']}), MaxBoxAccV2 "
+                      f"{b['maxboxacc_v2']}\n"
+                      for r, b in o["methods"].get(region_method, {}).get("refiners", {}).items())
+            + f"written: {target}"]
 
 
 def verify_views(report: dict) -> list[str]:
