@@ -21,9 +21,10 @@ Pure functions over plain data; the ``eval`` command reads a run and a COCO trut
   without a mask counts as its filled box) against the union of the true masks, intersection over union summed
   over the images, then the mean over categories (the segmentation benchmarks' mIoU, over exported pairs).
 * **Detection**: COCO's AP (pycocotools' ``COCOeval``, IoU 0.50:0.95, 0.50 and 0.75) of the
-  exported boxes, each scored by its label's stock-CLIP score: what the COCO export's
-  ``results.json`` scores against the same truth; and at IoU 0.5, the boxes' precision and
-  recall as a detector's (each true object matched once, best-scored box first).
+  exported boxes, each scored as the export scores it (its label's stock-CLIP score times the
+  map's peak in it): what the COCO export's ``results.json`` scores against the same truth; and
+  at IoU 0.5, the boxes' precision and recall as a detector's (each true object matched once,
+  best-scored box first).
 
 Localisation scores count the pairs whose category CLIP named (the only ones with a map);
 ``coverage`` says what share of the true pairs that is.

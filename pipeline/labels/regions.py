@@ -8,8 +8,9 @@ least ``min_area`` when ``multi_instance`` is on). A map refined with its pictur
 its component as a mask. A SAM mask becomes one box around its pixels, and keeps the mask.
 Regions of different labels that cover one object share its ``object`` number (``group_objects``).
 A map too flat to localise (``map_contrast`` below a floor) gives no box, and neither does a
-box over nearly all the image (``too_large``): such a label stays an image-level label. ``tau`` should be chosen on held-out images: the ``eval``
-command reports the best one on data with truth (wsolevaluation, Choe et al., CVPR 2020).
+box over nearly all the image (``too_large``): such a label stays an image-level label.
+``tau`` should be chosen on held-out images: the ``eval`` command reports the best one on
+data with truth (wsolevaluation, Choe et al., CVPR 2020).
 
 These are pure functions of arrays; ``stages/export.py`` reads the run and writes the formats.
 """

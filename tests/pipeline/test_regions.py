@@ -83,7 +83,9 @@ def test_pamr_pulls_a_map_that_spills_over_an_edge_back_to_its_object():
     assert refined.shape == blob.shape and refined.min() >= blob.min() - 1e-6 and refined.max() <= blob.max() + 1e-6
     scaled = lambda m: (m - m.min()) / (m.max() - m.min())  # noqa: E731
     assert scaled(blob)[~inside].max() > 0.8  # the coarse map is high well outside the square
-    assert scaled(refined)[inside].min() > 0.9 and scaled(refined)[~inside].max() < 0.2  # it flowed along the square
+    # it flowed along the square: a step at its edge. The grey around it keeps a little (0.21 with dilations up to
+    # 8 px, which the tuning scenes chose over 12, where it is 0.08): the background mixes over a shorter reach
+    assert scaled(refined)[inside].min() > 0.9 and scaled(refined)[~inside].max() < 0.25
     truth = np.array([[24, 20, 16, 16]], dtype=float)
     for tau in (0.5, 0.8):
         coarse = heatmap_regions(blob, (64, 64), "single", tau)[0]
