@@ -52,6 +52,7 @@ def screenshots(run: Path) -> None:
         page = browser.new_page(viewport={"width": 1280, "height": 860}, device_scale_factor=1)
         page.goto((run / "report.html").as_uri())
         page.wait_for_load_state("load")
+        page.wait_for_selector(".card")  # the cards come from their page file after the page opens
         page.click('#toggle button[data-method="surgery"]')
         page.wait_for_timeout(300)
         page.screenshot(path=str(IMAGES / "report.png"))

@@ -1,8 +1,13 @@
-"""report: one static, self-contained ``report.html`` a person can browse.
+"""report: a static ``report.html`` a person can browse, with its cards in ``report/`` beside it.
 
-No server and no network: inline CSS and JS, with the run's data embedded as JSON
-and the images referenced by paths relative to the run directory. Cards are drawn
-a page at a time, so the page stays usable at thousands of images.
+No server and no network: inline CSS and JS, with the run's summary, failures,
+leaderboard and config embedded as JSON, and the images referenced by paths relative
+to the run directory. The cards live in page files (``report/cards-00000.js``, one
+script per page of ``page_size`` cards) that the page loads when it shows them, so its
+first screen costs the same at any run size and a ``file://`` page needs no server.
+The word filter reads an index (``report/words.js``, every word with its bucket, and
+``report/index-000.js``..., each bucket's words with their cards), not every card.
+A rebuild rewrites only the files whose content changed.
 
 ``build_report_data`` is the pure core: plain data in (each image's outputs, the
 failures, the leaderboard, timings), the page's data out, with every file path taken
@@ -14,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -34,6 +40,8 @@ from pipeline.run.stage import StageContext, WholeRunStage
 
 # The page: HTML, CSS and script in one file, packaged with the library; render_report fills in its __KEYS__.
 PAGE_TEMPLATE = files("pipeline") / "templates" / "report.html"
+PAGES = "report"  # the folder beside report.html that holds its page and index files
+INDEX_BUCKETS = 64  # the word index's files: a filter loads only the buckets of the words it matches
 
 
 @dataclass(frozen=True)
@@ -161,12 +169,16 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
                                   [[round(v) for v in r["box"]] for r in d["regions"]]]
                                  for d in item.regions if d["regions"]][: cfg.maps_per_card]
         for stage, error in item.failures:
-            failures.append({"image": ref.rel, "id": ref.id, "stage": stage, "error": error})
+            failures.append({"image": ref.rel, "id": ref.id, "card": len(cards), "stage": stage, "error": error})
         cards.append(card)
     names = titles()
     shown = [m for m in names if m in methods]
+    records = leaderboard_rows(inputs.records, {c["id"]: c["src"] for c in cards})
+    position = {c["id"]: i for i, c in enumerate(cards)}
+    for r in records:  # the card of each word's best image, so the leaderboard opens its page
+        r["card"] = position.get(r["best_image"])
     return {"run": inputs.run_name, "model": inputs.config.get("model"), "config": inputs.config, "cards": cards,
-            "failures": failures, "records": leaderboard_rows(inputs.records, {c["id"]: c["src"] for c in cards}),
+            "failures": failures, "records": records,
             "seconds": {k: round(v, 1) for k, v in inputs.seconds.items()}, "counts": inputs.counts,
             "session": inputs.session, "page_size": cfg.page_size,
             "methods": shown, "method_names": {m: names[m] for m in shown},
@@ -257,8 +269,63 @@ def _some_points(label: dict, n: int) -> list[list[int]]:
     return pos + neg
 
 
+def report_files(data: dict, folder: str = PAGES) -> dict[str, str]:
+    """``build_report_data``'s output as the files of a paged report, by path relative to the page: ``report.html``
+    (everything but the cards), a script per page of cards, the word list and the word index's buckets."""
+    cards, size = data["cards"], data["page_size"]
+    out = {f"{folder}/cards-{n:05d}.js": _script("page", n, cards[first : first + size])
+           for n, first in enumerate(range(0, len(cards), size))}
+    postings: dict[str, list[int]] = {}
+    for i, c in enumerate(cards):  # the words a card is found by: its opinion chips and its labels
+        for w in dict.fromkeys([w for w, _ in c["words"]] + [lab[0] for lab in c["labels"]]):
+            postings.setdefault(w, []).append(i)
+    bucket = {w: zlib.crc32(w.encode("utf-8")) % INDEX_BUCKETS for w in postings}
+    if postings:
+        out[f"{folder}/words.js"] = _script("words", 0, [[w, bucket[w], len(v)] for w, v in sorted(postings.items())])
+        for b in sorted(set(bucket.values())):
+            out[f"{folder}/index-{b:03d}.js"] = _script("postings", b, {w: v for w, v in postings.items() if bucket[w] == b})
+    shell = {k: v for k, v in data.items() if k != "cards"}
+    out[REPORT] = render_report({**shell, "total": len(cards), "pages": folder})
+    return out
+
+
+def _script(kind: str, n: int, value) -> str:
+    """A page or index file: one call the report's page defines, so a ``<script>`` tag loads it from ``file://``."""
+    return f"clipsight.{kind}({n}, {json.dumps(value, ensure_ascii=False, separators=(',', ':'))});\n"
+
+
+def write_report(root: Path, data: dict) -> list[str]:
+    """Write the paged report under ``root`` (the run directory): only the files whose content changed, and the page
+    and index files of an earlier, larger report removed. Returns every file's path relative to ``root``."""
+    wanted = report_files(data)
+    for rel, text in wanted.items():
+        path = root / rel
+        body = text.encode("utf-8")
+        if not path.is_file() or path.stat().st_size != len(body) or path.read_bytes() != body:
+            atomic_write_text(path, text)
+    folder = root / PAGES
+    for old in folder.glob("*.js") if folder.is_dir() else ():
+        if f"{PAGES}/{old.name}" not in wanted:
+            old.unlink()
+    return sorted(wanted, key=lambda rel: (rel != REPORT, rel))
+
+
+def load_report(page: Path) -> dict:
+    """A written report's data, cards included (read back from its page files): what ``build_report_data`` gave."""
+    text = page.read_text(encoding="utf-8")
+    data = json.loads(text.split('<script id="data" type="application/json">')[1].split("</script>")[0]
+                      .replace("<\\/", "</"))
+    cards = []
+    for n in range(-(-data["total"] // data["page_size"])):
+        js = (page.parent / data["pages"] / f"cards-{n:05d}.js").read_text(encoding="utf-8")
+        cards += json.loads(js[js.index(",") + 1 : js.rindex(")")])
+    return {**data, "cards": cards}
+
+
 def render_report(data: dict) -> str:
-    """The HTML page for ``build_report_data``'s output."""
+    """The HTML page for ``build_report_data``'s output less its cards (``report_files`` adds ``total`` and ``pages``;
+    without them the page has no cards, as the merged leaderboard)."""
+    data = {"total": 0, "pages": PAGES, **{k: v for k, v in data.items() if k != "cards"}}
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     ramp = cv2.applyColorMap(np.linspace(0, 255, 17).round().astype(np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]
     tables = {f"__JET{c}__": " ".join(f"{v / 255:.3f}" for v in ramp[:, i]) for i, c in enumerate("RGB")}
@@ -284,10 +351,11 @@ class ReportStage(WholeRunStage[ReportConfig]):
                             {i: {s: read_state(st, latest.get((i, s))) for s, st in by.items()} for i, by in statuses.items()})
         if not ctx.force and stamp_of(run, self.name) == stamp and run.file(REPORT).is_file():
             ctx.log.info("report: up to date (%d images)", len(statuses))  # nothing it shows has changed
-            return [REPORT]
+            folder = run.root / PAGES
+            return [REPORT, *sorted(f"{PAGES}/{p.name}" for p in folder.glob("*.js"))] if folder.is_dir() else [REPORT]
         set_stamp(run, self.name, None)
         thumbnail = (lambda ref: write_thumbnail(run, ref, side, ctx.settings.max_side)) if side else (lambda ref: None)
         inputs = read_report_inputs(run, config, lambda image, stage, _: statuses[image][stage], thumbnail)
-        atomic_write_text(run.file(REPORT), render_report(build_report_data(inputs, ctx.config)))
+        written = write_report(run.root, build_report_data(inputs, ctx.config))
         set_stamp(run, self.name, stamp)
-        return [REPORT]
+        return written

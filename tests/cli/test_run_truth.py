@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.run.rundir import RunDir
+from stages.report import load_report
 from runall import app
 from tests.conftest import fast_args
 
@@ -28,8 +29,7 @@ def _manifest(run):
 
 
 def _report_data(run):
-    page = (run / "report.html").read_text()
-    return json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</"))
+    return load_report(run / "report.html")
 
 
 @pytest.fixture

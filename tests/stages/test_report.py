@@ -1,6 +1,7 @@
 """stages.report: the page's data from a run's outputs, with no browser: paths come from the data."""
 
 import json
+import zlib
 
 from pipeline.run.config import to_dict
 from pipeline.run.images import ImageRef
@@ -8,8 +9,8 @@ from pipeline.run.rundir import RunDir, atomic_write_json
 from pipeline.run.provenance import Provenance
 from stages import RESULT_KEYS, STAGES, RunConfig
 from pipeline.run.provenance import Status
-from stages.report import (ImageOutputs, ReportConfig, ReportInputs, build_report_data, leaderboard_page,
-                           read_report_inputs, render_report)
+from stages.report import (INDEX_BUCKETS, ImageOutputs, ReportConfig, ReportInputs, build_report_data, leaderboard_page,
+                           load_report, read_report_inputs, render_report, write_report)
 
 
 def _heatmaps(overlays, mask=None):
@@ -49,11 +50,12 @@ def test_cards_take_their_paths_from_the_surgery_outputs():
     assert data["methods"] == ["raw", "single"] and data["default_method"] == "raw"  # only what exists, one order
     assert set(data["method_names"]) == {"raw", "single"}
     assert b["maps"] == [] and b["sheet"] == "" and data["failures"] == [
-        {"image": "b.png", "id": "b", "stage": "ascend", "error": "b.png: empty"}]
+        {"image": "b.png", "id": "b", "card": 1, "stage": "ascend", "error": "b.png: empty"}]  # its card: the 2nd
     assert b["failures"] == [["ascend", "b.png: empty"]] and a["failures"] == []  # the reason is on the card too
     assert data["seconds"] == {"ascend": 1.3} and data["model"] == "toy"
     assert data["records"] == [{"word": "odd", "length": 3, "pieces": 1, "images": 1, "score": None,
-                                "unusualness": 1.3, "broken": False, "best_image": "a", "picture": "../x/a.png"}]
+                                "unusualness": 1.3, "broken": False, "best_image": "a", "picture": "../x/a.png",
+                                "card": 0}]  # the best image's card, for its link
     assert data["has_masks"]  # a SAM mask exists, so the page offers SAM points
 
 
@@ -77,10 +79,11 @@ def test_the_page_embeds_the_data_and_builds_no_file_names(tmp_path):
     assert [(f["stage"], f["error"]) for f in data["failures"]] == [
         ("decode", "bad (decode)"), ("surgery", "a.png: stale, made with settings this run does not know; rerun surgery")]
     assert data["seconds"] == {"ascend": 0.0, "surgery": 2.0}
-    page = render_report(data)
-    embedded = page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
-    assert json.loads(embedded.replace("<\\/", "</")) == data
-    assert "__" not in page.split("<script>")[1]  # the page's code spells no output file name
+    written = write_report(tmp_path / "out", data)
+    assert written == ["report.html", "report/cards-00000.js"]  # a card without words: no word index
+    assert load_report(tmp_path / "out" / "report.html") == {**data, "total": 1, "pages": "report"}  # all of it, back
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '"rel":' not in page and "__" not in page.split("<script>")[1]  # no card inline; no output file name
 
 
 def test_shared_prefix_always_leaves_a_name():
@@ -142,5 +145,24 @@ def test_the_merged_leaderboard_is_a_page_of_its_own():
     page = leaderboard_page("2 runs merged", rows, {"r1/a": "../r1/thumbs/a.jpg"})
     embedded = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
                           .replace("<\\/", "</"))
-    assert embedded["cards"] == [] and embedded["records"][0]["picture"] == "../r1/thumbs/a.jpg"
+    assert embedded["total"] == 0 and embedded["records"][0]["picture"] == "../r1/thumbs/a.jpg"
     assert embedded["run"] == "2 runs merged"
+
+
+def test_a_rebuild_rewrites_only_the_pages_that_changed(tmp_path):
+    items = [ImageOutputs(ImageRef(f"i{k}", f"/x/{k}.png", f"{k}.png"), f"{k}.png",
+                          {"words": {f"w{k}": {"frequency": 2}}}, None, None, []) for k in range(7)]
+    cfg = ReportConfig(page_size=3)  # pages of cards 0-2, 3-5 and 6
+    first = write_report(tmp_path, build_report_data(ReportInputs("r", {}, items, [], {}), cfg))
+    assert first[:4] == ["report.html", "report/cards-00000.js", "report/cards-00001.js", "report/cards-00002.js"]
+    before = {rel: (tmp_path / rel).stat().st_ino for rel in first}  # a rewrite renames a new file into place
+    items[4].opinion = {"words": {"w4": {"frequency": 2}, "odd": {"frequency": 1}}}  # image 4 redone: a new word
+    second = write_report(tmp_path, build_report_data(ReportInputs("r", {}, items, [], {}), cfg))
+    changed = {rel for rel in second if rel not in before or (tmp_path / rel).stat().st_ino != before[rel]}
+    odd = f"report/index-{zlib.crc32(b'odd') % INDEX_BUCKETS:03d}.js"
+    assert changed == {"report/cards-00001.js", "report/words.js", odd}  # its page, the word list, odd's bucket
+    assert load_report(tmp_path / "report.html")["cards"][4]["words"] == [["w4", 2], ["odd", 1]]
+    items.pop()  # a smaller run: the third page's file goes
+    third = write_report(tmp_path, build_report_data(ReportInputs("r", {}, items, [], {}), cfg))
+    assert "report/cards-00002.js" not in third and not (tmp_path / "report" / "cards-00002.js").exists()
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(r.split("/")[1] for r in third[1:])

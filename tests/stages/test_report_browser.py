@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline.doctor import find_chromium
 from pipeline.toy.world import write_scenes
 from runall import app
+from stages.report import load_report
 from tests.conftest import fast_args
 
 FAST = fast_args(ascend__iterations=20, ascend__candidates=8, ascend__bank_size=16, ascend__views=8,
@@ -31,6 +32,13 @@ def browser():
                                     "--disable-component-update", "--disable-sync", "--no-first-run"])
         yield b
         b.close()
+
+
+def _cards(page, n: int) -> int:
+    """The number of cards drawn, once it is ``n``: the page loads its cards' scripts after it opens, and a filter
+    reads the word index first."""
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=n, timeout=10_000)
+    return page.locator(".card").count()
 
 
 def _loaded(page, selector: str) -> list[bool]:
@@ -55,8 +63,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_report_renders_filters_and_toggles(browser, demo_run):
-    data = json.loads((demo_run / "report.html").read_text().split('<script id="data" type="application/json">')[1]
-                      .split("</script>")[0].replace("<\\/", "</"))
+    data = load_report(demo_run / "report.html")
     page = browser.new_page(viewport={"width": 1600, "height": 6000})  # every card on screen, so lazy images load
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -64,7 +71,7 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     page.goto((demo_run / "report.html").as_uri())
 
     cards = page.locator(".card")
-    assert cards.count() == len(data["cards"]) == 6
+    assert _cards(page, 6) == len(data["cards"]) == data["total"] == 6
     for c in data["cards"]:
         assert page.locator(f'[id="{c["id"]}"] h3').inner_text() == c["rel"]
     thumbs_loaded = _loaded(page, ".card .pic > img")
@@ -81,9 +88,10 @@ def test_report_renders_filters_and_toggles(browser, demo_run):
     expected = sum(any(word.lower() in w.lower() for w in [x[0] for x in c["words"]] + [l[0] for l in c["labels"]])
                    for c in data["cards"])
     page.fill("#filter", word)
-    assert cards.count() == expected and 0 < expected < 6
+    assert _cards(page, expected) == expected and 0 < expected < 6
+    assert page.inner_text("#count") == f"{expected} of 6 images"
     page.fill("#filter", "")
-    assert cards.count() == 6
+    assert _cards(page, 6) == 6
 
     # the heatmap toggle swaps every card's maps between methods
     maps = page.locator("img.map")
@@ -128,6 +136,7 @@ def test_maps_without_overlay_files_are_drawn_from_the_atlas(browser, tmp_path):
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto((run / "report.html").as_uri())
+    page.wait_for_selector(".card")
     for method in ("surgery", "naclip"):
         page.click(f'#toggle button[data-method="{method}"]')
         n = page.locator(".maps svg.atl image").count()
@@ -151,6 +160,7 @@ def test_maps_open_large_scale_switches_leaderboard_sorts_and_fits_a_phone(brows
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto((demo_run / "report.html").as_uri())
+    page.wait_for_selector(".card")
     page.click('#toggle button[data-method="surgery"]')
     first = page.locator(".maps figure").first
     word = first.locator("figcaption").inner_text().split()[0]
@@ -192,7 +202,7 @@ def test_sam_points_are_offered_and_drawn_when_sam_ran(browser, tmp_path):
     from PIL import Image
 
     from pipeline.run.images import ImageRef
-    from stages.report import ImageOutputs, ReportConfig, ReportInputs, build_report_data, render_report
+    from stages.report import ImageOutputs, ReportConfig, ReportInputs, build_report_data, write_report
 
     Image.new("RGB", (64, 48), "gray").save(tmp_path / "a.png")
     Image.new("L", (64, 48), 255).save(tmp_path / "m.png")
@@ -202,9 +212,10 @@ def test_sam_points_are_offered_and_drawn_when_sam_ran(browser, tmp_path):
     doc = {"image": "a", "size": [64, 48], "methods": ["surgery"], "labels": [label]}
     inputs = ReportInputs("sam", {"model": "toy"}, [ImageOutputs(ImageRef("a", str(tmp_path / "a.png"), "a.png"), "a.png",
                                                                  None, None, doc, [])], [], {})
-    (tmp_path / "report.html").write_text(render_report(build_report_data(inputs, ReportConfig())))
+    write_report(tmp_path, build_report_data(inputs, ReportConfig()))
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto((tmp_path / "report.html").as_uri())
+    page.wait_for_selector(".card")
     assert page.locator(".maps svg circle").count() == 0
     page.click("#points")
     assert page.locator(".maps svg circle").count() == 2 and page.locator("#points").is_checked()
@@ -235,3 +246,49 @@ def test_compare_page_opens_with_every_map_and_no_console_error(browser, demo_ru
     assert all(loaded), "a map did not load"
     assert "broken.png" in page.inner_text("body")  # in neither run's labels: listed, not dropped
     assert errors == [], errors
+
+
+def test_cards_and_the_word_index_load_only_when_shown(browser, tmp_path):
+    """130 cards, 60 a page: the first screen loads one page file, a filter reads the word index and the pages of
+    its matches, a failure's link opens its card's page, and a report without its folder says so."""
+    from PIL import Image
+
+    from pipeline.run.images import ImageRef
+    from stages.report import ImageOutputs, ReportConfig, ReportInputs, build_report_data, write_report
+
+    Image.new("RGB", (32, 24), "gray").save(tmp_path / "a.png")
+    items = [ImageOutputs(ImageRef(f"i{k:03d}", str(tmp_path / "a.png"), f"img{k:03d}.png"), "a.png",
+                          {"words": {f"w{k}": {"frequency": 3}, "common": {"frequency": 1}}}, None, None,
+                          [("decode", f"img{k:03d}.png: broken")] if k == 125 else []) for k in range(130)]
+    written = write_report(tmp_path, build_report_data(ReportInputs("big", {}, items, [], {}), ReportConfig(page_size=60)))
+    assert [w for w in written if w.startswith("report/cards-")] == [f"report/cards-0000{n}.js" for n in range(3)]
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors, scripts = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: scripts.append(r.url.rsplit("/", 1)[1]) if r.url.endswith(".js") else None)
+    page.goto((tmp_path / "report.html").as_uri())
+    assert _cards(page, 60) == 60 and scripts == ["cards-00000.js"]  # the first screen: one page file, no index
+    assert page.inner_text("#count") == "130 of 130 images" and page.inner_text("#page") == "page 1 / 3"
+    page.click("#next")
+    page.wait_for_function("() => document.querySelector('.card h3').textContent === 'img060.png'")
+    assert _cards(page, 60) == 60 and scripts[-1] == "cards-00001.js"
+
+    page.fill("#filter", "w12")  # w12 and w120..w129: on the first and the third page
+    assert _cards(page, 11) == 11 and page.inner_text("#count") == "11 of 130 images"
+    assert page.locator(".card h3").all_inner_texts() == ["img012.png", *[f"img{k}.png" for k in range(120, 130)]]
+    assert "words.js" in scripts and any(s.startswith("index-") for s in scripts) and "cards-00002.js" in scripts
+    page.fill("#filter", "")
+    page.click("#failures-title")
+    page.click("#failures a")  # the failed image's card is on the last page
+    page.wait_for_function("() => document.getElementById('page').textContent === 'page 3 / 3'")
+    assert page.locator('[id="i125"] .fail').inner_text() == "decode: img125.png: broken"
+    assert page.locator('[id="i125"]').is_visible()
+    assert errors == [], errors
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "report")  # report.html copied without its folder
+    page.reload()
+    page.wait_for_selector("#cards .fail")
+    assert "keep the report folder beside report.html" in page.inner_text("#cards")
