@@ -11,7 +11,9 @@ A rebuild rewrites only the files whose content changed.
 
 ``build_report_data`` is the pure core: plain data in (each image's outputs, the
 failures, the leaderboard, timings), the page's data out, with every file path taken
-from the stages' outputs. ``read_report_inputs`` reads those from a run directory.
+from the stages' outputs. ``read_report_inputs`` reads those from a run directory, each
+image's when it is reached, and ``ReportPages`` writes each card with its page, so the
+stage never holds every image's outputs or cards.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import html
 import json
 import os
 import zlib
+from array import array
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import cv2
 import numpy as np
@@ -77,7 +80,7 @@ class ReportInputs:
 
     run_name: str
     config: dict  # the resolved config as plain data
-    images: list[ImageOutputs]
+    images: Iterable[ImageOutputs]  # read once, in the run's order: from a run, each image read as it is reached
     records: list[dict]  # the leaderboard's rows
     seconds: dict[str, float]  # per stage, summed over the latest command's finished records
     counts: dict[str, int] = field(default_factory=dict)  # per stage, the images the latest command finished
@@ -98,9 +101,25 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
         session: the command whose timings the header shows (default: the latest that processed images).
     """
     latest = run.latest()
+    records = run.manifest_records()
+    if session is None:
+        session = max((r.get("session", "") for r in records if r.get("image") is not None), default="")
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for rec in records:
+        if rec["status"] == "done" and rec.get("session", "") == session:
+            seconds[rec["stage"]] = seconds.get(rec["stage"], 0.0) + float(rec.get("seconds") or 0)
+            counts[rec["stage"]] = counts.get(rec["stage"], 0) + (rec.get("image") is not None)
+    del records
+    return ReportInputs(run.root.name, config, _image_outputs(run, status, thumbnail, latest), run.records()[:50],
+                        seconds, counts, session)
+
+
+def _image_outputs(run: RunDir, status: Callable[[str, str, Mapping], Status],
+                   thumbnail: Callable[[ImageRef], str | None], latest: Mapping) -> Iterator[ImageOutputs]:
+    """Each image's outputs, read when it is reached, so the report never holds every image's documents."""
     readers = {"ascend": run.opinion, "decode": run.labels, "surgery": run.heatmaps}
     regions = (read_json(run.file(EXPORT_REGIONS)) or {}).get("images", {})
-    images = []
     for ref in run.load_images():
         docs, failures = {}, []
         states = {stage: status(ref.id, stage, latest) for stage in readers}
@@ -119,17 +138,7 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
                 failures.append((stage, f"{ref.rel}: stale, {st.reason}; rerun {stage}"))
         src = thumbnail(ref) or os.path.relpath(os.path.abspath(ref.path), os.path.abspath(run.root))
         boxes = regions.get(ref.id) if docs["surgery"] else None  # boxes from a current export of current maps
-        images.append(ImageOutputs(ref, src, docs["ascend"], docs["decode"], docs["surgery"], failures, boxes))
-    records = run.manifest_records()
-    if session is None:
-        session = max((r.get("session", "") for r in records if r.get("image") is not None), default="")
-    seconds: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for rec in records:
-        if rec["status"] == "done" and rec.get("session", "") == session:
-            seconds[rec["stage"]] = seconds.get(rec["stage"], 0.0) + float(rec.get("seconds") or 0)
-            counts[rec["stage"]] = counts.get(rec["stage"], 0) + (rec.get("image") is not None)
-    return ReportInputs(run.root.name, config, images, run.records()[:50], seconds, counts, session)
+        yield ImageOutputs(ref, src, docs["ascend"], docs["decode"], docs["surgery"], failures, boxes)
 
 
 def write_thumbnail(run: RunDir, ref: ImageRef, side: int, max_side: int) -> str | None:
@@ -146,10 +155,15 @@ def write_thumbnail(run: RunDir, ref: ImageRef, side: int, max_side: int) -> str
     return run.rel(path)
 
 
-def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
-    """The page's data: a card per image, the failures, the leaderboard, timings and the config."""
+def build_report_data(inputs: ReportInputs, cfg: ReportConfig, pages: ReportPages | None = None) -> dict:
+    """The page's data: a card per image (``cards``), the failures, the leaderboard, timings and the config. With
+    ``pages``, each card goes to it as it is made and the data keeps only their number (``total``)."""
     cards, failures = [], []
     methods: set[str] = set()
+    best = {r.get("best_image", "") for r in inputs.records}
+    found: dict[str, tuple[int, str]] = {}  # the leaderboard's best images: their card and picture
+    flags = {"has_masks": False, "has_boxes": False, "has_scales": False}
+    total = 0
     for item in inputs.images:
         ref = item.ref
         card = {"id": ref.id, "rel": ref.rel, "src": item.src, "caption": caption_of(ref), "words": [], "labels": [],
@@ -169,23 +183,29 @@ def build_report_data(inputs: ReportInputs, cfg: ReportConfig) -> dict:
                                   [[round(v) for v in r["box"]] for r in d["regions"]]]
                                  for d in item.regions if d["regions"]][: cfg.maps_per_card]
         for stage, error in item.failures:
-            failures.append({"image": ref.rel, "id": ref.id, "card": len(cards), "stage": stage, "error": error})
-        cards.append(card)
+            failures.append({"image": ref.rel, "id": ref.id, "card": total, "stage": stage, "error": error})
+        if ref.id in best:
+            found[ref.id] = (total, item.src)
+        flags["has_masks"] |= any(m[2] for m in card["maps"])
+        flags["has_boxes"] |= bool(card.get("boxes"))
+        flags["has_scales"] |= bool(card.get("scale"))
+        if pages is None:
+            cards.append(card)
+        else:
+            pages.add(card)
+        total += 1
     names = titles()
     shown = [m for m in names if m in methods]
-    records = leaderboard_rows(inputs.records, {c["id"]: c["src"] for c in cards})
-    position = {c["id"]: i for i, c in enumerate(cards)}
+    records = leaderboard_rows(inputs.records, {i: src for i, (_, src) in found.items()})
     for r in records:  # the card of each word's best image, so the leaderboard opens its page
-        r["card"] = position.get(r["best_image"])
-    return {"run": inputs.run_name, "model": inputs.config.get("model"), "config": inputs.config, "cards": cards,
+        r["card"] = found[r["best_image"]][0] if r["best_image"] in found else None
+    return {"run": inputs.run_name, "model": inputs.config.get("model"), "config": inputs.config,
+            **({"cards": cards} if pages is None else {"total": total}),
             "failures": failures, "records": records,
             "seconds": {k: round(v, 1) for k, v in inputs.seconds.items()}, "counts": inputs.counts,
             "session": inputs.session, "page_size": cfg.page_size,
             "methods": shown, "method_names": {m: names[m] for m in shown},
-            "default_method": "surgery" if "surgery" in shown else (shown[0] if shown else None),
-            "has_masks": any(m[2] for c in cards for m in c["maps"]),
-            "has_boxes": any(c.get("boxes") for c in cards),
-            "has_scales": any(c.get("scale") for c in cards)}
+            "default_method": "surgery" if "surgery" in shown else (shown[0] if shown else None), **flags}
 
 
 def _where(label: dict) -> list[list[float]] | None:
@@ -269,24 +289,56 @@ def _some_points(label: dict, n: int) -> list[list[int]]:
     return pos + neg
 
 
-def report_files(data: dict, folder: str = PAGES) -> dict[str, str]:
-    """``build_report_data``'s output as the files of a paged report, by path relative to the page: ``report.html``
-    (everything but the cards), a script per page of cards, the word list and the word index's buckets."""
-    cards, size = data["cards"], data["page_size"]
-    out = {f"{folder}/cards-{n:05d}.js": _script("page", n, cards[first : first + size])
-           for n, first in enumerate(range(0, len(cards), size))}
-    postings: dict[str, list[int]] = {}
-    for i, c in enumerate(cards):  # the words a card is found by: its opinion chips and its labels
-        for w in dict.fromkeys([w for w, _ in c["words"]] + [lab[0] for lab in c["labels"]]):
-            postings.setdefault(w, []).append(i)
-    bucket = {w: zlib.crc32(w.encode("utf-8")) % INDEX_BUCKETS for w in postings}
-    if postings:
-        out[f"{folder}/words.js"] = _script("words", 0, [[w, bucket[w], len(v)] for w, v in sorted(postings.items())])
-        for b in sorted(set(bucket.values())):
-            out[f"{folder}/index-{b:03d}.js"] = _script("postings", b, {w: v for w, v in postings.items() if bucket[w] == b})
-    shell = {k: v for k, v in data.items() if k != "cards"}
-    out[REPORT] = render_report({**shell, "total": len(cards), "pages": folder})
-    return out
+class ReportPages:
+    """The paged report's files, written as its cards arrive: a page file each ``page_size`` cards (``add``), then
+    the word list, the word index's buckets and ``report.html`` (``finish``). A file whose content is unchanged is
+    left as it is, and the page and index files of an earlier, larger report are removed."""
+
+    def __init__(self, root: Path, page_size: int, folder: str = PAGES):
+        self.root, self.size, self.folder = root, page_size, folder
+        self.buffer: list[dict] = []
+        self.total = 0
+        self.postings: dict[str, array] = {}  # each word's cards: the opinion chips and labels a card is found by
+        self.written: list[str] = []
+
+    def add(self, card: dict) -> None:
+        for w in dict.fromkeys([w for w, _ in card["words"]] + [lab[0] for lab in card["labels"]]):
+            self.postings.setdefault(w, array("l")).append(self.total)
+        self.buffer.append(card)
+        self.total += 1
+        if len(self.buffer) == self.size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            n = (self.total - 1) // self.size
+            self._write(f"{self.folder}/cards-{n:05d}.js", _script("page", n, self.buffer))
+            self.buffer = []
+
+    def _write(self, rel: str, text: str) -> None:
+        path, body = self.root / rel, text.encode("utf-8")
+        if not path.is_file() or path.stat().st_size != len(body) or path.read_bytes() != body:
+            atomic_write_text(path, text)
+        self.written.append(rel)
+
+    def finish(self, data: dict) -> list[str]:
+        """Write what is left and ``report.html`` for ``data`` (``build_report_data``'s, less its cards); every
+        file's path relative to the root, ``report.html`` first."""
+        self._flush()
+        bucket = {w: zlib.crc32(w.encode("utf-8")) % INDEX_BUCKETS for w in self.postings}
+        if self.postings:
+            self._write(f"{self.folder}/words.js",
+                        _script("words", 0, [[w, bucket[w], len(v)] for w, v in sorted(self.postings.items())]))
+            for b in sorted(set(bucket.values())):
+                self._write(f"{self.folder}/index-{b:03d}.js", _script(
+                    "postings", b, {w: v.tolist() for w, v in self.postings.items() if bucket[w] == b}))
+        shell = {k: v for k, v in data.items() if k != "cards"}
+        self._write(REPORT, render_report({**shell, "total": self.total, "pages": self.folder}))
+        folder = self.root / self.folder
+        for old in folder.glob("*.js") if folder.is_dir() else ():
+            if f"{self.folder}/{old.name}" not in self.written:
+                old.unlink()
+        return sorted(self.written, key=lambda rel: (rel != REPORT, rel))
 
 
 def _script(kind: str, n: int, value) -> str:
@@ -295,19 +347,11 @@ def _script(kind: str, n: int, value) -> str:
 
 
 def write_report(root: Path, data: dict) -> list[str]:
-    """Write the paged report under ``root`` (the run directory): only the files whose content changed, and the page
-    and index files of an earlier, larger report removed. Returns every file's path relative to ``root``."""
-    wanted = report_files(data)
-    for rel, text in wanted.items():
-        path = root / rel
-        body = text.encode("utf-8")
-        if not path.is_file() or path.stat().st_size != len(body) or path.read_bytes() != body:
-            atomic_write_text(path, text)
-    folder = root / PAGES
-    for old in folder.glob("*.js") if folder.is_dir() else ():
-        if f"{PAGES}/{old.name}" not in wanted:
-            old.unlink()
-    return sorted(wanted, key=lambda rel: (rel != REPORT, rel))
+    """``build_report_data``'s output (with its cards) as a paged report under ``root`` (``ReportPages``)."""
+    pages = ReportPages(root, data["page_size"])
+    for card in data["cards"]:
+        pages.add(card)
+    return pages.finish(data)
 
 
 def load_report(page: Path) -> dict:
@@ -323,8 +367,8 @@ def load_report(page: Path) -> dict:
 
 
 def render_report(data: dict) -> str:
-    """The HTML page for ``build_report_data``'s output less its cards (``report_files`` adds ``total`` and ``pages``;
-    without them the page has no cards, as the merged leaderboard)."""
+    """The HTML page for ``build_report_data``'s output less its cards (``ReportPages.finish`` adds ``total`` and
+    ``pages``; without them the page has no cards, as the merged leaderboard)."""
     data = {"total": 0, "pages": PAGES, **{k: v for k, v in data.items() if k != "cards"}}
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     ramp = cv2.applyColorMap(np.linspace(0, 255, 17).round().astype(np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]
@@ -356,6 +400,7 @@ class ReportStage(WholeRunStage[ReportConfig]):
         set_stamp(run, self.name, None)
         thumbnail = (lambda ref: write_thumbnail(run, ref, side, ctx.settings.max_side)) if side else (lambda ref: None)
         inputs = read_report_inputs(run, config, lambda image, stage, _: statuses[image][stage], thumbnail)
-        written = write_report(run.root, build_report_data(inputs, ctx.config))
+        pages = ReportPages(run.root, ctx.config.page_size)  # cards written a page at a time, not all held
+        written = pages.finish(build_report_data(inputs, ctx.config, pages))
         set_stamp(run, self.name, stamp)
         return written

@@ -166,3 +166,21 @@ def test_a_rebuild_rewrites_only_the_pages_that_changed(tmp_path):
     third = write_report(tmp_path, build_report_data(ReportInputs("r", {}, items, [], {}), cfg))
     assert "report/cards-00002.js" not in third and not (tmp_path / "report" / "cards-00002.js").exists()
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(r.split("/")[1] for r in third[1:])
+
+
+def test_cards_written_as_they_come_make_the_same_report(tmp_path):
+    from stages.report import ReportPages
+
+    items = [ImageOutputs(ImageRef(f"i{k}", f"/x/{k}.png", f"{k}.png"), f"{k}.png",
+                          {"words": {f"w{k % 3}": {"frequency": 2}}}, None, None,
+                          [("ascend", "bad")] if k == 4 else []) for k in range(8)]
+    records = [{"word": "w1", "length": 2, "pieces": 1, "images": 3, "score": None, "unusualness": 1.0,
+                "best_image": "i7", "broken": False}]
+    cfg = ReportConfig(page_size=3)
+    whole = write_report(tmp_path / "a", build_report_data(ReportInputs("r", {}, items, records, {}), cfg))
+    pages = ReportPages(tmp_path / "b", cfg.page_size)
+    data = build_report_data(ReportInputs("r", {}, iter(items), records, {}), cfg, pages)  # read once, as a run's
+    assert "cards" not in data and data["total"] == 8 and data["records"][0]["card"] == 7
+    assert data["failures"][0]["card"] == 4 and data["records"][0]["picture"] == "7.png"
+    assert pages.finish(data) == whole
+    assert all((tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes() for rel in whole)
