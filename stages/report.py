@@ -354,11 +354,15 @@ def write_report(root: Path, data: dict) -> list[str]:
     return pages.finish(data)
 
 
+def page_data(text: str) -> dict:
+    """The data a page (``render_report``'s) embeds: everything but the cards."""
+    return json.loads(text.split('<script id="data" type="application/json">')[1].split("</script>")[0]
+                      .replace("<\\/", "</"))
+
+
 def load_report(page: Path) -> dict:
     """A written report's data, cards included (read back from its page files): what ``build_report_data`` gave."""
-    text = page.read_text(encoding="utf-8")
-    data = json.loads(text.split('<script id="data" type="application/json">')[1].split("</script>")[0]
-                      .replace("<\\/", "</"))
+    data = page_data(page.read_text(encoding="utf-8"))
     cards = []
     for n in range(-(-data["total"] // data["page_size"])):
         js = (page.parent / data["pages"] / f"cards-{n:05d}.js").read_text(encoding="utf-8")

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from pipeline.model.load import TOY_CHECKPOINT
 from pipeline.toy.world import write_scenes
 from runall import app
+from stages.report import load_report
 from tests.conftest import fast_args
 
 FAST = fast_args()
@@ -242,8 +243,7 @@ def test_rank_merges_runs(tmp_path, images):
         assert int(row["images"]) == 2 * int(single[word]["images"])
         assert row["best_image"].split("/")[0] in ("a", "b")
     assert (out / "m" / "records.md").is_file() and (out / "m" / "longest_clip_word_records.txt").is_file()
-    page = (out / "m" / "leaderboard.html").read_text()  # the merged leaderboard gets the report's page
-    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</"))
+    data = load_report(out / "m" / "leaderboard.html")  # the merged leaderboard gets the report's page
     assert [row["word"] for row in data["records"]] == list(merged)[: len(data["records"])] and data["total"] == 0
     assert "leaderboard.html" in r.stdout
     assert _run("rank", "--runs", "--out", str(out / "m")).exit_code == 2

@@ -8,6 +8,7 @@ import stages.ascend
 from pipeline.model.tokens import vocab
 from pipeline.toy.world import write_scenes
 from runall import app
+from stages.report import load_report
 from tests.conftest import fast_args
 
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".md", ".txt", ".html", ".yaml", ".log"}
@@ -62,6 +63,5 @@ def test_a_run_over_bad_files_prints_one_plain_line_for_each(tmp_path):
     assert shown == failed  # the same words in status
     rows = {row.split(",")[0]: row for row in (run / "images.csv").read_text().splitlines()[1:]}
     assert failed[0].removeprefix("failed ") in rows["empty.jpg"] and ",done," in rows["scene_0000.png"]
-    report = json.loads((run / "report.html").read_text().split('<script id="data" type="application/json">')[1]
-                        .split("</script>")[0].replace("<\\/", "</"))
+    report = load_report(run / "report.html")
     assert [f["error"] for f in report["failures"]] == [line.removeprefix("failed ") for line in failed]

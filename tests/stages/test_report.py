@@ -1,6 +1,5 @@
 """stages.report: the page's data from a run's outputs, with no browser: paths come from the data."""
 
-import json
 import zlib
 
 from pipeline.run.config import to_dict
@@ -10,7 +9,7 @@ from pipeline.run.provenance import Provenance
 from stages import RESULT_KEYS, STAGES, RunConfig
 from pipeline.run.provenance import Status
 from stages.report import (INDEX_BUCKETS, ImageOutputs, ReportConfig, ReportInputs, build_report_data, leaderboard_page,
-                           load_report, read_report_inputs, render_report, write_report)
+                           load_report, page_data, read_report_inputs, render_report, write_report)
 
 
 def _heatmaps(overlays, mask=None):
@@ -143,8 +142,7 @@ def test_the_merged_leaderboard_is_a_page_of_its_own():
     rows = [{"word": "odd", "length": 3, "pieces": 1, "images": 2, "score": None, "unusualness": 1.3,
              "best_image": "r1/a", "broken": False}]
     page = leaderboard_page("2 runs merged", rows, {"r1/a": "../r1/thumbs/a.jpg"})
-    embedded = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0]
-                          .replace("<\\/", "</"))
+    embedded = page_data(page)
     assert embedded["total"] == 0 and embedded["records"][0]["picture"] == "../r1/thumbs/a.jpg"
     assert embedded["run"] == "2 runs merged"
 
