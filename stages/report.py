@@ -326,17 +326,19 @@ class ReportPages:
         file's path relative to the root, ``report.html`` first."""
         self._flush()
         bucket = {w: zlib.crc32(w.encode("utf-8")) % INDEX_BUCKETS for w in self.postings}
+        buckets: dict[int, dict[str, list[int]]] = {}
+        for w, cards in self.postings.items():  # one pass: each word into its bucket, in first-seen order
+            buckets.setdefault(bucket[w], {})[w] = cards.tolist()
         if self.postings:
             self._write(f"{self.folder}/words.js",
                         _script("words", 0, [[w, bucket[w], len(v)] for w, v in sorted(self.postings.items())]))
-            for b in sorted(set(bucket.values())):
-                self._write(f"{self.folder}/index-{b:03d}.js", _script(
-                    "postings", b, {w: v.tolist() for w, v in self.postings.items() if bucket[w] == b}))
+            for b in sorted(buckets):
+                self._write(f"{self.folder}/index-{b:03d}.js", _script("postings", b, buckets[b]))
         shell = {k: v for k, v in data.items() if k != "cards"}
         self._write(REPORT, render_report({**shell, "total": self.total, "pages": self.folder}))
-        folder = self.root / self.folder
+        folder, kept = self.root / self.folder, set(self.written)
         for old in folder.glob("*.js") if folder.is_dir() else ():
-            if f"{self.folder}/{old.name}" not in self.written:
+            if f"{self.folder}/{old.name}" not in kept:  # a set: a million images make 16,667 page files
                 old.unlink()
         return sorted(self.written, key=lambda rel: (rel != REPORT, rel))
 
