@@ -101,7 +101,7 @@ def read_report_inputs(run: RunDir, config: dict, status: Callable[[str, str, Ma
         session: the command whose timings the header shows (default: the latest that processed images).
     """
     latest = run.latest()
-    records = run.manifest_records()
+    records = list(latest.values())  # a record since redone took no part in the latest session's timings
     if session is None:
         session = max((r.get("session", "") for r in records if r.get("image") is not None), default="")
     seconds: dict[str, float] = {}

@@ -30,12 +30,14 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import clip
 import torch
-from clip.model import CLIP, build_model
 
 from pipeline.model.adapter import ClipAdapter, check_openclip_model, openclip_refusal
+
+if TYPE_CHECKING:  # openai-clip is imported where a model is loaded: it imports torchvision, which would cost
+    from clip.model import CLIP  # every command, ``status`` and a rerun with nothing to do among them, seconds
 
 ASSETS = Path(__file__).parent.parent / "assets"
 TOY_CHECKPOINT = ASSETS / "toy-clip.pt"
@@ -95,6 +97,8 @@ def default_cache_dir() -> Path:
 
 def known_models() -> list[str]:
     """Every name ``load_model`` accepts besides local paths (OpenCLIP's when open_clip is installed)."""
+    import clip
+
     return ["toy", *clip.available_models(), *(f"random:{a}" for a in RANDOM_ARCHS), *openclip_models()]
 
 
@@ -111,6 +115,8 @@ def openclip_models() -> list[str]:
 
 def cached_file(name: str, cache_dir: Path) -> Path:
     """Where openai-clip keeps (or will download) the checkpoint for an OpenAI model name."""
+    import clip
+
     url = clip.clip._MODELS[name]
     return cache_dir / os.path.basename(url)
 
@@ -145,6 +151,8 @@ def load_model(
     Raises:
         ModelError: with a message that says which file was expected and what to do.
     """
+    import clip
+
     if name.startswith((OPENCLIP_PREFIX, RANDOM_OPENCLIP_PREFIX)):
         return _load_openclip(name, device, precision, cache_dir, seed)
     if name in clip.available_models():
@@ -288,6 +296,8 @@ def _offline_reason(host: str) -> str | None:
 
 
 def _load_openai(name: str, cache_dir: Path) -> CLIP:
+    import clip
+
     target = cached_file(name, cache_dir)
     url = clip.clip._MODELS[name]
     try:
@@ -362,6 +372,8 @@ def _build(state: dict[str, torch.Tensor]) -> CLIP:
 
     ``build_model`` casts to fp16; reloading keeps an fp32 checkpoint exact.
     """
+    from clip.model import build_model
+
     model = build_model(dict(state)).float()
     skip = {"input_resolution", "context_length", "vocab_size"}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in skip})
@@ -378,6 +390,8 @@ def _is_jit_archive(path: Path) -> bool:
 
 
 def _random_model(arch: str, seed: int) -> CLIP:
+    from clip.model import CLIP
+
     if arch not in RANDOM_ARCHS:
         raise ModelError(f"unknown random architecture {arch!r}; valid: {', '.join(RANDOM_ARCHS)}")
     embed, res, vlayers, vwidth, patch, twidth, theads, tlayers = RANDOM_ARCHS[arch]

@@ -7,8 +7,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 import torch
-from clip.simple_tokenizer import SimpleTokenizer
+
+if TYPE_CHECKING:
+    from clip.simple_tokenizer import SimpleTokenizer
 
 SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
@@ -68,6 +72,8 @@ class Vocab:
 
 @lru_cache(maxsize=1)
 def vocab() -> Vocab:
+    from clip.simple_tokenizer import SimpleTokenizer  # openai-clip imports torchvision: only when tokens are needed
+
     tok = SimpleTokenizer()
     return Vocab(tokenizer=tok, sot=tok.encoder[SOT_TEXT], eot=tok.encoder[EOT_TEXT], size=len(tok.encoder))
 

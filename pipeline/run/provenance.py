@@ -120,11 +120,27 @@ class Provenance:
     def __init__(self, config: Mapping, result_keys: Mapping[str, tuple[str, ...]], needs: Mapping[str, tuple[str, ...]]):
         self.needs = needs
         self._known: dict[Path, dict] = {}  # provenance.json per run root, read once
+        # with ``check_once``: each record's files, as found when first checked (a rerun asks of every output
+        # several times: its own stage, the next stage's inputs, rank, export and the report)
+        self._checked: dict[int, tuple[dict, str | None]] | None = None
         self.settings: dict[str, dict] = {}
         self.expected: dict[str, str] = {}
         for stage, keys in result_keys.items():  # run order: a stage's needs come before it
             self.settings[stage] = stage_settings(config, keys)
             self.expected[stage] = fingerprint(self.settings[stage], [self.expected[n] for n in needs.get(stage, ())])
+
+    def check_once(self) -> None:
+        """From now on, check each manifest record's files once and remember what was found: for one run, which holds
+        the run directory's lock, so that nothing but its own stages (which write new records) changes them."""
+        self._checked = {}
+
+    def _damage(self, run: RunDir, rec: dict) -> str | None:
+        if self._checked is None:
+            return run.damage(rec)
+        seen = self._checked.get(id(rec))
+        if seen is None or seen[0] is not rec:
+            seen = self._checked[id(rec)] = rec, run.damage(rec)
+        return seen[1]
 
     def record(self, run: RunDir) -> None:
         """Add today's fingerprints and their settings to ``provenance.json`` (kept for every fingerprint ever used)."""
@@ -148,7 +164,7 @@ class Provenance:
             return Status("pending")
         if rec["status"] in ("failed", "blocked", "damaged"):
             return record_status(rec)
-        damage = run.damage(rec)
+        damage = self._damage(run, rec)
         if damage is not None:
             return Status("pending" if damage.endswith(": missing") else "damaged",
                           f"an output file is missing: {damage}" if damage.endswith(": missing") else damage)

@@ -99,13 +99,66 @@ def _append_lines(path: Path, data: str) -> None:
 
 def _whole_lines(path: Path) -> list[tuple[str, Any]]:
     """``(line, parsed)`` for each line of a JSON-lines file that parses; a line torn by a kill does not."""
+    return _parse_lines(path.read_text(encoding="utf-8"))
+
+
+def _parse_lines(text: str) -> list[tuple[str, Any]]:
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             out.append((line, json.loads(line)))
         except json.JSONDecodeError:
             continue
     return out
+
+
+def _is_record(rec: Any) -> bool:
+    return isinstance(rec, dict) and "stage" in rec and "status" in rec
+
+
+class _ManifestTail:
+    """The latest record per (image, stage) of one append-only manifest file, read once and then only as it grows.
+
+    A file that was replaced (another inode), shortened, or changed before the point read so far is read again
+    from the start. An unterminated last line (a kill mid-append) is read but not passed, so it is read again once
+    the next append has ended it.
+    """
+
+    _CHECK = 64  # bytes before the point read so far, kept to notice a file changed in place
+
+    def __init__(self) -> None:
+        self.ident: tuple[int, int] | None = None
+        self.offset = 0
+        self.before = b""
+        self.latest: dict[tuple[str | None, str], dict] = {}
+
+    def read(self, path: Path) -> dict[tuple[str | None, str], dict]:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            self.__init__()
+            return self.latest
+        with f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != self.ident or st.st_size < self.offset or not self._unchanged(f):
+                self.__init__()
+                self.ident = (st.st_dev, st.st_ino)
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # what lies after the last newline is read again next time
+        for _, rec in _parse_lines(data.decode("utf-8", "replace")):
+            if _is_record(rec):
+                self.latest[(rec.get("image"), rec["stage"])] = rec
+        if end:
+            self.offset += end
+            self.before = (self.before + data[:end])[-self._CHECK:]
+        return self.latest
+
+    def _unchanged(self, f) -> bool:
+        if not self.offset:
+            return True
+        f.seek(self.offset - len(self.before))
+        return f.read(len(self.before)) == self.before
 
 
 def checksum(path: Path) -> str:
@@ -155,6 +208,9 @@ class RunDir:
     def __init__(self, root: Path, shard: int | None = None):
         self.root = root
         self.shard = shard
+        self._tails: dict[Path, _ManifestTail] = {}  # each manifest file's latest records, read as it grows
+        self._images: tuple[tuple, list[ImageRef]] | None = None  # images.jsonl, as last read, with its stat
+        self._root = os.fspath(root) + os.sep  # output paths are joined as strings: a Path each costs seconds at scale
 
     def file(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -262,13 +318,28 @@ class RunDir:
         return yaml.safe_load(self.file(CONFIG).read_text(encoding="utf-8")) or {}
 
     def save_images(self, refs: list[ImageRef]) -> None:
-        """The run's image list: each image's id, absolute path, input root and path relative to the root."""
+        """The run's image list: each image's id, absolute path, input root and path relative to the root.
+        An unchanged list is left as it is (a rerun of 100,000 images would rewrite 15 MB)."""
         lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root, **({"meta": r.meta} if r.meta else {})},
                             ensure_ascii=False) for r in refs]
-        atomic_write_text(self.file(IMAGES), "".join(line + "\n" for line in lines))
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        path = self.file(IMAGES)
+        try:
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                return
+        except OSError:
+            pass
+        atomic_write_bytes(path, data)
 
     def load_images(self) -> list[ImageRef]:
-        """The saved image list, each path resolved against the recorded input root."""
+        """The saved image list, each path resolved against the recorded input root (read once while unchanged)."""
+        st = self.file(IMAGES).stat()
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._images is None or self._images[0] != ident:
+            self._images = ident, self._read_images()
+        return list(self._images[1])
+
+    def _read_images(self) -> list[ImageRef]:
         refs = []
         for line in self.file(IMAGES).read_text(encoding="utf-8").splitlines():
             if line.strip():
@@ -296,7 +367,7 @@ class RunDir:
     def manifest_records(self) -> list[dict]:
         """Every whole record, the main manifest first, then the shards; a line torn by a kill is skipped."""
         return [rec for path in self._manifest_files() if path.is_file() for _, rec in _whole_lines(path)
-                if isinstance(rec, dict) and "stage" in rec and "status" in rec]
+                if _is_record(rec)]
 
     def merge_manifest_shards(self) -> None:
         """Fold every shard into ``manifest.jsonl`` and remove it (a kill in between only repeats records)."""
@@ -307,8 +378,18 @@ class RunDir:
             shard.unlink()
 
     def latest(self) -> dict[tuple[str | None, str], dict]:
-        """The last record for each (image, stage)."""
-        return {(r.get("image"), r["stage"]): r for r in self.manifest_records()}
+        """The last record for each (image, stage), the main manifest's first, then each shard's.
+
+        Each file is parsed once per ``RunDir`` and then only as far as it has grown, so asking again is cheap.
+        The records are shared with later calls: read them, do not change them.
+        """
+        files = self._manifest_files()
+        for gone in set(self._tails) - set(files):
+            del self._tails[gone]
+        out: dict[tuple[str | None, str], dict] = {}
+        for path in files:
+            out.update(self._tails.setdefault(path, _ManifestTail()).read(path))
+        return out
 
     def is_done(self, record: dict | None) -> bool:
         """A record counts as done only if it says so and every output it names exists, at its recorded size."""
@@ -324,9 +405,9 @@ class RunDir:
         A record from before outputs carried checksums is checked for existence only."""
         sums = record.get("sums") or {}
         for rel in record.get("outputs", []):
-            path = self.file(rel)
+            path = self._root + rel
             try:
-                size = path.stat().st_size
+                size = os.stat(path).st_size
             except OSError:
                 return f"{rel}: missing"
             if rel not in sums:

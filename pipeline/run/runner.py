@@ -172,6 +172,8 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
             progress.update(task, rate=f"{recorded / elapsed:.2f} img/s" if elapsed > 0 else "")
 
         def cut(i: int) -> list[ImageRef]:  # cut before the batch ahead runs; ``BatchSizer.run`` splits it if it backs off
+            if i >= len(todo):  # asked first, since a stage's batch size may need its model loaded
+                return []
             return todo[i : i + max(1, stage.batch_size(ctx))]
 
         i, batch = 0, cut(0)
@@ -387,6 +389,7 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
     batches = BatchSizer(models, log)
     settings = _settings(config)
     provenance = Provenance(settings.config, result_keys, {n: s.needs for n, s in stages.items()})
+    provenance.check_once()  # the lock is held: each output is checked on disk once, not once per stage that reads it
 
     session = from_main(info, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # one id for all ranks
 
@@ -428,7 +431,7 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
         if not info.is_main:
             return RunOutcome(run, [], [], [], None, 0, info)
         run.merge_manifest_shards()
-        if any(r.get("provenance") in provenance.expected.values() for r in run.manifest_records()):
+        if any(r.get("provenance") in provenance.expected.values() for r in run.latest().values()):
             produced()  # another rank's results
         for name in names:
             stage = stages[name]

@@ -22,7 +22,7 @@ def _manifest(run):
     return [json.loads(x) for x in (run / "manifest.jsonl").read_text().splitlines()]
 
 
-def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
+def test_full_run_writes_documented_files_and_resumes(tmp_path, images, monkeypatch):
     out = tmp_path / "out"
     r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
     assert r.exit_code == 0, r.output
@@ -53,8 +53,17 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images):
 
     n = len(recs)
     made = {name: (run / name).stat().st_mtime_ns for name in ("records.csv", "images.csv", "report.html")}
-    r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet", *FAST)
+    listed = (run / "images.jsonl").stat().st_ino
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a rerun with nothing to do loaded the model")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.run.runner.load_model", no_model)
+        r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet",
+                 *FAST)
     assert r.exit_code == 0
+    assert (run / "images.jsonl").stat().st_ino == listed  # the same image list is not written again
     new = _manifest(run)[n:]
     assert {x["stage"] for x in new} == {"rank", "export", "report"}  # per-image work was skipped
     assert {name: (run / name).stat().st_mtime_ns for name in made} == made  # and rank and report: nothing changed

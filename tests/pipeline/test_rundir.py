@@ -90,3 +90,40 @@ def test_rank_shards_are_read_and_merged(tmp_path):
     assert not list(main.file("manifests").glob("*.jsonl"))
     assert {k: v["status"] for k, v in main.latest().items()} == {("a", "s"): "done", ("b", "s"): "done"}
     assert len(main.file("manifest.jsonl").read_text().splitlines()) == 3
+
+
+def test_latest_read_again_sees_appends_torn_lines_and_replaced_files_as_a_fresh_read_does(tmp_path):
+    """``latest`` reads a manifest once and then only what was appended: whatever happened to the file in between,
+    it must agree with a ``RunDir`` that reads it from the start."""
+    run, path = RunDir(tmp_path), tmp_path / "manifest.jsonl"
+    rec = lambda image, status: {"image": image, "stage": "s", "status": status, "outputs": []}  # noqa: E731
+
+    def agrees() -> dict:
+        got = {k: v["status"] for k, v in run.latest().items()}
+        assert got == {k: v["status"] for k, v in RunDir(tmp_path).latest().items()}
+        return got
+
+    assert agrees() == {}
+    run.append_manifest([rec("a", "failed")])
+    assert agrees() == {("a", "s"): "failed"}
+    RunDir(tmp_path).append_manifest([rec("a", "done"), rec("b", "done")])  # another process appends
+    assert agrees() == {("a", "s"): "done", ("b", "s"): "done"}
+    with open(path, "a") as f:  # a kill mid-append: a whole record, but no newline yet
+        f.write(json.dumps(rec("c", "failed")))
+    assert agrees() == {("a", "s"): "done", ("b", "s"): "done", ("c", "s"): "failed"}
+    with open(path, "a") as f:  # then a torn one after it
+        f.write('\n{"image": "d", "stage": "s", "sta')
+    run.append_manifest([rec("c", "done")])
+    assert agrees() == {("a", "s"): "done", ("b", "s"): "done", ("c", "s"): "done"}
+    atomic_write_text(path, json.dumps(rec("z", "done")) + "\n")  # replaced by a shorter file
+    assert agrees() == {("z", "s"): "done"}
+    size = path.stat().st_size
+    with open(path, "r+") as f:  # changed in place, to the same length, and then appended to
+        text = f.read().replace('"z"', '"y"')
+        f.seek(0)
+        f.write(text)
+    assert path.stat().st_size == size
+    run.append_manifest([rec("x", "done")])
+    assert agrees() == {("y", "s"): "done", ("x", "s"): "done"}
+    path.unlink()
+    assert agrees() == {}
