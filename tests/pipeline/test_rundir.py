@@ -92,9 +92,12 @@ def test_rank_shards_are_read_and_merged(tmp_path):
     assert len(main.file("manifest.jsonl").read_text().splitlines()) == 3
 
 
-def test_latest_read_again_sees_appends_torn_lines_and_replaced_files_as_a_fresh_read_does(tmp_path):
+@pytest.mark.parametrize("block", [7, 8 << 20])  # lines cut across the blocks it reads, and whole
+def test_latest_read_again_sees_appends_torn_lines_and_replaced_files_as_a_fresh_read_does(tmp_path, monkeypatch,
+                                                                                          block):
     """``latest`` reads a manifest once and then only what was appended: whatever happened to the file in between,
     it must agree with a ``RunDir`` that reads it from the start."""
+    monkeypatch.setattr("pipeline.run.rundir._ManifestTail._BLOCK", block)
     run, path = RunDir(tmp_path), tmp_path / "manifest.jsonl"
     rec = lambda image, status: {"image": image, "stage": "s", "status": status, "outputs": []}  # noqa: E731
 
@@ -127,3 +130,13 @@ def test_latest_read_again_sees_appends_torn_lines_and_replaced_files_as_a_fresh
     assert agrees() == {("y", "s"): "done", ("x", "s"): "done"}
     path.unlink()
     assert agrees() == {}
+
+
+def test_latest_keeps_every_field_of_each_record(tmp_path):
+    run = RunDir(tmp_path)
+    rec = {"image": "a", "path": "imgs/a.png", "stage": "surgery", "status": "done", "error": None, "seconds": 1.5,
+           "outputs": ["surgery/a.json", "surgery/a.npz"], "sums": {"surgery/a.json": [3, "ab"], "surgery/a.npz": [9, "cd"]},
+           "rid": "r1", "upstream": {"decode": "r0"}, "provenance": "p", "session": "s", "extra": {"x": [1]}}
+    run.append_manifest([rec, {**rec, "stage": "decode", "outputs": [], "sums": {}, "upstream": {}}])
+    assert run.latest()[("a", "surgery")] == rec
+    assert json.dumps(run.latest()[("a", "surgery")]) == json.dumps(rec)
