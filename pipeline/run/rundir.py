@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import gc
 import hashlib
 import json
 import os
 import socket
-import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Iterator
 import yaml
 
 from pipeline.run.images import ImageRef
+from pipeline.run.manifest import ManifestTail, gc_paused, is_record, whole_lines
 from pipeline.run.shards import TAR_SEP
 
 MANIFEST = "manifest.jsonl"
@@ -99,121 +98,6 @@ def _append_lines(path: Path, data: str) -> None:
         os.fsync(f.fileno())
 
 
-def _whole_lines(path: Path) -> list[tuple[str, Any]]:
-    """``(line, parsed)`` for each line of a JSON-lines file that parses; a line torn by a kill does not."""
-    return _parse_lines(path.read_text(encoding="utf-8"))
-
-
-def _parse_lines(text: str) -> list[tuple[str, Any]]:
-    out = []
-    with _gc_paused():
-        for line in text.splitlines():
-            try:
-                out.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cycle collector off while many small dicts are made that make no cycles: at 100,000 images it would
-    otherwise walk the growing heap again and again, half the time of reading a manifest."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-def _is_record(rec: Any) -> bool:
-    return isinstance(rec, dict) and "stage" in rec and "status" in rec
-
-
-_SHARED = frozenset({"image", "path", "stage", "status", "error", "cause", "advice", "provenance", "session"})
-
-
-def _compact(rec: dict) -> dict:
-    """The same record in less memory (100,000 images keep 300,000 of them): its keys and its few distinct values
-    shared with every other record's, and each checksum keyed by its output's own string."""
-    out = {}
-    for key, value in rec.items():
-        key = sys.intern(key)
-        out[key] = sys.intern(value) if key in _SHARED and value.__class__ is str else value
-    sums, outputs = out.get("sums"), out.get("outputs")
-    if sums and outputs and isinstance(sums, dict) and all(o.__class__ is str for o in outputs):
-        out["sums"] = {**{o: sums[o] for o in outputs if o in sums}, **sums}
-    upstream = out.get("upstream")
-    if upstream and isinstance(upstream, dict):
-        out["upstream"] = {sys.intern(k): v for k, v in upstream.items()}
-    return out
-
-
-class _ManifestTail:
-    """The latest record per (image, stage) of one append-only manifest file, read once and then only as it grows.
-
-    A file that was replaced (another inode), shortened, or changed before the point read so far is read again
-    from the start. An unterminated last line (a kill mid-append) is read but not passed, so it is read again once
-    the next append has ended it.
-    """
-
-    _CHECK = 64  # bytes before the point read so far, kept to notice a file changed in place
-    _BLOCK = 8 << 20
-    _FREEZE = 10_000  # records read at once that are worth taking out of the cycle collector's sight
-
-    def __init__(self) -> None:
-        self.ident: tuple[int, int] | None = None
-        self.offset = 0
-        self.before = b""
-        self.latest: dict[tuple[str | None, str], dict] = {}
-
-    def read(self, path: Path) -> dict[tuple[str | None, str], dict]:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            self.__init__()
-            return self.latest
-        known = len(self.latest)
-        with f, _gc_paused():
-            st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino) != self.ident or st.st_size < self.offset or not self._unchanged(f):
-                self.__init__()
-                self.ident, known = (st.st_dev, st.st_ino), 0
-            f.seek(self.offset)
-            rest = b""
-            while block := f.read(self._BLOCK):  # a block at a time: the whole file at once would double the peak
-                buf = rest + block
-                cut = buf.rfind(b"\n") + 1
-                rest = buf[cut:]  # unterminated: the next block's start, or a torn line read again next time
-                self._add(buf[:cut].split(b"\n")[:-1])
-                self.offset += cut
-                self.before = (self.before + buf[max(0, cut - self._CHECK):cut])[-self._CHECK:]
-            self._add([rest])
-        if len(self.latest) - known >= self._FREEZE:
-            # kept for the process's life, and they make no cycles (reference counting still frees them): out of
-            # the cycle collector's sight, which would otherwise walk them all again and again
-            gc.freeze()
-        return self.latest
-
-    def _add(self, lines: list[bytes]) -> None:
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if _is_record(rec):
-                rec = _compact(rec)
-                self.latest[(rec.get("image"), rec["stage"])] = rec
-
-    def _unchanged(self, f) -> bool:
-        if not self.offset:
-            return True
-        f.seek(self.offset - len(self.before))
-        return f.read(len(self.before)) == self.before
-
-
 def checksum(path: Path) -> str:
     """A fast content hash of a file: BLAKE2b with a 16-byte digest, as hex."""
     h = hashlib.blake2b(digest_size=16)
@@ -261,7 +145,7 @@ class RunDir:
     def __init__(self, root: Path, shard: int | None = None):
         self.root = root
         self.shard = shard
-        self._tails: dict[Path, _ManifestTail] = {}  # each manifest file's latest records, read as it grows
+        self._tails: dict[Path, ManifestTail] = {}  # each manifest file's latest records, read as it grows
         self._images: tuple[tuple, list[ImageRef]] | None = None  # images.jsonl, as last read, with its stat
         self._root = os.fspath(root) + os.sep  # output paths are joined as strings: a Path each costs seconds at scale
 
@@ -394,7 +278,7 @@ class RunDir:
 
     def _read_images(self) -> list[ImageRef]:
         refs = []
-        with _gc_paused():
+        with gc_paused():
             for line in self.file(IMAGES).read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     d = json.loads(line)
@@ -420,13 +304,13 @@ class RunDir:
 
     def manifest_records(self) -> list[dict]:
         """Every whole record, the main manifest first, then the shards; a line torn by a kill is skipped."""
-        return [rec for path in self._manifest_files() if path.is_file() for _, rec in _whole_lines(path)
-                if _is_record(rec)]
+        return [rec for path in self._manifest_files() if path.is_file() for _, rec in whole_lines(path)
+                if is_record(rec)]
 
     def merge_manifest_shards(self) -> None:
         """Fold every shard into ``manifest.jsonl`` and remove it (a kill in between only repeats records)."""
         for shard in self._manifest_files()[1:]:
-            whole = "".join(line + "\n" for line, _ in _whole_lines(shard))
+            whole = "".join(line + "\n" for line, _ in whole_lines(shard))
             if whole:
                 _append_lines(self.file(MANIFEST), whole)
             shard.unlink()
@@ -442,7 +326,7 @@ class RunDir:
             del self._tails[gone]
         out: dict[tuple[str | None, str], dict] = {}
         for path in files:
-            out.update(self._tails.setdefault(path, _ManifestTail()).read(path))
+            out.update(self._tails.setdefault(path, ManifestTail()).read(path))
         return out
 
     def is_done(self, record: dict | None) -> bool:

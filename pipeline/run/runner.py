@@ -38,7 +38,6 @@ from pipeline.run.stage import (RERUN, Finish, ItemResult, Models, PerImageStage
                                 WholeRunStage)
 
 
-
 @dataclass
 class StageSummary:
     stage: str
@@ -172,9 +171,7 @@ def run_per_image(stage: PerImageStage, ctx: StageContext, refs: list[ImageRef],
             progress.update(task, rate=f"{recorded / elapsed:.2f} img/s" if elapsed > 0 else "")
 
         def cut(i: int) -> list[ImageRef]:  # cut before the batch ahead runs; ``BatchSizer.run`` splits it if it backs off
-            if i >= len(todo):  # asked first, since a stage's batch size may need its model loaded
-                return []
-            return todo[i : i + max(1, stage.batch_size(ctx))]
+            return todo[i : i + max(1, stage.batch_size(ctx))] if i < len(todo) else []  # no model loaded for none
 
         i, batch = 0, cut(0)
         reading = io.submit(load, batch) if batch else None

@@ -97,7 +97,7 @@ def test_latest_read_again_sees_appends_torn_lines_and_replaced_files_as_a_fresh
                                                                                           block):
     """``latest`` reads a manifest once and then only what was appended: whatever happened to the file in between,
     it must agree with a ``RunDir`` that reads it from the start."""
-    monkeypatch.setattr("pipeline.run.rundir._ManifestTail._BLOCK", block)
+    monkeypatch.setattr("pipeline.run.manifest.ManifestTail._BLOCK", block)
     run, path = RunDir(tmp_path), tmp_path / "manifest.jsonl"
     rec = lambda image, status: {"image": image, "stage": "s", "status": status, "outputs": []}  # noqa: E731
 
