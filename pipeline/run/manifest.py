@@ -18,13 +18,9 @@ from typing import Any, Iterator
 
 def whole_lines(path: Path) -> list[tuple[str, Any]]:
     """``(line, parsed)`` for each line of a JSON-lines file that parses; a line torn by a kill does not."""
-    return _parse_lines(path.read_text(encoding="utf-8"))
-
-
-def _parse_lines(text: str) -> list[tuple[str, Any]]:
     out = []
     with gc_paused():
-        for line in text.splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 out.append((line, json.loads(line)))
             except json.JSONDecodeError:
