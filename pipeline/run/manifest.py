@@ -10,10 +10,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import struct
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 
 def whole_lines(path: Path) -> list[tuple[str, Any]]:
@@ -46,18 +47,133 @@ def is_record(rec: Any) -> bool:
 
 
 _SHARED = frozenset({"image", "path", "stage", "status", "error", "cause", "advice", "provenance", "session"})
+_PLAIN = ("image", "path", "stage", "status", "error", "seconds", "outputs", "sums", "rid", "upstream", "provenance",
+          "session")  # the keys of a done record that ``DoneRecord`` keeps in its own form
+_layouts: dict[tuple, tuple] = {}  # each key order seen: (keys, the same as a set, the keys beyond _PLAIN)
+_shared: dict = {}  # one copy of each output-name pattern and upstream-stage tuple, for every record
 
 
-def _compact(rec: dict) -> dict:
-    """The same record in less memory (100,000 images keep 300,000 of them): its keys and its few distinct values
-    shared with every other record's, and each checksum keyed by its output's own string."""
+def _interned(value):
+    return sys.intern(value) if value.__class__ is str else value
+
+
+def _layout(keys: tuple) -> tuple:
+    got = _layouts.get(keys)
+    if got is None:
+        keys = tuple(map(sys.intern, keys))
+        got = _layouts[keys] = (keys, frozenset(keys), tuple(k for k in keys if k not in _PLAIN))
+    return got
+
+
+class DoneRecord(Mapping):
+    """A done per-image record in a third of a dict's memory; it reads as the dict it was parsed from.
+
+    100,000 images keep 300,000 of them. Its outputs are kept as patterns shared by every image (the image's id
+    cut out), their checksums as bytes, its keys as one shared tuple. Every access builds a fresh value, so
+    what a reader changes is not kept.
+    """
+
+    __slots__ = ("_layout", "image", "path", "stage", "seconds", "_outputs", "_sums", "_digest", "rid",
+                 "_needs", "_rids", "provenance", "session", "_extra")
+
+    @classmethod
+    def of(cls, rec: dict) -> "DoneRecord | None":
+        """The compact form of a parsed record, or ``None`` when it is not a done per-image record of the usual
+        shape (it is kept as a dict then)."""
+        get = rec.get
+        image, outputs, sums, upstream, rid = get("image"), get("outputs"), get("sums"), get("upstream", {}), get("rid")
+        if (get("status") != "done" or get("error") is not None or image.__class__ is not str
+                or outputs.__class__ is not list or sums.__class__ is not dict or upstream.__class__ is not dict
+                or rid.__class__ is not str or len(sums) != len(outputs)):
+            return None
+        sizes, hexes, digest = [], [], None
+        for o in outputs:
+            pair = sums.get(o) if o.__class__ is str and "\0" not in o else None
+            if (pair.__class__ is not list or len(pair) != 2 or pair[0].__class__ is not int
+                    or pair[1].__class__ is not str or len(pair[1]) != (digest := digest or len(pair[1]))):
+                return None
+            sizes.append(pair[0])
+            hexes.append(pair[1])
+        hexes = "".join(hexes)
+        try:
+            packed = bytes.fromhex(hexes)
+            sized = struct.pack(f"{len(sizes)}q", *sizes)
+        except (ValueError, struct.error):
+            return None
+        if packed.hex() != hexes or not all(v.__class__ is str for v in upstream.values()):
+            return None  # upper case or spaces would not read back the same
+        self = cls.__new__(cls)
+        self._layout = layout = _layout(tuple(rec))
+        self.image, self.path, self.stage = sys.intern(image), _interned(get("path")), sys.intern(rec["stage"])
+        self.seconds, self.rid = get("seconds"), sys.intern(rid)  # the same string as the ids that name it upstream
+        self._outputs = _shared.setdefault(key := tuple([o.replace(image, "\0") for o in outputs]), key)
+        self._sums, self._digest = sized + packed, (digest or 0) // 2  # the sizes, then the checksums
+        self._needs = _shared.setdefault(key := tuple(upstream), key)
+        self._rids = tuple(map(sys.intern, upstream.values()))
+        self.provenance, self.session = _interned(get("provenance")), _interned(get("session"))
+        self._extra = tuple(rec[k] for k in layout[2]) if layout[2] else ()
+        return self
+
+    def outputs(self) -> list[str]:
+        image = self.image
+        return [o.replace("\0", image) for o in self._outputs]
+
+    def sized(self) -> list[tuple[str, int]]:
+        """Each output with the size it was written at (what ``RunDir.damage`` checks without hashing)."""
+        outputs = self.outputs()
+        return list(zip(outputs, struct.unpack_from(f"{len(outputs)}q", self._sums)))
+
+    def sums(self) -> dict[str, list]:
+        n, at = self._digest, 8 * len(self._outputs)
+        return {o: [size, self._sums[at + i * n:at + (i + 1) * n].hex()] for i, (o, size) in enumerate(self.sized())}
+
+    def upstream(self) -> dict[str, str]:
+        return dict(zip(self._needs, self._rids))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self._layout[1]:
+            return default
+        read = _READ.get(key)
+        return read(self) if read is not None else self._extra[self._layout[2].index(key)]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._layout[1]:
+            raise KeyError(key)
+        return self.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._layout[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout[0])
+
+    def __len__(self) -> int:
+        return len(self._layout[0])
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"DoneRecord({dict(self)!r})"
+
+
+_READ = {"image": DoneRecord.image.__get__, "path": DoneRecord.path.__get__, "stage": DoneRecord.stage.__get__,
+         "status": lambda r: "done", "error": lambda r: None, "seconds": DoneRecord.seconds.__get__,
+         "outputs": DoneRecord.outputs, "sums": DoneRecord.sums, "rid": DoneRecord.rid.__get__,
+         "upstream": DoneRecord.upstream, "provenance": DoneRecord.provenance.__get__,
+         "session": DoneRecord.session.__get__}
+
+
+def _compact(rec: dict) -> Mapping:
+    """The same record in less memory (100,000 images keep 300,000 of them): a done one as a ``DoneRecord``,
+    any other with its keys and its few distinct values shared with every other record's."""
+    done = DoneRecord.of(rec) if rec.get("status") == "done" else None
+    if done is not None:
+        return done
     out = {}
     for key, value in rec.items():
         key = sys.intern(key)
         out[key] = sys.intern(value) if key in _SHARED and value.__class__ is str else value
-    sums, outputs = out.get("sums"), out.get("outputs")
-    if sums and outputs and isinstance(sums, dict) and all(o.__class__ is str for o in outputs):
-        out["sums"] = {**{o: sums[o] for o in outputs if o in sums}, **sums}
     upstream = out.get("upstream")
     if upstream and isinstance(upstream, dict):
         out["upstream"] = {sys.intern(k): v for k, v in upstream.items()}
@@ -80,9 +196,9 @@ class ManifestTail:
         self.ident: tuple[int, int] | None = None
         self.offset = 0
         self.before = b""
-        self.latest: dict[tuple[str | None, str], dict] = {}
+        self.latest: dict[tuple[str | None, str], Mapping] = {}
 
-    def read(self, path: Path) -> dict[tuple[str | None, str], dict]:
+    def read(self, path: Path) -> dict[tuple[str | None, str], Mapping]:
         try:
             f = open(path, "rb")
         except FileNotFoundError:

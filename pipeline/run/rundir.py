@@ -18,15 +18,16 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import yaml
 
 from pipeline.run.images import ImageRef
-from pipeline.run.manifest import ManifestTail, gc_paused, is_record, whole_lines
+from pipeline.run.manifest import DoneRecord, ManifestTail, gc_paused, is_record, whole_lines
 from pipeline.run.shards import TAR_SEP
 
 MANIFEST = "manifest.jsonl"
@@ -286,7 +287,9 @@ class RunDir:
                     path = os.path.join(root, d["rel"]) if root else d["path"]  # a list file may name absolute paths
                     if TAR_SEP in d["path"]:  # a shard's sample: its path holds the shard and the sample's bytes
                         path = d["path"]
-                    refs.append(ImageRef(id=d["id"], path=path, rel=d["rel"], root=root, meta=d.get("meta", "")))
+                    # one string for the input root, and the path the same string as the manifest's (interned)
+                    refs.append(ImageRef(id=sys.intern(d["id"]), path=sys.intern(path), rel=d["rel"], root=sys.intern(root),
+                                         meta=d.get("meta", "")))
         return refs
 
     # manifest
@@ -315,7 +318,7 @@ class RunDir:
                 _append_lines(self.file(MANIFEST), whole)
             shard.unlink()
 
-    def latest(self) -> dict[tuple[str | None, str], dict]:
+    def latest(self) -> dict[tuple[str | None, str], Mapping]:
         """The last record for each (image, stage), the main manifest's first, then each shard's.
 
         Each file is parsed once per ``RunDir`` and then only as far as it has grown, so asking again is cheap.
@@ -324,12 +327,12 @@ class RunDir:
         files = self._manifest_files()
         for gone in set(self._tails) - set(files):
             del self._tails[gone]
-        out: dict[tuple[str | None, str], dict] = {}
+        out: dict[tuple[str | None, str], Mapping] = {}
         for path in files:
             out.update(self._tails.setdefault(path, ManifestTail()).read(path))
         return out
 
-    def is_done(self, record: dict | None) -> bool:
+    def is_done(self, record: Mapping | None) -> bool:
         """A record counts as done only if it says so and every output it names exists, at its recorded size."""
         return bool(record) and record["status"] == "done" and self.damage(record) is None
 
@@ -337,20 +340,23 @@ class RunDir:
         """Each output's ``[size, checksum]`` (``checksum``), as a done record keeps them."""
         return {p: [self.file(p).stat().st_size, checksum(self.file(p))] for p in outputs}
 
-    def damage(self, record: dict, hashes: bool = False) -> str | None:
+    def damage(self, record: Mapping, hashes: bool = False) -> str | None:
         """Why a done record's outputs are not what it made, or ``None``: the first output that is missing,
         unreadable, or of another size than recorded; with ``hashes``, also one whose content changed.
         A record from before outputs carried checksums is checked for existence only."""
-        sums = record.get("sums") or {}
-        for rel in record.get("outputs", []):
+        if not hashes and isinstance(record, DoneRecord):  # sizes only: no checksum is spelled out
+            wanted = [(rel, size, None) for rel, size in record.sized()]
+        else:
+            sums = record.get("sums") or {}
+            wanted = [(rel, *sums[rel]) if rel in sums else (rel, None, None) for rel in record.get("outputs", [])]
+        for rel, want_size, want_sum in wanted:
             path = self._root + rel
             try:
                 size = os.stat(path).st_size
             except OSError:
                 return f"{rel}: missing"
-            if rel not in sums:
+            if want_size is None:
                 continue
-            want_size, want_sum = sums[rel]
             if size != want_size:
                 return f"{rel}: {size} bytes, {want_size} when written"
             if hashes:

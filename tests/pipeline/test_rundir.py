@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from pipeline.run.manifest import DoneRecord
 from pipeline.run.rundir import RunDir, atomic_path, atomic_write_text
 
 
@@ -138,5 +139,39 @@ def test_latest_keeps_every_field_of_each_record(tmp_path):
            "outputs": ["surgery/a.json", "surgery/a.npz"], "sums": {"surgery/a.json": [3, "ab"], "surgery/a.npz": [9, "cd"]},
            "rid": "r1", "upstream": {"decode": "r0"}, "provenance": "p", "session": "s", "extra": {"x": [1]}}
     run.append_manifest([rec, {**rec, "stage": "decode", "outputs": [], "sums": {}, "upstream": {}}])
-    assert run.latest()[("a", "surgery")] == rec
-    assert json.dumps(run.latest()[("a", "surgery")]) == json.dumps(rec)
+    got = run.latest()[("a", "surgery")]
+    assert got == rec
+    assert json.dumps(dict(got)) == json.dumps(rec)  # the same keys in the same order
+    assert isinstance(got, DoneRecord)  # kept compact
+    got["outputs"].append("x")
+    got["sums"]["surgery/a.json"][0] = 0
+    assert got == rec  # what a reader changes is not kept
+
+
+@pytest.mark.parametrize("change", [{"status": "failed", "error": "why"}, {"sums": {"surgery/a.json": [3, "ab"]}},
+                                    {"sums": {"surgery/a.json": [3, "xyz"], "surgery/a.npz": [9, "cd"]}},
+                                    {"image": None}, {"upstream": {"decode": 7}}, {"outputs": ["surgery/a\0.json"]}])
+def test_a_record_of_another_shape_is_kept_as_it_was_read(tmp_path, change):
+    rec = {"image": "a", "path": "p", "stage": "surgery", "status": "done", "error": None, "outputs": ["surgery/a.json",
+           "surgery/a.npz"], "sums": {"surgery/a.json": [3, "ab"], "surgery/a.npz": [9, "cd"]}, "rid": "r1", **change}
+    run = RunDir(tmp_path)
+    run.append_manifest([rec])
+    got = run.latest()[(rec["image"], "surgery")]
+    assert not isinstance(got, DoneRecord) and got == rec
+
+
+def test_damage_reads_the_same_from_a_compact_record(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.json").write_text("{}")
+    rec = {"image": "a", "path": "p", "stage": "decode", "status": "done", "error": None, "outputs": ["labels/a.json"],
+           "sums": run.output_sums(["labels/a.json"]), "rid": "r1"}
+    run.append_manifest([rec])
+    got = run.latest()[("a", "decode")]
+    assert isinstance(got, DoneRecord) and run.damage(got) is None and run.damage(got, hashes=True) is None
+    (tmp_path / "labels" / "a.json").write_text("[]")  # same size, other bytes
+    assert run.damage(got) is None and "checksum mismatch" in run.damage(got, hashes=True)
+    (tmp_path / "labels" / "a.json").write_text("{ }")
+    assert run.damage(got) == run.damage(rec) == "labels/a.json: 3 bytes, 2 when written"
+    (tmp_path / "labels" / "a.json").unlink()
+    assert run.damage(got) == run.damage(rec) == "labels/a.json: missing"
