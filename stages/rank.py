@@ -219,8 +219,8 @@ class RankStage(WholeRunStage[RankConfig]):
     def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
         latest, refs = ctx.run.latest(), ctx.run.load_images()
         statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in PER_IMAGE} for r in refs}
-        stamp = reads_stamp(ctx.provenance.settings.get("rank"), {
-            i: {stage: read_state(st, latest.get((i, stage))) for stage, st in by.items()} for i, by in statuses.items()})
+        stamp = reads_stamp(ctx.provenance.settings.get("rank"), (
+            (i, {stage: read_state(st, latest.get((i, stage))) for stage, st in by.items()}) for i, by in statuses.items()))
         outputs = [RECORDS, RECORDS_MD, LONGEST, IMAGES_CSV]
         if not ctx.force and stamp_of(ctx.run, self.name) == stamp and all(ctx.run.file(p).is_file() for p in outputs):
             ctx.log.info("rank: up to date (%d images)", len(refs))  # nothing it reads has changed

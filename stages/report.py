@@ -398,7 +398,7 @@ class ReportStage(WholeRunStage[ReportConfig]):
         stamp = reads_stamp({"report": ctx.provenance.settings.get("report"), "config": config,
                              "export": (read_json(run.file(EXPORT_STAMP)) or {}).get("stamp"),
                              "rank": stamp_of(run, "rank")},
-                            {i: {s: read_state(st, latest.get((i, s))) for s, st in by.items()} for i, by in statuses.items()})
+                            ((i, {s: read_state(st, latest.get((i, s))) for s, st in by.items()}) for i, by in statuses.items()))
         if not ctx.force and stamp_of(run, self.name) == stamp and run.file(REPORT).is_file():
             ctx.log.info("report: up to date (%d images)", len(statuses))  # nothing it shows has changed
             folder = run.root / PAGES

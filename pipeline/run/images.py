@@ -41,7 +41,7 @@ class ImageError(ValueError):
     """One image cannot be decoded; the message is a reason a person can act on."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """One input image: its stable id, the absolute path to read, its path relative to the input root, and the root."""
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from pipeline.run.rundir import STAMPS, RunDir, atomic_write_json, read_json
 
@@ -60,7 +60,7 @@ def fingerprint(settings: dict, upstream: list[str]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Status:
     """The state of one (image, stage) and, unless done or pending, why.
 
@@ -78,6 +78,9 @@ class Status:
         or remove the file``; ``later`` when the stages after ``cause`` were skipped for it."""
         where = f" ({self.cause}{'; later stages skipped' if later else ''})" if self.cause else ""
         return f"{self.reason}{where}" + (f": {self.advice}" if self.advice else "")
+
+
+DONE, PENDING = Status("done"), Status("pending")  # shared: a run's statuses are mostly these
 
 
 def root_line(states: list[Status]) -> str | None:
@@ -161,7 +164,7 @@ class Provenance:
         """The status of one image's output of ``stage``."""
         rec = latest.get((image, stage))
         if rec is None:
-            return Status("pending")
+            return PENDING
         if rec["status"] in ("failed", "blocked", "damaged"):
             return record_status(rec)
         damage = self._damage(run, rec)
@@ -169,14 +172,14 @@ class Provenance:
             return Status("pending" if damage.endswith(": missing") else "damaged",
                           f"an output file is missing: {damage}" if damage.endswith(": missing") else damage)
         if rec.get("human"):  # a reviewer's labels, imported: no setting and no upstream output redoes them
-            return Status("done")
+            return DONE
         made = rec.get("provenance")
         if made != self.expected[stage]:
             return Status("stale", self.explain(run, stage, made))
         for need, rid in (rec.get("upstream") or {}).items():
             if rid and (latest.get((image, need)) or {}).get("rid") != rid:
                 return Status("stale", f"made from a {need} output since redone")
-        return Status("done")
+        return DONE
 
     def explain(self, run: RunDir, stage: str, made: str | None) -> str:
         """Why an output made with fingerprint ``made`` is not today's: which settings or upstream changed."""
@@ -206,18 +209,23 @@ class Provenance:
         return None
 
 
-def reads_stamp(settings: Mapping, states: Mapping[str, Mapping[str, tuple]]) -> str:
+def reads_stamp(settings: Mapping, states: Iterable[tuple[str, Mapping[str, tuple]]]) -> str:
     """A hash of what a whole-run stage reads: its ``settings`` and, per image and stage, the state of the output it
-    reads (``{image id: {stage: (state, record id or reason)}}``); a redone output has a new record id, so it
-    changes the stamp, and an unchanged run gives the same one. The installed clipsight's version is part of
-    it: an upgrade rebuilds the leaderboard and the report in its own form."""
+    reads (``(image id, {stage: (state, record id or reason)})`` in the run's image order); a redone output has a
+    new record id, so it changes the stamp, and an unchanged run gives the same one. The states are hashed as they
+    come, not held. The installed clipsight's version is part of it: an upgrade rebuilds the leaderboard and the
+    report in its own form."""
     try:
         code = package_version("clipsight")
     except PackageNotFoundError:
         code = "unknown"
-    blob = json.dumps({"settings": settings, "states": states, "code": code}, sort_keys=True, ensure_ascii=False,
-                      default=str)
-    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+    h = hashlib.sha1(json.dumps({"settings": settings, "code": code}, sort_keys=True, ensure_ascii=False,
+                                default=str).encode("utf-8"))
+    encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
+    for image, by_stage in states:
+        h.update(encode([image, by_stage]).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
 
 
 def read_state(status: Status, rec: Mapping | None) -> tuple[str, str]:
