@@ -1,5 +1,5 @@
 """A run of N images (100,000 by default) made on disk without a model, then timed: the rerun with nothing to do,
-and `status --verify`; each in a fresh process, with its peak memory. Prints JSON.
+`status` and `status --verify`; each in a fresh process, with its peak memory. Prints JSON.
 
     python tests/benchmarks/verify_scale.py [--images 100000] [--keep DIR]
 
@@ -12,7 +12,8 @@ runner writes them; the inputs are hard links to one small PNG. Then, each as it
 1. ``first``: `rank`, `export` and `report` run over the whole run (what the run's end
    would have done); per-image stages skip every image;
 2. ``rerun``: the same again, with nothing to do (the figure the README quotes);
-3. ``verify``: `status --verify`, re-reading every output's bytes.
+3. ``status``: `status --json`, every image's state per stage (each output checked to exist at its size);
+4. ``verify``: `status --verify`, re-reading every output's bytes.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def main() -> None:
                                "--set", "surgery.overlays=false", "--set", "surgery.contact_sheet=false",
                                "--set", "report.thumbnail_side=0", "--model", "random:tiny"])
             out[name]["stages"] = stage_seconds(run, n)
+        out["status"] = timed(["status", "--run", str(run), "--json"])
         out["verify"] = timed(["status", "--run", str(run), "--verify", "--json"])
         emit(out, args.out)
     finally:
