@@ -84,7 +84,7 @@ class DoneRecord(Mapping):
         image, outputs, sums, upstream, rid = get("image"), get("outputs"), get("sums"), get("upstream", {}), get("rid")
         if (get("status") != "done" or get("error") is not None or image.__class__ is not str
                 or outputs.__class__ is not list or sums.__class__ is not dict or upstream.__class__ is not dict
-                or rid.__class__ is not str or len(sums) != len(outputs)):
+                or rid.__class__ is not str or rec["stage"].__class__ is not str or len(sums) != len(outputs)):
             return None
         sizes, hexes, digest = [], [], None
         for o in outputs:

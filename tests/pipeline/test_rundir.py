@@ -150,13 +150,14 @@ def test_latest_keeps_every_field_of_each_record(tmp_path):
 
 @pytest.mark.parametrize("change", [{"status": "failed", "error": "why"}, {"sums": {"surgery/a.json": [3, "ab"]}},
                                     {"sums": {"surgery/a.json": [3, "xyz"], "surgery/a.npz": [9, "cd"]}},
-                                    {"image": None}, {"upstream": {"decode": 7}}, {"outputs": ["surgery/a\0.json"]}])
+                                    {"image": None}, {"upstream": {"decode": 7}}, {"outputs": ["surgery/a\0.json"]},
+                                    {"stage": 5}])
 def test_a_record_of_another_shape_is_kept_as_it_was_read(tmp_path, change):
     rec = {"image": "a", "path": "p", "stage": "surgery", "status": "done", "error": None, "outputs": ["surgery/a.json",
            "surgery/a.npz"], "sums": {"surgery/a.json": [3, "ab"], "surgery/a.npz": [9, "cd"]}, "rid": "r1", **change}
     run = RunDir(tmp_path)
     run.append_manifest([rec])
-    got = run.latest()[(rec["image"], "surgery")]
+    got = run.latest()[(rec["image"], rec["stage"])]
     assert not isinstance(got, DoneRecord) and got == rec
 
 
