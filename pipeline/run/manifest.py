@@ -50,7 +50,6 @@ _SHARED = frozenset({"image", "path", "stage", "status", "error", "cause", "advi
 _PLAIN = ("image", "path", "stage", "status", "error", "seconds", "outputs", "sums", "rid", "upstream", "provenance",
           "session")  # the keys of a done record that ``DoneRecord`` keeps in its own form
 _layouts: dict[tuple, tuple] = {}  # each key order seen: (keys, the same as a set, the keys beyond _PLAIN)
-_shared: dict = {}  # one copy of each output-name pattern and upstream-stage tuple, for every record
 
 
 def _interned(value):
@@ -77,9 +76,10 @@ class DoneRecord(Mapping):
                  "_needs", "_rids", "provenance", "session", "_extra")
 
     @classmethod
-    def of(cls, rec: dict) -> "DoneRecord | None":
+    def of(cls, rec: dict, shared: dict) -> "DoneRecord | None":
         """The compact form of a parsed record, or ``None`` when it is not a done per-image record of the usual
-        shape (it is kept as a dict then)."""
+        shape (it is kept as a dict then). ``shared`` keeps one copy of each output-name pattern and tuple of
+        upstream stages, for every record read with it."""
         get = rec.get
         image, outputs, sums, upstream, rid = get("image"), get("outputs"), get("sums"), get("upstream", {}), get("rid")
         if (get("status") != "done" or get("error") is not None or image.__class__ is not str
@@ -106,9 +106,9 @@ class DoneRecord(Mapping):
         self._layout = layout = _layout(tuple(rec))
         self.image, self.path, self.stage = sys.intern(image), _interned(get("path")), sys.intern(rec["stage"])
         self.seconds, self.rid = get("seconds"), sys.intern(rid)  # the same string as the ids that name it upstream
-        self._outputs = _shared.setdefault(key := tuple([o.replace(image, "\0") for o in outputs]), key)
+        self._outputs = shared.setdefault(key := tuple([o.replace(image, "\0") for o in outputs]), key)
         self._sums, self._digest = sized + packed, (digest or 0) // 2  # the sizes, then the checksums
-        self._needs = _shared.setdefault(key := tuple(upstream), key)
+        self._needs = shared.setdefault(key := tuple(upstream), key)
         self._rids = tuple(map(sys.intern, upstream.values()))
         self.provenance, self.session = _interned(get("provenance")), _interned(get("session"))
         self._extra = tuple(rec[k] for k in layout[2]) if layout[2] else ()
@@ -164,10 +164,10 @@ _READ = {"image": DoneRecord.image.__get__, "path": DoneRecord.path.__get__, "st
          "session": DoneRecord.session.__get__}
 
 
-def _compact(rec: dict) -> Mapping:
+def _compact(rec: dict, shared: dict) -> Mapping:
     """The same record in less memory (100,000 images keep 300,000 of them): a done one as a ``DoneRecord``,
     any other with its keys and its few distinct values shared with every other record's."""
-    done = DoneRecord.of(rec) if rec.get("status") == "done" else None
+    done = DoneRecord.of(rec, shared) if rec.get("status") == "done" else None
     if done is not None:
         return done
     out = {}
@@ -197,6 +197,7 @@ class ManifestTail:
         self.offset = 0
         self.before = b""
         self.latest: dict[tuple[str | None, str], Mapping] = {}
+        self.shared: dict = {}  # what the records read from this file share (``DoneRecord.of``)
 
     def read(self, path: Path) -> dict[tuple[str | None, str], Mapping]:
         try:
@@ -233,7 +234,7 @@ class ManifestTail:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
             if is_record(rec):
-                rec = _compact(rec)
+                rec = _compact(rec, self.shared)
                 self.latest[(rec.get("image"), rec["stage"])] = rec
 
     def _unchanged(self, f) -> bool:

@@ -288,8 +288,8 @@ class RunDir:
                     if TAR_SEP in d["path"]:  # a shard's sample: its path holds the shard and the sample's bytes
                         path = d["path"]
                     # one string for the input root, and the path the same string as the manifest's (interned)
-                    refs.append(ImageRef(id=sys.intern(d["id"]), path=sys.intern(path), rel=d["rel"], root=sys.intern(root),
-                                         meta=d.get("meta", "")))
+                    refs.append(ImageRef(id=sys.intern(d["id"]), path=sys.intern(path), rel=d["rel"],
+                                         root=sys.intern(root), meta=d.get("meta", "")))
         return refs
 
     # manifest
