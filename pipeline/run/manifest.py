@@ -131,15 +131,13 @@ class DoneRecord(Mapping):
         return dict(zip(self._needs, self._rids))
 
     def get(self, key: str, default: Any = None) -> Any:
-        if key not in self._layout[1]:
-            return default
-        read = _READ.get(key)
-        return read(self) if read is not None else self._extra[self._layout[2].index(key)]
+        return self[key] if key in self._layout[1] else default
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._layout[1]:
             raise KeyError(key)
-        return self.get(key)
+        read = _READ.get(key)
+        return read(self) if read is not None else self._extra[self._layout[2].index(key)]
 
     def __contains__(self, key: object) -> bool:
         return key in self._layout[1]
@@ -167,7 +165,7 @@ _READ = {"image": DoneRecord.image.__get__, "path": DoneRecord.path.__get__, "st
 def _compact(rec: dict, shared: dict) -> Mapping:
     """The same record in less memory (100,000 images keep 300,000 of them): a done one as a ``DoneRecord``,
     any other with its keys and its few distinct values shared with every other record's."""
-    done = DoneRecord.of(rec, shared) if rec.get("status") == "done" else None
+    done = DoneRecord.of(rec, shared)
     if done is not None:
         return done
     out = {}

@@ -345,18 +345,19 @@ class RunDir:
         unreadable, or of another size than recorded; with ``hashes``, also one whose content changed.
         A record from before outputs carried checksums is checked for existence only."""
         if not hashes and isinstance(record, DoneRecord):  # sizes only: no checksum is spelled out
-            wanted = [(rel, size, None) for rel, size in record.sized()]
+            sums = {rel: (size, None) for rel, size in record.sized()}
+            outputs = list(sums)
         else:
-            sums = record.get("sums") or {}
-            wanted = [(rel, *sums[rel]) if rel in sums else (rel, None, None) for rel in record.get("outputs", [])]
-        for rel, want_size, want_sum in wanted:
+            sums, outputs = record.get("sums") or {}, record.get("outputs", [])
+        for rel in outputs:
             path = self._root + rel
             try:
                 size = os.stat(path).st_size
             except OSError:
                 return f"{rel}: missing"
-            if want_size is None:
+            if rel not in sums:
                 continue
+            want_size, want_sum = sums[rel]
             if size != want_size:
                 return f"{rel}: {size} bytes, {want_size} when written"
             if hashes:
