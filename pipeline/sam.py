@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
+from pipeline.lazy import lazy_module
 from pipeline.run.config import ConfigError
+
+torch = lazy_module("torch")
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b")
 

@@ -33,11 +33,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal
 
-import kornia.augmentation as K
-import torch
-import torch.nn.functional as F
-
-from pipeline.model.choosers import GumbelChooser, PezChooser
+from pipeline.lazy import lazy_module
 from pipeline.run.config import require
 from pipeline.model.encode import explain_away, load_batch, rescore_texts, view_features, word_directions
 from pipeline.run.images import ImageRef, normalize
@@ -47,6 +43,10 @@ from pipeline.run.stage import BAD_INPUT, Finish, ItemResult, PerImageStage, Sta
 from pipeline.model.textenc import encode_text_embeddings
 from pipeline.model.discovery import WHOLE, Opinion, merge_views, tile_boxes, tile_views
 from pipeline.model.tokens import STOP_WORDS, allowed_token_ids, clean_words, vocab
+
+K = lazy_module("kornia.augmentation")
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,8 @@ def extract_opinions(
         torch.stack([torch.randperm(cfg.bank_size, generator=g, device=dev)[: cfg.views] for _ in range(cfg.iterations)])
         for g in gens
     ])  # [B, iters, views]
+    from pipeline.model.choosers import GumbelChooser, PezChooser  # defines a torch class on load (pipeline.lazy)
+
     if cfg.method == "pez":
         chooser = PezChooser(table, gens, C, Kt, cfg.pez_lr, cfg.pez_weight_decay)
     else:

@@ -22,14 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
+from pipeline.lazy import lazy_module
 from pipeline.run.config import require
 from pipeline.model.encode import load_batch, view_features
 from pipeline.run.images import ImageRef
 from pipeline.run.rundir import atomic_write_json, read_output
 from pipeline.run.stage import BAD_INPUT, Finish, ItemResult, PerImageStage, StageContext
 from pipeline.model.tokens import STOP_WORDS
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

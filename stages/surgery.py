@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
+from pipeline.lazy import lazy_module
 from pipeline.run.batching import writer_pool
 from pipeline.run.config import ConfigError, require
 from pipeline.heatmaps import method, names
@@ -34,6 +34,8 @@ from pipeline.run.images import ImageError, ImageRef, load_image, normalize, to_
 from pipeline.run.rundir import atomic_write_bytes, atomic_write_json, read_output
 from pipeline.sam import SamConfig, load_sam, sam_masks
 from pipeline.run.stage import BAD_INPUT, RERUN, Finish, ItemResult, PerImageStage, StageContext
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

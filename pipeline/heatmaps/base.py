@@ -21,11 +21,12 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
-
+from pipeline.lazy import lazy_module
 from pipeline.model.adapter import BlockParts
 from pipeline.heatmaps.similarity import feature_surgery as surgery_similarity
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 @dataclass(frozen=True)

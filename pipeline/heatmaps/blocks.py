@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+from pipeline.lazy import lazy_module
 from pipeline.model.adapter import block_parts, is_vit, stem_activations, stock_block, vision_blocks
 from pipeline.heatmaps.base import (BlockStep, HeatmapMethod, LastBlock, MapSettings, PathMethod, PoolStep, VitRun,
                                     merge_heads, split_heads)
 from pipeline.heatmaps.registry import method as registered, names
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)

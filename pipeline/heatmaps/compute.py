@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
 
+from pipeline.lazy import lazy_module
 from pipeline.model.adapter import input_resolution
 from pipeline.heatmaps.blocks import MethodTokens, encode_method_tokens
 from pipeline.heatmaps.draw import fit_side, map_to_points, overlay_heatmap, upsample_map
 from pipeline.heatmaps.registry import method
 from pipeline.heatmaps.similarity import grid_shape, similarity_map
+
+torch = lazy_module("torch")
 
 
 class HeatmapSettings(Protocol):

@@ -12,11 +12,13 @@ import hashlib
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.lazy import lazy_module
 from pipeline.run.images import slugify
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 def label_slug(word: str) -> str:
     """A file-name-safe, unique slug of a label. Words that slugify lossily get a short hash of the word.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from pipeline.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 def feature_surgery(image_tokens: torch.Tensor, text_features: torch.Tensor,

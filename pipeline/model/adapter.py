@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
+from pipeline.lazy import lazy_module
 
-_IDENTITY = nn.Identity()
+torch = lazy_module("torch")
+nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,15 @@ class BlockParts:
     ls_2: nn.Module
 
 
+_IDENTITY: list = []  # one shared nn.Identity, made at the first use (this module does not import torch on load)
+
+
 def block_parts(block: nn.Module) -> BlockParts:
     """The parts of an openai-clip or OpenCLIP residual attention block (LayerScale as ``Identity`` when absent)."""
-    return BlockParts(block.ln_1, block.attn, getattr(block, "ls_1", _IDENTITY), block.ln_2, block.mlp,
-                      getattr(block, "ls_2", _IDENTITY))
+    if not _IDENTITY:
+        _IDENTITY.append(nn.Identity())
+    return BlockParts(block.ln_1, block.attn, getattr(block, "ls_1", _IDENTITY[0]), block.ln_2, block.mlp,
+                      getattr(block, "ls_2", _IDENTITY[0]))
 
 
 def stock_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

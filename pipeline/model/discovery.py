@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
+from pipeline.lazy import lazy_module
+
+torch = lazy_module("torch")
+
 
 WHOLE: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 

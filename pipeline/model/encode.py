@@ -7,13 +7,14 @@ grad mode to the caller (the stages call them under ``torch.no_grad``).
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from pipeline.lazy import lazy_module
 from pipeline.run.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.model.load import LoadedModel
 from pipeline.model.discovery import tile_views
 from pipeline.model.tokens import tokenize
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 def load_batch(resolution: int, refs: list[ImageRef], max_side: int) -> tuple[list[ImageRef], torch.Tensor | None, dict[str, str]]:

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from pipeline.lazy import lazy_module
 from pipeline.model.adapter import ClipAdapter, check_openclip_model, openclip_refusal
+
+torch = lazy_module("torch")
 
 if TYPE_CHECKING:  # openai-clip is imported where a model is loaded: it imports torchvision, which would cost
     from clip.model import CLIP  # every command, ``status`` and a rerun with nothing to do among them, seconds

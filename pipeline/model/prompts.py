@@ -13,13 +13,14 @@ import hashlib
 import logging
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
+from pipeline.lazy import lazy_module
 from pipeline.model.adapter import as_adapter
 from pipeline.run.rundir import atomic_path
 from pipeline.model.textenc import encode_tokens
 from pipeline.model.tokens import tokenize
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,12 @@ read the model's parameters and never change its modules or buffers.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+from pipeline.lazy import lazy_module
 from pipeline.model.adapter import as_adapter, block_parts
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 
 def causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,10 @@ from functools import lru_cache
 
 from typing import TYPE_CHECKING
 
-import torch
+from pipeline.lazy import lazy_module
+
+torch = lazy_module("torch")
+
 
 if TYPE_CHECKING:
     from clip.simple_tokenizer import SimpleTokenizer

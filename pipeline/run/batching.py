@@ -11,7 +11,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
-import torch
+from pipeline.lazy import lazy_module
+
+torch = lazy_module("torch")
+
 
 if TYPE_CHECKING:
     from pipeline.run.stage import Models

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Sequence, TypeVar
 
-import torch
-import torch.distributed as dist
+from pipeline.lazy import lazy_module
+
+torch = lazy_module("torch")
+dist = lazy_module("torch.distributed")
+
 
 T = TypeVar("T")
 

@@ -31,6 +31,23 @@ def test_help_imports_neither_torch_nor_the_stages():
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
+def test_status_and_a_rerun_with_nothing_to_do_never_import_torch(tmp_path, images):
+    """Reading a run needs no model: torch (1.5 s and 600 MiB to import) stays unloaded (pipeline.lazy)."""
+    run_args = ["--input", str(images), "--model", "random:tiny", "--output", str(tmp_path), "--run-name", "r",
+                "--quiet", *FAST]
+    assert _run(*run_args).exit_code == 0
+    before = (tmp_path / "r" / "manifest.jsonl").read_text().count('"stage": "ascend"')
+    assert before == 3  # the fixture's three images
+    code = ("import sys, runall\n"
+            "try:\n    runall.app(sys.argv[1:])\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
+            "print('TORCH', sorted(m for m in ('torch', 'kornia', 'clip') if m in sys.modules))")
+    for argv in (["status", "--run", str(tmp_path / "r"), "--json"], run_args):
+        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True)
+        lines = out.stdout.splitlines()
+        assert lines[-2:] == ["EXIT 0", "TORCH []"], (argv[0], out.stdout[-1500:], out.stderr[-1500:])
+    assert (tmp_path / "r" / "manifest.jsonl").read_text().count('"stage": "ascend"') == before  # nothing was redone
+
+
 def test_version_bare_command_and_choices():
     r = _run("--version")
     assert r.exit_code == 0 and r.stdout.startswith("clipsight ") and r.stdout.split()[1][0].isdigit()

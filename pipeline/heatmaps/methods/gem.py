@@ -6,11 +6,12 @@ The mean over ``v, k, q`` of a self-self attention of unit vectors, refined once
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from pipeline.lazy import lazy_module
 from pipeline.heatmaps.base import BlockStep, PathMethod
 from pipeline.heatmaps.registry import register
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 def gem_attended(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, scale: float, iters: int = 1

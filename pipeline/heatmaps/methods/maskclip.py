@@ -6,10 +6,11 @@ own value through the pool's ``v_proj`` and ``c_proj``, the class token the stoc
 
 from __future__ import annotations
 
-import torch
-
+from pipeline.lazy import lazy_module
 from pipeline.heatmaps.base import LastBlock, LastBlockMethod, MapSettings, PoolStep
 from pipeline.heatmaps.registry import register
+
+torch = lazy_module("torch")
 
 
 @register

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
+from pipeline.lazy import lazy_module
 from pipeline.heatmaps.base import LastBlock, LastBlockMethod
 from pipeline.heatmaps.registry import register
+
+torch = lazy_module("torch")
 
 
 def naclip_attention(last: LastBlock) -> torch.Tensor:

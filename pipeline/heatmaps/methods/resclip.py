@@ -6,11 +6,12 @@ blocks (0-based 5..8 of 12, scaled to the model's depth), times 2.
 
 from __future__ import annotations
 
-import torch
-
+from pipeline.lazy import lazy_module
 from pipeline.heatmaps.base import LastBlock, LastBlockMethod
 from pipeline.heatmaps.methods.naclip import naclip_attention
 from pipeline.heatmaps.registry import register
+
+torch = lazy_module("torch")
 
 
 def resclip_blocks(layers: int) -> range:

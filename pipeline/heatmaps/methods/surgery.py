@@ -10,11 +10,12 @@ the stock pool's, i.e. ``encode_image``. A depth of 0 gives the raw tokens on ei
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from pipeline.lazy import lazy_module
 from pipeline.heatmaps.base import BlockStep, MapSettings, PathMethod, PoolStep
 from pipeline.heatmaps.registry import register
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 @register
