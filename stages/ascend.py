@@ -18,8 +18,9 @@ image. What differs, and why:
 
 One ascent on the whole image finds the concept that dominates its embedding, and the
 rest of a scene is lost. ``discover_opinions`` looks further (``discover``): by default
-through a grid of tile views beside the whole image (``pipeline.model.discovery``), all in one
-ascent batch; or in rounds that explain the words found so far away from the target.
+through a view of each object region beside the whole image (``pipeline.model.discovery``), all
+in one ascent batch; or through a fixed grid of tiles; or in rounds that explain the words found
+so far away from the target.
 ``discover: whole`` is the original's single ascent.
 """
 
@@ -41,7 +42,8 @@ from pipeline.model.load import LoadedModel
 from pipeline.run.rundir import atomic_write_json, atomic_write_text
 from pipeline.run.stage import BAD_INPUT, Finish, ItemResult, PerImageStage, StageContext
 from pipeline.model.textenc import encode_text_embeddings
-from pipeline.model.discovery import WHOLE, Opinion, merge_views, tile_boxes, tile_views
+from pipeline.heatmaps.blocks import encode_image_tokens
+from pipeline.model.discovery import WHOLE, Opinion, merge_views, object_boxes, tile_boxes, tile_views
 from pipeline.model.tokens import STOP_WORDS, allowed_token_ids, clean_words, vocab
 
 K = lazy_module("kornia.augmentation")
@@ -73,11 +75,12 @@ class AscentConfig:
     whole_words_only: bool = False  # allow only tokens that are whole words
     batch_size: int = 0  # images optimised together; 0 = 4 on CPU, on CUDA as many as fit (up to 128); halves on out-of-memory
     enabled: bool = True  # false (--no-ascent): no gradient ascent; each opinion is empty and the labels are decode.words' alone, a fast closed-set run
-    discover: Literal["tiles", "explain", "whole"] = "tiles"  # past the dominant concept: tile views beside the whole image, rounds that explain found words away, or the original's one whole-image ascent
+    discover: Literal["regions", "tiles", "explain", "whole"] = "regions"  # past the dominant concept: a view of each object region beside the whole image, a grid of tile views instead, rounds that explain found words away, or the original's one whole-image ascent
+    regions: int = 4  # discover regions: at most this many object regions per image, largest first
     tiles: int = 2  # discover tiles: tiles per side of the grid
     tile_size: float = 0.625  # discover tiles: a tile's side, as a fraction of the image's
-    tile_candidates: int = 3  # discover tiles: candidate prompts per tile
-    tile_bank: int = 16  # discover tiles: augmented views encoded per tile (and averaged per step)
+    tile_candidates: int = 3  # discover regions or tiles: candidate prompts per region or tile
+    tile_bank: int = 16  # discover regions or tiles: augmented views encoded per region or tile (and averaged per step)
     rounds: int = 2  # discover explain: ascents per image, each with the words found before removed from its target
     explain_min_frequency: int = 3  # discover explain: a word this frequent among a round's candidates is explained away
 
@@ -92,6 +95,7 @@ class AscentConfig:
         require(0 <= self.augment_p <= 1, f"ascend.augment_p must be in [0, 1], got {self.augment_p}")
         require(self.checkin_every >= 1, f"ascend.checkin_every must be >= 1, got {self.checkin_every}")
         require(self.batch_size >= 0, f"ascend.batch_size must be >= 0 (0 = auto), got {self.batch_size}")
+        require(self.regions >= 1, f"ascend.regions must be >= 1, got {self.regions}")
         require(self.tiles >= 1, f"ascend.tiles must be >= 1, got {self.tiles}")
         require(0 < self.tile_size <= 1, f"ascend.tile_size must be in (0, 1], got {self.tile_size}")
         require(self.tile_candidates >= 1, f"ascend.tile_candidates must be >= 1, got {self.tile_candidates}")
@@ -111,10 +115,11 @@ def ascent_bytes_per_image(cfg: AscentConfig, vocab_size: int) -> int:
     moments, the noise buffer, the soft sample the backward keeps (on the CPU it reuses the noise
     buffer; compiled on CUDA it is its own tensor) and the backward's product with the table, with
     one to spare for the allocator. PEZ holds one, the similarity to every token, counted twice for
-    headroom. An image's tiles (``discover: tiles``) add their candidates. The rest (the view bank,
+    headroom. An image's tiles or regions (``discover: tiles``, ``regions``) add their candidates. The rest (the view bank,
     the short text prefix's activations) is small beside these.
     """
-    slots = cfg.candidates + (cfg.tiles ** 2 * cfg.tile_candidates if cfg.discover == "tiles" else 0)
+    boxed = {"tiles": cfg.tiles ** 2, "regions": cfg.regions}.get(cfg.discover, 0)
+    slots = cfg.candidates + boxed * cfg.tile_candidates
     per_slot = slots * cfg.tokens * vocab_size * 4
     return (7 if cfg.method == "gumbel" else 2) * per_slot
 
@@ -298,6 +303,14 @@ def _part(on_checkin: Callable[[float], None] | None, i: int, n: int) -> Callabl
     return None if on_checkin is None else (lambda f: on_checkin((i + f) / n))
 
 
+def region_boxes(lm: LoadedModel, images: torch.Tensor, limit: int) -> list[list[tuple[float, float, float, float]]]:
+    """Each image's object regions (``pipeline.model.discovery.object_boxes``) from stock CLIP's CLIP Surgery
+    patch tokens, in one forward of the batch: at most ``limit`` boxes per image, as fractions of it."""
+    with torch.no_grad():
+        tokens = encode_image_tokens(lm.clip, normalize(images.to(lm.device)).to(lm.dtype))
+    return [object_boxes(t[1:], tokens.grid, limit) for t in tokens.surgery]
+
+
 def discover_opinions(
     lm: LoadedModel, images: torch.Tensor, seeds: list[int], cfg: AscentConfig,
     on_checkin: Callable[[float], None] | None = None,
@@ -307,20 +320,24 @@ def discover_opinions(
     * ``whole``: one ascent on the whole image (``extract_opinions``, the original's form);
     * ``tiles``: that, and beside it an ascent on each of a grid of tile views (``pipeline.model.discovery``),
       all of the batch's tiles in one ascent batch;
+    * ``regions``: the same, with a view of each object region the image's patch tokens show (``region_boxes``)
+      in place of the grid: as many views as the image has objects, up to ``regions``;
     * ``explain``: ``rounds`` ascents on the one view bank, each with the words that earlier rounds
       found (``explain_min_frequency`` times among their candidates, stop words aside) removed from
       its target; an image's rounds end at the first that finds no new word.
 
     Each image's result is its own whatever it is batched with. Shape: images :math:`(B, 3, R, R)`.
     """
-    if cfg.discover == "tiles":
-        boxes = tile_boxes(cfg.tiles, cfg.tile_size)
+    if cfg.discover in ("tiles", "regions"):
+        kind = "tile" if cfg.discover == "tiles" else "region"
+        boxes = [tile_boxes(cfg.tiles, cfg.tile_size)] * len(seeds) if kind == "tile" else region_boxes(lm, images, cfg.regions)
         whole = extract_opinions(lm, images, seeds, cfg, _part(on_checkin, 0, 2))
         small = replace(cfg, candidates=cfg.tile_candidates, bank_size=cfg.tile_bank, views=min(cfg.views, cfg.tile_bank))
-        tiles = extract_opinions(lm, tile_views(images, boxes), [view_seed(s, k + 1) for s in seeds for k in range(len(boxes))],
-                                 small, _part(on_checkin, 1, 2))
+        parts = iter(extract_opinions(lm, torch.cat([tile_views(images[b : b + 1], bs) for b, bs in enumerate(boxes)]),
+                                      [view_seed(s, k + 1) for s, bs in zip(seeds, boxes) for k in range(len(bs))],
+                                      small, _part(on_checkin, 1, 2)) if any(boxes) else ())
         return [merge_views([(whole[b], {"kind": "image", "box": list(WHOLE)})] +
-                            [(tiles[b * len(boxes) + k], {"kind": "tile", "box": list(box)}) for k, box in enumerate(boxes)])
+                            [(next(parts), {"kind": kind, "box": list(box)}) for box in boxes[b]])
                 for b in range(len(seeds))]
     if cfg.discover == "whole" or cfg.rounds == 1:
         return extract_opinions(lm, images, seeds, cfg, on_checkin)

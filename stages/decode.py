@@ -5,9 +5,11 @@ candidates (the original's rule), minus the block-list and the stop-words. Each 
 is scored with stock CLIP: the cosine between its 85-template prompt-ensemble feature
 and the image; labels scored below ``min_score`` are dropped.
 
-An opinion of several views (ascend's ``discover: tiles`` or ``explain``) is decoded as one:
-a word counts by its mean frequency over the check-ins, all views together, is scored on
-the views that produced it, and keeps them, with their boxes, as its ``evidence``.
+An opinion of several views (ascend's ``discover: regions``, ``tiles`` or ``explain``) is decoded
+as one: a word is a label when, on average over the check-ins, it fills at least ``min_share`` of
+one view's candidates (so a word that one small view holds all along counts as much as one the
+whole image holds); it is scored on the views that produced it, and keeps them, with their boxes,
+as its ``evidence``.
 
 A vocabulary (``decode.words``, ``--words``) adds the user's own words: each is scored by stock CLIP
 on the whole image, with the same prompt ensemble, and is a label when its score stands out from the
@@ -35,7 +37,8 @@ torch = lazy_module("torch")
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    min_frequency: int = 3  # a label must occur this often among the final candidates (several views: on average over the check-ins, all views together)
+    min_frequency: int = 3  # a label must occur this often among the final candidates (an opinion of one view)
+    min_share: float = 0.5  # several views: a label must fill at least this share of one view's candidates, on average over the check-ins (chosen on held-out scenes)
     lowercase: bool = False  # merge words that differ only in case
     block_words: tuple[str, ...] = ()  # labels containing one of these (any case) are dropped
     stop_words: tuple[str, ...] = STOP_WORDS  # labels equal to one of these (any case) are dropped
@@ -46,6 +49,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         require(self.min_frequency >= 1, f"decode.min_frequency must be >= 1, got {self.min_frequency}")
+        require(self.min_share > 0, f"decode.min_share must be > 0, got {self.min_share}")
         require(self.prompts >= 0, f"decode.prompts must be >= 0, got {self.prompts}")
         for entry in self.words:
             require(bool(vocabulary_entries((entry,))), f"decode.words: {entry!r} names no word")
@@ -60,29 +64,39 @@ class Labels:
 
 
 def decode_labels(words: dict[str, dict], cfg: DecodeConfig, extra_block: tuple[str, ...] = (),
-                  checkins: int | None = None) -> list[dict]:
+                  views: list[dict] | None = None) -> list[dict]:
     """Labels from an opinion's word statistics, most frequent first.
 
     Args:
         words: ``{word: {"frequency": ..., "appearances": ...}}`` as ``ascend`` writes it.
         cfg: the rule.
         extra_block: more blocked words (e.g. the ascend stage's own block-list).
-        checkins: for an opinion of several views, its check-ins: a word then counts by its mean
-            frequency over them, all views together (``appearances / checkins``), not only at the
-            end, so a word that one tile holds all along is not lost among many views' candidates.
+        views: for an opinion of several views, its ``views``: a word is then a label when its share of one
+            view's candidates, on average over that view's check-ins (``appearances / (checkins * candidates)``),
+            is at least ``cfg.min_share`` in some view, not only at the end, and however few candidates the
+            view has; otherwise, when it occurs ``cfg.min_frequency`` times among the final candidates.
     """
-    merged: dict[str, list[float]] = {}
+    key = (lambda w: w.lower()) if cfg.lowercase else (lambda w: w)
+    frequency: dict[str, int] = {}
     for word, stats in words.items():
-        key = word.lower() if cfg.lowercase else word
-        m = merged.setdefault(key, [0, 0.0])
-        m[0] += int(stats["frequency"])
-        m[1] += stats.get("appearances", 0) / checkins if checkins else int(stats["frequency"])
+        frequency[key(word)] = frequency.get(key(word), 0) + int(stats["frequency"])
+    if views:
+        share: dict[str, float] = {}
+        for v in views:
+            held: dict[str, int] = {}
+            for word, stats in v["words"].items():
+                held[key(word)] = held.get(key(word), 0) + stats.get("appearances", 0)
+            for w, n in held.items():
+                share[w] = max(share.get(w, 0.0), n / max(1, v.get("checkins", 1) * v.get("candidates", 1)))
+        passes = lambda w: share.get(w, 0.0) >= cfg.min_share  # noqa: E731
+    else:
+        passes = lambda w: frequency[w] >= cfg.min_frequency  # noqa: E731
     blocked = [b.lower() for b in (*cfg.block_words, *extra_block) if b.strip()]
     stop = {w.lower() for w in cfg.stop_words}
     labels = [
         {"word": w, "frequency": n}
-        for w, (n, count) in merged.items()
-        if count >= cfg.min_frequency and w.lower() not in stop and not any(b in w.lower() for b in blocked)
+        for w, n in frequency.items()
+        if passes(w) and w.lower() not in stop and not any(b in w.lower() for b in blocked)
     ]
     return sorted(labels, key=lambda d: (-d["frequency"], d["word"]))
 
@@ -178,8 +192,8 @@ def label_opinions(opinions: list[dict], features: list[torch.Tensor],
         text_features: unit prompt-ensemble features of words (one call for the batch's words).
         cfg: the rule.
     """
-    labels_of = [decode_labels(op["words"], cfg, tuple(op.get("settings", {}).get("block_words", ())),
-                               len(op["checkins"]) if op.get("views") else None) for op in opinions]
+    labels_of = [decode_labels(op["words"], cfg, tuple(op.get("settings", {}).get("block_words", ())), op.get("views"))
+                 for op in opinions]
     vocab = list(dict.fromkeys(d["word"] for labels in labels_of for d in labels))
     text = text_features(vocab)  # [V, D]
     index = {w: i for i, w in enumerate(vocab)}

@@ -34,6 +34,7 @@ from PIL import Image
 
 from pipeline.run.config import require
 from pipeline.heatmaps import titles
+from pipeline.model.discovery import BOXED
 from pipeline.run.images import ImageError, ImageRef, load_image
 from pipeline.run.provenance import Status, read_state, reads_stamp, root_line, set_stamp, stamp_of
 from pipeline.run.shards import caption_of
@@ -213,7 +214,7 @@ def _where(label: dict) -> list[list[float]] | None:
     whole image, ``None`` for a label with no evidence (an opinion of one view)."""
     if "evidence" not in label:
         return None
-    return [[round(v, 3) for v in e["box"]] for e in label["evidence"] if e.get("kind") == "tile"]
+    return [[round(v, 3) for v in e["box"]] for e in label["evidence"] if e.get("kind") in BOXED]
 
 
 def _add_maps(card: dict, heatmaps: dict, cfg: ReportConfig) -> None:

@@ -23,7 +23,7 @@ atexit.register(shutil.rmtree, _FIFTYONE_DB, ignore_errors=True)
 # The one set of fast run settings the CLI-level tests share: a few ascent steps, every word a label,
 # small single-text maps. A test that needs more passes its own keys, which win.
 FAST = {"ascend.iterations": 6, "ascend.candidates": 4, "ascend.bank_size": 8, "ascend.views": 4,
-        "decode.min_frequency": 1, "surgery.single_resolution": 64}
+        "decode.min_frequency": 1, "decode.min_share": 0.01, "surgery.single_resolution": 64}
 
 
 @pytest.fixture(autouse=True)

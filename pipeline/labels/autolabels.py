@@ -28,6 +28,7 @@ from PIL import Image
 from pipeline.run.config import ConfigError
 from pipeline.run.images import ImageError, ImageRef, load_image
 from pipeline.labels.refine import refiner_for
+from pipeline.model.discovery import BOXED
 from pipeline.labels.regions import (Region, group_objects, heatmap_regions, map_contrast, mask_region, too_large,
                                      work_size)
 from pipeline.run.rundir import RunDir, read_output
@@ -265,7 +266,7 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         if cfg.min_score is not None and score < cfg.min_score:
             continue
         word = best["word"]
-        tiles = [e["box"] for e in best.get("evidence", ()) if e.get("kind") == "tile"]
+        tiles = [e["box"] for e in best.get("evidence", ()) if e.get("kind") in BOXED]
         regions: tuple[Region, ...] = ()
         grid = maps.get(word) if heatmaps is not None else None
         why = ""

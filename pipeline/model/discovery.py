@@ -1,7 +1,7 @@
 """Looking past an image's dominant concept: the views ascend looks through and decode scores on, and one
 opinion from several views'.
 
-A tile view keeps the whole canvas and every object at its own size and place, and
+A boxed view (a tile of a fixed grid, or the box of one object region) keeps the whole canvas and every object at its own size and place, and
 fills what lies outside the tile with the image's border colour (the median of its
 edge pixels). It is not a crop enlarged to the input size: a small CLIP that never saw
 large objects loses their shape when they are enlarged, and no object moves.
@@ -15,12 +15,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import cv2
+import numpy as np
+
 from pipeline.lazy import lazy_module
 
 torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 WHOLE: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+BOXED: tuple[str, ...] = ("tile", "region")  # the kinds of view that show the image through a box
 
 
 def tile_boxes(grid: int, size: float) -> list[tuple[float, float, float, float]]:
@@ -35,6 +40,37 @@ def tile_boxes(grid: int, size: float) -> list[tuple[float, float, float, float]
         return []
     starts = [0.0] if grid == 1 else [round(i * (1 - size) / (grid - 1), 6) for i in range(grid)]
     return [(x, y, size, size) for y in starts for x in starts]
+
+
+def object_boxes(patches: torch.Tensor, grid: tuple[int, int], limit: int, margin: int = 1
+                 ) -> list[tuple[float, float, float, float]]:
+    """Where an image's objects are, from its patch tokens, without a word: at most ``limit`` boxes, largest first.
+
+    A patch is part of an object when its unit feature is further from the background's (the mean
+    of the border patches') than Otsu's threshold over the image's patches puts it; each 4-connected
+    group of such patches is one object, its box grown by ``margin`` patches on every side. A uniform
+    image has none.
+
+    Shape:
+        - patches: :math:`(gh \\cdot gw, D)`, row-major over ``grid``.
+    """
+    gh, gw = grid
+    unit = F.normalize(patches.float(), dim=-1).view(gh, gw, -1)
+    border = torch.cat([unit[0], unit[-1], unit[1:-1, 0], unit[1:-1, -1]])
+    away = (1 - unit @ F.normalize(border.mean(0), dim=-1)).cpu().numpy()  # [gh, gw]
+    spread = float(away.max() - away.min())
+    if spread < 1e-6:
+        return []
+    levels = np.round((away - away.min()) / spread * 255).astype(np.uint8)
+    _, mask = cv2.threshold(levels, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
+    order = sorted(range(1, n), key=lambda k: (-stats[k, cv2.CC_STAT_AREA], k))[:limit]
+    boxes = []
+    for k in order:
+        x, y, w, h = (int(v) for v in stats[k, :4])
+        x0, y0, x1, y1 = max(x - margin, 0), max(y - margin, 0), min(x + w + margin, gw), min(y + h + margin, gh)
+        boxes.append((round(x0 / gw, 6), round(y0 / gh, 6), round((x1 - x0) / gw, 6), round((y1 - y0) / gh, 6)))
+    return boxes
 
 
 def border_fill(images: torch.Tensor) -> torch.Tensor:

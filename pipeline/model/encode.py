@@ -10,7 +10,7 @@ from __future__ import annotations
 from pipeline.lazy import lazy_module
 from pipeline.run.images import ImageError, ImageRef, load_image, normalize, to_tensor
 from pipeline.model.load import LoadedModel
-from pipeline.model.discovery import tile_views
+from pipeline.model.discovery import BOXED, tile_views
 from pipeline.model.tokens import tokenize
 
 torch = lazy_module("torch")
@@ -93,7 +93,7 @@ def explain_away(target: torch.Tensor, basis: torch.Tensor | None) -> torch.Tens
 def view_features(lm: LoadedModel, images: torch.Tensor, views: list[list[dict]]) -> list[torch.Tensor]:
     """Each image's views as ascend saw them, un-augmented: unit features ``[V, D]`` per image.
 
-    A view (an entry of an opinion's ``views``) is a tile (``kind: "tile"``, its ``box``), the whole
+    A view (an entry of an opinion's ``views``) is a box of it (``kind: "tile"`` or ``"region"``, its ``box``), the whole
     image (``"image"``), or a round of explaining away (``"round"``: the whole image less the
     directions of the words in its ``explained``). An image with no views gets its whole-image row.
 
@@ -101,7 +101,7 @@ def view_features(lm: LoadedModel, images: torch.Tensor, views: list[list[dict]]
         - images: :math:`(B, 3, R, R)` in [0, 1].
     """
     whole = encode_images(lm, images)  # [B, D]
-    tiles = [(b, k, tuple(v["box"])) for b, vs in enumerate(views) for k, v in enumerate(vs) if v["kind"] == "tile"]
+    tiles = [(b, k, tuple(v["box"])) for b, vs in enumerate(views) for k, v in enumerate(vs) if v["kind"] in BOXED]
     tiled = encode_images(lm, torch.cat([tile_views(images[b : b + 1], [box]) for b, _, box in tiles])) if tiles else None
     explained = [[v.get("explained", []) for v in vs if v["kind"] == "round"] for vs in views]
     out = []

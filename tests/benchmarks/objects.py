@@ -1,7 +1,7 @@
 """Every object in the picture: recall of the true words by the number of objects in a scene; prints JSON.
 
     python tests/benchmarks/objects.py [--model toy] [--scenes 16] [--objects 1 2 3 4]
-                                       [--discover whole tiles explain] [--seed 23] [--out FILE]
+                                       [--discover whole regions tiles explain] [--seed 23] [--out FILE]
 
 Scenes come from ``heldout.py``'s renderer, which no training and no tuning of this
 project's settings ever saw (the discovery rules were chosen on its seed 11; this
@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--scenes", type=int, default=16, help="scenes per object count")
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--discover", nargs="+", default=["whole", "tiles", "explain"], choices=["whole", "tiles", "explain"])
+    ap.add_argument("--discover", nargs="+", default=["whole", "regions", "tiles", "explain"],
+                    choices=["whole", "regions", "tiles", "explain"])
     ap.add_argument("--seed", type=int, default=23, help="the held-out renderer's stream (settings were chosen on 11)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -113,8 +114,8 @@ def main() -> None:
                  "scenes_per_count": args.scenes, "batch": BATCH, "settings": {}, "by_objects": {}}
     for d in args.discover:
         cfg = replace(fast, discover=d)
-        out["settings"][d] = {k: getattr(cfg, k) for k in ("discover", "iterations", "candidates", "tiles", "tile_size",
-                                                             "tile_candidates", "tile_bank", "rounds")}
+        out["settings"][d] = {k: getattr(cfg, k) for k in ("discover", "iterations", "candidates", "regions", "tiles",
+                                                             "tile_size", "tile_candidates", "tile_bank", "rounds")}
     cache: dict = {}
     discover_opinions(lm, torch.rand(1, 3, lm.input_resolution, lm.input_resolution),
                       [0], replace(fast, iterations=2, bank_size=8, views=8))  # warm-up

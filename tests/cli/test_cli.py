@@ -38,10 +38,11 @@ def test_full_run_writes_documented_files_and_resumes(tmp_path, images, monkeypa
     for i in ids:
         assert (run / "ascend" / f"{i}.json").is_file() and (run / "ascend" / f"{i}.csv").is_file()
         opinion = json.loads((run / "ascend" / f"{i}.json").read_text())
-        cands = opinion["candidates"]  # the whole image's 4, and 3 for each of the 4 tiles (discover: tiles)
-        assert len(cands) == 4 + 4 * 3 and all(-1 <= c["rescored"] <= 1 and len(c["ids"]) == 5 for c in cands)
-        assert [v["kind"] for v in opinion["views"]] == ["image"] + ["tile"] * 4
-        assert sorted({c["view"] for c in cands}) == [0, 1, 2, 3, 4]
+        cands = opinion["candidates"]  # the whole image's 4, and 3 for each of its 1 to 4 regions (discover: regions)
+        kinds = [v["kind"] for v in opinion["views"]]
+        assert kinds[0] == "image" and 1 <= len(kinds) - 1 <= 4 and set(kinds[1:]) == {"region"}
+        assert len(cands) == 4 + 3 * (len(kinds) - 1) and all(-1 <= c["rescored"] <= 1 and len(c["ids"]) == 5 for c in cands)
+        assert sorted({c["view"] for c in cands}) == list(range(len(kinds)))
         lab = json.loads((run / "labels" / f"{i}.json").read_text())
         assert set(lab) >= {"labels", "prompts"} and all({"word", "frequency", "score"} <= set(d) for d in lab["labels"])
         _check_surgery_outputs(run, i, [d["word"] for d in lab["labels"]])
@@ -223,7 +224,7 @@ def test_every_command_has_help(cmd, options, words):
 def test_images_without_labels_still_finish_surgery(tmp_path, images):
     out = tmp_path / "out"
     r = _run("--input", str(images), "--model", "random:tiny", "--output", str(out), "--run-name", "r", "--quiet",
-             *FAST, "--set", "decode.min_frequency=1000")
+             *FAST, "--set", "decode.min_frequency=1000", "--set", "decode.min_share=1000")
     assert r.exit_code == 0, r.output
     for meta in (out / "r" / "surgery").glob("*.json"):
         doc = json.loads(meta.read_text())

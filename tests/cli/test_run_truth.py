@@ -60,7 +60,7 @@ def test_a_stage_command_redoes_what_its_settings_change_and_run_yaml_stays_true
 
 def test_redoing_decode_makes_the_later_stages_stale_until_they_are_redone(tmp_path, images, run):
     before = {p.stem: json.loads(p.read_text()) for p in (run / "labels").glob("*.json")}
-    r = _run("decode", "--run", run, "--quiet", "--set", "decode.min_frequency=3", "--force")
+    r = _run("decode", "--run", run, "--quiet", "--set", "decode.min_share=0.5", "--force")
     assert r.exit_code == 0, r.output
     after = {p.stem: json.loads(p.read_text()) for p in (run / "labels").glob("*.json")}
     assert sum(len(d["labels"]) for d in after.values()) < sum(len(d["labels"]) for d in before.values())
@@ -73,7 +73,7 @@ def test_redoing_decode_makes_the_later_stages_stale_until_they_are_redone(tmp_p
     assert all(c["maps"] == [] for c in data["cards"])  # no heatmap of a label that no longer exists
     assert sum("stale" in f["error"] and f["stage"] == "surgery" for f in data["failures"]) == 3
 
-    r = _run("--input", images, "--output", tmp_path / "out", "--run-name", "r", *TINY, "--set", "decode.min_frequency=3")
+    r = _run("--input", images, "--output", tmp_path / "out", "--run-name", "r", *TINY, "--set", "decode.min_share=0.5")
     assert r.exit_code == 0, r.output
     for image_id, labels in after.items():
         heat = json.loads((run / "surgery" / f"{image_id}.json").read_text())

@@ -100,8 +100,9 @@ def test_automatic_cuda_batch_fits_the_free_memory(monkeypatch):
     from pipeline.model.tokens import vocab
 
     size = vocab().size
-    # the whole image's 16 candidates, and with tiles (the default) 3 more for each of 4 tiles
+    # the whole image's 16 candidates, and with regions (the default) 3 more for each of up to 4 regions
     assert ascent_bytes_per_image(AscentConfig(), size) == 7 * (16 + 4 * 3) * 5 * size * 4
+    assert ascent_bytes_per_image(AscentConfig(discover="tiles", tiles=3), size) == 7 * (16 + 9 * 3) * 5 * size * 4
     per = ascent_bytes_per_image(AscentConfig(discover="whole"), size)
     assert per == 7 * 16 * 5 * size * 4
     assert ascent_bytes_per_image(AscentConfig(method="pez"), size) < per

@@ -13,6 +13,23 @@ def test_decode_rule_and_block_list():
     assert decode_labels(words, DecodeConfig(), ("RE",)) == []
 
 
+def test_several_views_count_a_word_by_its_share_of_one_views_candidates():
+    def view(candidates, checkins, appearances):
+        return {"candidates": candidates, "checkins": checkins,
+                "words": {w: {"frequency": 0, "appearances": a} for w, a in appearances.items()}}
+
+    views = [view(8, 10, {"red": 40, "thin": 20}),  # red: half the whole image's candidates all along
+             view(3, 10, {"ring": 15, "thin": 10, "Ring": 5}),  # ring: half a small region's 3
+             view(3, 10, {"thin": 10, "once": 14})]  # thin: in every view, at most a third of one; once: 0.47
+    words = {w: {"frequency": 1, "appearances": 0} for w in ("red", "ring", "Ring", "thin", "once")}
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(), views=views)] == ["red", "ring"]
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(lowercase=True), views=views)] == ["ring", "red"]
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(min_share=0.45), views=views)] == ["once", "red", "ring"]
+    assert [d["word"] for d in decode_labels(words, DecodeConfig(min_share=0.25), views=views)] == [
+        "once", "red", "ring", "thin"]  # thin's best is 10 / (10 * 3); Ring alone is 5 / 30
+    assert decode_labels(words, DecodeConfig()) == []  # one view: the final frequency rule (1 < 3)
+
+
 def _opinion(words, candidates, block=()):
     return {"words": {w: {"frequency": n} for w, n in words.items()}, "settings": {"block_words": list(block)},
             "candidates": [{"text": t} if s is None else {"text": t, "rescored": s} for t, s in candidates]}

@@ -150,7 +150,8 @@ def test_maps_without_overlay_files_are_drawn_from_the_atlas(browser, tmp_path):
     from PIL import Image
 
     pixels = np.asarray(Image.open(BytesIO(shot)).convert("RGB")).astype(int)
-    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean() > 0.2  # JET: red or blue, far from grey
+    # JET: red or blue, far from grey (the grey atlas itself gives none; the first label's map, with the demo's words)
+    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean() > 0.1
     assert errors == [], errors
 
 
