@@ -54,7 +54,7 @@ class ExportConfig:
     min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
     max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
     refine: Literal["none", "pamr", "guided"] = "none"  # refine each map with its picture before CAM's rule, which also gives each region a mask. Held-out two-object scenes, single: CorLoc / mIoU 0.52 / 0.27 -> 0.70 / 0.44 with pamr (tau 0.85), 0.66 / 0.37 with guided (tau 0.75); the export takes 14x (pamr) or 6.6x (guided) its time: docs/benchmarks.md#regions-refined-with-the-image
-    evidence_prior: bool = False  # a label that ascend's tiles found gets its regions inside those tiles (on the demo it gave 4 more boxes, all wrong: docs/benchmarks.md#every-object)
+    evidence_prior: bool = True  # a label that ascend's object regions (or tiles) found gets its regions inside their boxes (held-out scenes: CorLoc 0.41 -> 0.66, docs/benchmarks.md#regions-as-priors)
     categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
     new_categories: str = "drop"  # classes that match none of `categories`: drop, or keep with new ids after the file's
     path_prefix: str = ""  # put before each image's relative path in Label Studio and FiftyOne: s3://bucket/folder/, or local (Label Studio's local files)
