@@ -1,10 +1,11 @@
 """Looking past an image's dominant concept: the views ascend looks through and decode scores on, and one
 opinion from several views'.
 
-A boxed view (a tile of a fixed grid, or the box of one object region) keeps the whole canvas and every object at its own size and place, and
-fills what lies outside the tile with the image's border colour (the median of its
-edge pixels). It is not a crop enlarged to the input size: a small CLIP that never saw
-large objects loses their shape when they are enlarged, and no object moves.
+A boxed view (a tile of a fixed grid, or the box of one object region) keeps the whole
+canvas and every object at its own size and place, and fills what lies outside the box
+with the image's border colour (the median of its edge pixels). It is not a crop enlarged
+to the input size: a small CLIP that never saw large objects loses their shape when they
+are enlarged, and no object moves.
 
 Boxes are ``[x, y, width, height]`` as fractions of the image, so they hold at any
 resolution (the model's input is the whole image resized, not cropped).
