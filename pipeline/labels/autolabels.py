@@ -61,7 +61,7 @@ class ExportLabel:
     regions: tuple[Region, ...] = ()
     heatmap: np.ndarray | None = None  # the region method's grid map of the best word, in [0, 1]
     no_region: str = ""  # why a label with a map has no region (a flat map, a box over nearly all the image)
-    evidence: tuple[tuple[float, float, float, float], ...] = ()  # the tiles that found the best word, in pixels
+    evidence: tuple[tuple[float, float, float, float], ...] = ()  # the regions (or tiles) that found the best word, in pixels
     source: str = "opinion"  # where the best word came from: "opinion", "vocabulary", "both" or "human"
 
 
@@ -266,7 +266,7 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         if cfg.min_score is not None and score < cfg.min_score:
             continue
         word = best["word"]
-        tiles = [e["box"] for e in best.get("evidence", ()) if e.get("kind") in BOXED]
+        boxes = [e["box"] for e in best.get("evidence", ()) if e.get("kind") in BOXED]  # its regions' or tiles' boxes
         regions: tuple[Region, ...] = ()
         grid = maps.get(word) if heatmaps is not None else None
         why = ""
@@ -282,12 +282,12 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
             rng = ranges.get(word)
             regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
                                             cfg.min_area, tuple(rng) if rng else None,
-                                            tiles if cfg.evidence_prior else None, refiner()))
+                                            boxes if cfg.evidence_prior else None, refiner()))
         kept = tuple(r for r in regions if r.source == "human" or not too_large(r, (height, width), cfg.max_box_area))
         if len(kept) < len(regions) and not kept:
             why = f"its box covers more than export.max_box_area ({cfg.max_box_area:g}) of the image"
         evidence = tuple((round(x * width, 2), round(y * height, 2), round(bw * width, 2), round(bh * height, 2))
-                         for x, y, bw, bh in tiles)
+                         for x, y, bw, bh in boxes)
         out.append(ExportLabel(name, score, tuple(w["word"] for w in words), kept, grid, why, evidence,
                                best.get("source", "opinion")))
     out.sort(key=lambda lab: -lab.score)

@@ -130,7 +130,7 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
         multi_instance: a region per component of at least ``min_area`` (a fraction of the image).
         similarity_range: the (lowest, highest) similarity the map's 0 and 1 stand for, to record
             the peak on the method's own scale.
-        prior: boxes ``[x, y, w, h]`` as fractions of the image (the label's evidence from ascend's tiles):
+        prior: boxes ``[x, y, w, h]`` as fractions of the image (the label's evidence, ascend's regions or tiles):
             the map outside all of them is set to 0 first, so the regions lie where the word was found.
         refiner: refines the map at the working size (``work_size(size)``) with the picture before CAM's rule
             (``pipeline.labels.refine.refiner_for`` of the picture at that size); each region then keeps its

@@ -24,6 +24,7 @@ same in both for the configs the adapter serves; :mod:`pipeline.model.tokens` to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from pipeline.lazy import lazy_module
 
@@ -43,15 +44,16 @@ class BlockParts:
     ls_2: nn.Module
 
 
-_IDENTITY: list = []  # one shared nn.Identity, made at the first use (this module does not import torch on load)
+@cache
+def _identity() -> nn.Module:
+    """The one shared ``nn.Identity``, made at its first use (this module does not import torch on load)."""
+    return nn.Identity()
 
 
 def block_parts(block: nn.Module) -> BlockParts:
     """The parts of an openai-clip or OpenCLIP residual attention block (LayerScale as ``Identity`` when absent)."""
-    if not _IDENTITY:
-        _IDENTITY.append(nn.Identity())
-    return BlockParts(block.ln_1, block.attn, getattr(block, "ls_1", _IDENTITY[0]), block.ln_2, block.mlp,
-                      getattr(block, "ls_2", _IDENTITY[0]))
+    return BlockParts(block.ln_1, block.attn, getattr(block, "ls_1", _identity()), block.ln_2, block.mlp,
+                      getattr(block, "ls_2", _identity()))
 
 
 def stock_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
