@@ -32,8 +32,12 @@ ITERATIONS = 20
 
 
 class Pamr:
-    """PAMR for one picture: its neighbours' indices and affinities are computed once, then any number of maps of
-    that picture are refined by them (``refiner(maps)``). NumPy only, so an export's reading processes need no torch.
+    """PAMR for one picture: its affinities are computed once, then any number of maps of that picture are refined
+    by them (``refiner(maps)``). NumPy only, so an export's reading processes need no torch.
+
+    A neighbour at offset ``(dy, dx)`` of every pixel is one slice of the picture (or map) padded by the largest
+    dilation with its edge replicated, so each step is a sum of shifted, weighted copies of the maps: contiguous
+    arithmetic, with no gathering of each pixel's neighbours by index.
 
     Args:
         image: the picture at the maps' size, ``[H, W, 3]`` uint8 (or float in [0, 1]).
@@ -44,23 +48,35 @@ class Pamr:
         if np.asarray(image).dtype == np.uint8:
             x = x / 255.0
         h, w = x.shape[:2]
-        self.shape, self.iterations = (h, w), iterations
-        ys, xs = np.mgrid[0:h, 0:w]
-        idx = [np.clip(ys + dy * d, 0, h - 1) * w + np.clip(xs + dx * d, 0, w - 1)  # edges replicated
-               for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-        self.index = np.stack(idx).reshape(len(idx), h * w)  # [N, HW]: each pixel's neighbours
-        flat = x.reshape(h * w, 3).T  # [3, HW]
-        near = flat[:, self.index]  # [3, N, HW]
-        spread = np.concatenate([near, flat[:, None]], 1).std(1, ddof=1, keepdims=True)
-        k = (-np.abs(near - flat[:, None]) / (1e-8 + 0.1 * spread)).mean(0)  # [N, HW]
+        self.shape, self.iterations, self.pad = (h, w), iterations, max(dilations)
+        p = self.pad
+        self.offsets = [(p + dy * d, p + dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                        if (dy, dx) != (0, 0)]
+        padded = np.pad(x.transpose(2, 0, 1), ((0, 0), (p, p), (p, p)), mode="edge")  # [3, H+2p, W+2p]
+        near = np.stack([padded[:, y:y + h, x0:x0 + w] for y, x0 in self.offsets], 1)  # [3, N, H, W]
+        here = x.transpose(2, 0, 1)[:, None]
+        spread = np.concatenate([near, here], 1).std(1, ddof=1, keepdims=True)
+        k = (-np.abs(near - here) / (1e-8 + 0.1 * spread)).mean(0)  # [N, H, W]
         k = np.exp(k - k.max(0, keepdims=True))
         self.affinity = (k / k.sum(0, keepdims=True)).astype(np.float32)
 
     def __call__(self, maps: np.ndarray) -> np.ndarray:
         """``[K, H, W]`` (or one ``[H, W]``) maps in [0, 1], refined; the same shape, float32."""
-        m = np.asarray(maps, dtype=np.float32).reshape(-1, self.shape[0] * self.shape[1])
+        (h, w), p = self.shape, self.pad
+        m = np.asarray(maps, dtype=np.float32).reshape(-1, h, w)
+        padded = np.empty((m.shape[0], h + 2 * p, w + 2 * p), np.float32)
+        step = np.empty_like(m)
         for _ in range(self.iterations):
-            m = np.einsum("knp,np->kp", m[:, self.index], self.affinity)
+            padded[:, p:p + h, p:p + w] = m
+            padded[:, :p, p:p + w] = m[:, :1]  # the edges replicated, as np.pad's "edge" does, without a new array
+            padded[:, p + h:, p:p + w] = m[:, -1:]
+            padded[:, :, :p] = padded[:, :, p:p + 1]
+            padded[:, :, p + w:] = padded[:, :, p + w - 1:p + w]
+            out = np.zeros_like(m)
+            for (y, x), a in zip(self.offsets, self.affinity):
+                np.multiply(padded[:, y:y + h, x:x + w], a, out=step)  # in place: no new array per neighbour
+                out += step
+            m = out
         return m.reshape(np.shape(maps))
 
 

@@ -61,6 +61,7 @@ def main() -> None:
     from dataclasses import replace
 
     from pipeline.labels.refine import REFINERS
+    from pipeline.run.rundir import RunDir
     from stages.export import ExportConfig
     from tests.benchmarks.jsonout import emit
     from tests.benchmarks.report_scale import make_run
@@ -78,7 +79,8 @@ def main() -> None:
                  "command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()
-        run = make_run(Path(tmp) / "run", args.images)
+        make_run(Path(tmp) / "run", args.images)
+        run = RunDir(Path(tmp) / "run")
         for path in run.file("surgery").glob("*.json"):  # make_run's docs name no image; the npz needs the id
             doc = json.loads(path.read_text())
             doc["image"] = path.stem

@@ -10,7 +10,7 @@ from pipeline.labels.autolabels import ExportImage, ExportLabel
 from pipeline.labels.evaluation import EvalImage, TruthObject, evaluate
 from pipeline.labels.exports import labelstudio_config, write_coco, write_labelstudio
 from pipeline.labels.refine import REFINERS, refiner_for
-from pipeline.labels.regions import Region, group_objects, heatmap_regions, region_pixels
+from pipeline.labels.regions import Region, group_objects, heatmap_regions, region_pixels, working_maps
 
 GREY, RED = (120, 120, 120), (220, 30, 30)
 
@@ -152,3 +152,47 @@ def test_eval_measures_mask_miou_and_each_refiner_with_its_best_tau():
     empty = EvalImage(truth={"red": [obj]}, scores={"red": 0.3}, exported=["red"], boxes={"red": []}, size=(64, 64))
     assert evaluate([empty], ["single"])["overall"]["miou"] == 0.0  # no region: nothing of the object covered
     assert "refiners" not in evaluate([empty], ["single"], ("pamr",))["overall"]["methods"]["single"]
+
+
+def pamr_by_gathering(image: np.ndarray, maps: np.ndarray, iterations: int, dilations: tuple[int, ...]) -> np.ndarray:
+    """PAMR as its equations read: each pixel's neighbours gathered by index (the edges replicated), their
+    affinities a softmax of the colour differences over the local spread, the maps propagated by them."""
+    x = image.astype(np.float32) / 255.0
+    h, w = x.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w]
+    index = np.stack([np.clip(ys + dy * d, 0, h - 1) * w + np.clip(xs + dx * d, 0, w - 1) for d in dilations
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]).reshape(-1, h * w)
+    flat = x.reshape(h * w, 3).T
+    near = flat[:, index]
+    spread = np.concatenate([near, flat[:, None]], 1).std(1, ddof=1, keepdims=True)
+    k = (-np.abs(near - flat[:, None]) / (1e-8 + 0.1 * spread)).mean(0)
+    a = np.exp(k - k.max(0, keepdims=True))
+    a /= a.sum(0, keepdims=True)
+    m = maps.reshape(-1, h * w).astype(np.float32)
+    for _ in range(iterations):
+        m = np.einsum("knp,np->kp", m[:, index], a)
+    return m.reshape(maps.shape)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (11, 13)])  # smaller than the largest dilation, too
+def test_pamr_by_shifted_slices_is_pamr_by_gathered_neighbours(size):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    maps = rng.random((3, *size)).astype(np.float32)
+    got = REFINERS["pamr"](img)(maps)
+    want = pamr_by_gathering(img, maps, 20, (1, 2, 4, 8))
+    assert got.shape == maps.shape and np.abs(got - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(REFINERS))
+def test_a_pictures_maps_refined_together_give_the_regions_each_gives_alone(name):
+    img, _ = picture([(6, 8, 12), (42, 38, 14)])
+    grids = [coarse_map([(0.19, 0.22)]), coarse_map([(0.75, 0.70)]), np.zeros((8, 8), np.float32)]
+    refiner = refiner_for(name, img)
+    heats = working_maps(grids, (64, 64), refiner)
+    assert not heats[2].any()  # a flat map is left flat, not refined
+    for grid, heat in zip(grids, heats):
+        alone = heatmap_regions(grid, (64, 64), "single", 0.8, refiner=refiner)
+        together = heatmap_regions(grid, (64, 64), "single", 0.8, refiner=refiner, heat=heat)
+        assert (len(alone) > 0) == bool(grid.any()) and [r.box for r in alone] == [r.box for r in together]
+        assert all((a.mask == b.mask).all() for a, b in zip(alone, together))
