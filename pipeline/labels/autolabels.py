@@ -30,7 +30,7 @@ from pipeline.run.images import ImageError, ImageRef, load_image
 from pipeline.labels.refine import refiner_for
 from pipeline.model.discovery import BOXED
 from pipeline.labels.regions import (Region, group_objects, heatmap_regions, map_contrast, mask_region, too_large,
-                                     work_size, working_maps)
+                                     work_size)
 from pipeline.run.rundir import RunDir, read_output
 
 
@@ -259,12 +259,6 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
         if name is not None:
             by_class.setdefault(name, []).append(d)
     ranges = {e["word"]: e.get("range", {}).get(cfg.region_method) for e in (heatmaps or {}).get("labels", [])}
-    mapped = [] if heatmaps is None else [  # the words whose regions come from their maps: refined in one call
-        word for words in by_class.values() if (word := words[0]["word"]) in maps and word not in masks
-        and not (words[0].get("source") == "human" and words[0].get("boxes"))
-        and (cfg.min_score is None or (words[0].get("score") or 0.0) >= cfg.min_score)
-        and map_contrast(maps[word]) >= cfg.min_contrast]
-    heats = dict(zip(mapped, working_maps([maps[w] for w in mapped], (height, width), refiner()))) if mapped else {}
     out = []
     for name, words in by_class.items():
         best = words[0]
@@ -288,7 +282,7 @@ def export_image(ref: ImageRef, size: tuple[int, int], labels: list[dict], heatm
             rng = ranges.get(word)
             regions = tuple(heatmap_regions(grid, (height, width), cfg.region_method, cfg.tau, cfg.multi_instance,
                                             cfg.min_area, tuple(rng) if rng else None,
-                                            boxes if cfg.evidence_prior else None, refiner(), heats.get(word)))
+                                            boxes if cfg.evidence_prior else None, refiner()))
         kept = tuple(r for r in regions if r.source == "human" or not too_large(r, (height, width), cfg.max_box_area))
         if len(kept) < len(regions) and not kept:
             why = f"its box covers more than export.max_box_area ({cfg.max_box_area:g}) of the image"

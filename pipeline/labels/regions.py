@@ -118,8 +118,7 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
                     multi_instance: bool = False, min_area: float = 0.0,
                     similarity_range: tuple[float, float] | None = None,
                     prior: list[list[float]] | None = None,
-                    refiner: Callable[[np.ndarray], np.ndarray] | None = None,
-                    heat: np.ndarray | None = None) -> list[Region]:
+                    refiner: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Region]:
     """A label's regions from its grid map by CAM's rule (see ``map_boxes``), found on the map at the image's size
     (at most ``WORK_SIDE`` on the longer side, then scaled back to the image's pixels).
 
@@ -136,15 +135,14 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
         refiner: refines the map at the working size (``work_size(size)``) with the picture before CAM's rule
             (``pipeline.labels.refine.refiner_for`` of the picture at that size); each region then keeps its
             component as a mask at the image's size.
-        heat: the map at the working size as ``working_maps`` gave it (refined by ``refiner`` with the rest of its
-            picture's maps, in one call), instead of ``grid_map``'s own.
 
     Shape:
         - grid_map: :math:`(gh, gw)`.
     """
     h, w = size
-    if heat is None:
-        (heat,) = working_maps([grid_map], size, refiner)
+    heat = upsample_to(grid_map, work_size(size))
+    if refiner is not None and heat.max() > 0:
+        heat = refiner(heat)
     if prior:
         heat = heat * prior_mask(prior, heat.shape)
     sy, sx = h / heat.shape[0], w / heat.shape[1]
@@ -163,19 +161,6 @@ def heatmap_regions(grid_map: np.ndarray, size: tuple[int, int], method: str, ta
         out.append(Region(box=box, area=area, source=method, tau=tau, peak=round(peak, 4), peak_similarity=sim,
                           mask=mask))
     return out
-
-
-def working_maps(grid_maps: list[np.ndarray], size: tuple[int, int],
-                 refiner: Callable[[np.ndarray], np.ndarray] | None = None) -> list[np.ndarray]:
-    """Grid maps of one picture at the working size (``work_size(size)``), min-maxed (``upsample_to``), and refined
-    with the picture in one call when there is a ``refiner``: a refiner's steps then cost the same for ten maps as
-    for one. A flat map stays as it is."""
-    heats = [upsample_to(g, work_size(size)) for g in grid_maps]
-    live = [i for i, heat in enumerate(heats) if heat.max() > 0]
-    if refiner is not None and live:
-        for i, heat in zip(live, refiner(np.stack([heats[i] for i in live]))):
-            heats[i] = heat
-    return heats
 
 
 def mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -10,7 +10,7 @@ from pipeline.labels.autolabels import ExportImage, ExportLabel
 from pipeline.labels.evaluation import EvalImage, TruthObject, evaluate
 from pipeline.labels.exports import labelstudio_config, write_coco, write_labelstudio
 from pipeline.labels.refine import REFINERS, refiner_for
-from pipeline.labels.regions import Region, group_objects, heatmap_regions, region_pixels, working_maps
+from pipeline.labels.regions import Region, group_objects, heatmap_regions, region_pixels
 
 GREY, RED = (120, 120, 120), (220, 30, 30)
 
@@ -183,16 +183,3 @@ def test_pamr_by_shifted_slices_is_pamr_by_gathered_neighbours(size):
     want = pamr_by_gathering(img, maps, 20, (1, 2, 4, 8))
     assert got.shape == maps.shape and np.abs(got - want).max() < 1e-5
 
-
-@pytest.mark.parametrize("name", list(REFINERS))
-def test_a_pictures_maps_refined_together_give_the_regions_each_gives_alone(name):
-    img, _ = picture([(6, 8, 12), (42, 38, 14)])
-    grids = [coarse_map([(0.19, 0.22)]), coarse_map([(0.75, 0.70)]), np.zeros((8, 8), np.float32)]
-    refiner = refiner_for(name, img)
-    heats = working_maps(grids, (64, 64), refiner)
-    assert not heats[2].any()  # a flat map is left flat, not refined
-    for grid, heat in zip(grids, heats):
-        alone = heatmap_regions(grid, (64, 64), "single", 0.8, refiner=refiner)
-        together = heatmap_regions(grid, (64, 64), "single", 0.8, refiner=refiner, heat=heat)
-        assert (len(alone) > 0) == bool(grid.any()) and [r.box for r in alone] == [r.box for r in together]
-        assert all((a.mask == b.mask).all() for a, b in zip(alone, together))
