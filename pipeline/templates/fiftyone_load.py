@@ -30,9 +30,10 @@ def samples():
             if d.get("mask"):
                 import numpy as np
                 from PIL import Image
-                full = np.asarray(Image.open(HERE / d["mask"])) > 0
+                mask = np.asarray(Image.open(HERE / d["mask"])) > 0  # the box's crop of the mask
                 x, y, w, h = d["box_pixels"]
-                mask = full[y : y + h, x : x + w]
+                if mask.shape != (h, w):  # an export before 0.6.2 wrote the whole picture's mask
+                    mask = mask[y : y + h, x : x + w]
             detections.append(fo.Detection(label=d["label"], bounding_box=d["bounding_box"], mask=mask,
                                            confidence=d["confidence"], box_source=d["box_source"], tau=d["tau"],
                                            label_source=d.get("label_source", "opinion"),

@@ -222,13 +222,18 @@ def test_fiftyone_dataset_round_trips_with_a_bounded_schema(run, fiftyone, tmp_p
     finally:
         ds.delete()
     write_fiftyone(tmp_path / "fo", [_masked_image()], "k", "")  # a SAM mask, cropped to its box
-    masked = _fiftyone_loader(tmp_path / "fo").build(f"clipsight-mask-{tmp_path.name}")
-    try:
-        det = masked.first().clip_regions.detections[0]
-        mask = _masked_image().labels[0].regions[0].mask
-        assert det.mask.shape == (22, 32) and (det.mask == mask[4:26, 6:38]).all()
-    finally:
-        masked.delete()
+    mask = _masked_image().labels[0].regions[0].mask
+    (png,) = (tmp_path / "fo" / "masks").glob("*.png")
+    assert np.asarray(Image.open(png)).shape == (22, 32)  # only the box's crop is written
+    for earlier in (False, True):  # this export's PNG, then an earlier export's, of the whole picture
+        if earlier:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(png)
+        masked = _fiftyone_loader(tmp_path / "fo").build(f"clipsight-mask-{tmp_path.name}")
+        try:
+            det = masked.first().clip_regions.detections[0]
+            assert det.mask.shape == (22, 32) and (det.mask == mask[4:26, 6:38]).all()
+        finally:
+            masked.delete()
 
 
 def test_fiftyone_evaluate_detections_agrees_with_eval(run, toy_run, fiftyone, tmp_path):
