@@ -53,7 +53,7 @@ class ExportConfig:
     label_map: str | None = None  # a YAML file: map words to classes, drop words (see pipeline.labels.autolabels.LabelMap)
     min_contrast: float = 0.25  # a map whose peak stands less than this above its mean (1 - mean of the min-maxed map) gives no box
     max_box_area: float = 0.9  # a box over more than this fraction of the image is dropped: the label stays image-level
-    refine: Literal["none", "pamr", "guided"] = "none"  # refine each map with its picture before CAM's rule, which also gives each region a mask. Held-out two-object scenes, single: CorLoc / mIoU 0.52 / 0.27 -> 0.70 / 0.44 with pamr (tau 0.85), 0.66 / 0.37 with guided (tau 0.75); the export takes 13x (pamr) or 11x (guided) its time, some 40% of it writing the masks: docs/benchmarks.md#regions-refined-with-the-image
+    refine: Literal["none", "pamr", "guided"] = "none"  # refine each map with its picture before CAM's rule, which also gives each region a mask. Held-out two-object scenes, single: CorLoc / mIoU 0.52 / 0.27 -> 0.70 / 0.44 with pamr (tau 0.85), 0.66 / 0.37 with guided (tau 0.75); 1,000 images of ten masks export in some 56 s (pamr) or 35-41 s (guided) against 4-9 s unrefined, on two cores: docs/benchmarks.md#regions-refined-with-the-image
     evidence_prior: bool = True  # a label that ascend's object regions (or tiles) found gets its regions inside their boxes (held-out scenes: CorLoc 0.41 -> 0.66, docs/benchmarks.md#regions-as-priors)
     categories: str | None = None  # a COCO file: its categories' names and ids (and its images' ids) are the export's
     new_categories: str = "drop"  # classes that match none of `categories`: drop, or keep with new ids after the file's
