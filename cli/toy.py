@@ -19,6 +19,7 @@ class SceneStyle(str, enum.Enum):  # pipeline.toy.world.Style
     alt = "alt"
     varied = "varied"
     mixed = "mixed"
+    blend = "blend"
 
 
 class Recipe(str, enum.Enum):  # "auto" and pipeline.toy.train.RECIPES
@@ -30,6 +31,8 @@ class Recipe(str, enum.Enum):  # "auto" and pipeline.toy.train.RECIPES
     surgery_cpu = "surgery-cpu"
     varied_cpu = "varied-cpu"
     mixed_cpu = "mixed-cpu"
+    scratch_gpu = "scratch-gpu"
+    scratch_surgery_gpu = "scratch-surgery-gpu"
     gpu = "gpu"
     cpu = "cpu"
 
@@ -42,7 +45,7 @@ def toy_scenes(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     min_objects: Annotated[int, typer.Option(help="Fewest objects per scene.")] = 1,
     max_objects: Annotated[int, typer.Option(help="Most objects per scene (up to 3).")] = 3,
-    style: Annotated[SceneStyle, typer.Option(help="train (hard-edged), alt (anti-aliased, other backgrounds), varied (the training augmentation: new choices per scene) or mixed (train or varied, half each).")] = SceneStyle.train,
+    style: Annotated[SceneStyle, typer.Option(help="train (hard-edged), alt (anti-aliased, other backgrounds), varied (the training augmentation: new choices per scene) mixed (train or varied, half each) or blend (train, varied or alt, a third each).")] = SceneStyle.train,
 ) -> None:
     """Write toy scenes (coloured shapes with known truth), truth.json and truth_coco.json (for eval)."""
     from pipeline.toy.world import SceneSpec, write_scenes
@@ -58,7 +61,7 @@ def toy_scenes(
 @toy_app.command("train")
 def toy_train(
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the fp16 state dict; a .json card goes beside it.")],
-    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'surgery-cpu' (continues --start-from with the patch term on the surgery path too), 'varied-cpu' (continues --start-from on scenes drawn a new way each time, text tower frozen), 'mixed-cpu' (the same on training-style and varied scenes, with a 36-way class term on the image embedding), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
+    recipe: Annotated[Recipe, typer.Option(help="'fine-gpu' (16x16-grid model), 'fine-cpu' (the same, sized for a 2-core CPU), 'distill-cpu' (the 16x16-grid vision tower taught by --teacher), 'distill-init-cpu' (the same, started from the teacher's vision tower), 'surgery-cpu' (continues --start-from with the patch term on the surgery path too), 'varied-cpu' (continues --start-from on scenes drawn a new way each time, text tower frozen), 'mixed-cpu' (the same on training-style and varied scenes, with a 36-way class term on the image embedding), 'scratch-gpu' (a vision tower from scratch against --start-from's frozen text tower, on training-style, varied and alt scenes), 'scratch-surgery-gpu' (continues a scratch-gpu model with the surgery term), 'gpu' and 'cpu' (the 8x8-grid model), or 'auto': fine-gpu on CUDA, else fine-cpu.")] = Recipe.auto,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the recipe's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Scenes per step (default: the recipe's).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the recipe's).")] = None,

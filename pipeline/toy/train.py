@@ -83,6 +83,7 @@ class ToyTrainConfig:
     style: str = "train"  # the scenes' renderer (``pipeline.toy.world.Style``); "varied" draws fresh choices per scene
     max_scale: float = 0.40  # the largest object's diameter as a fraction of the image side
     class_weight: float = 0.0  # weight of the 36-way term: the image embedding against every colour+shape prompt
+    fresh_vision: bool = False  # after ``start_from``, the vision tower starts again from a fresh initialisation
 
 
 FINE = ToyArch(vision_patch_size=4, vision_layers=3)  # 16x16 patch grid on 64 px scenes
@@ -125,6 +126,16 @@ RECIPES: dict[str, ToyTrainConfig] = {
     "mixed-cpu": ToyTrainConfig(steps=1000, batch_size=64, noise_captions=32, lr=3e-4, arch=FINE4,
                                 dense_weight=1.0, warmup=50, eval_every=100, surgery_weight=1.0, surgery_depth=3,
                                 freeze_text=True, style="mixed", max_scale=0.45, class_weight=1.0),
+    # For a GPU (tests/benchmarks/gpu_toytrain.py runs both under a time limit): a vision tower trained from scratch
+    # against the text tower of ``--start-from`` (the shipped toy's, frozen), on training-style, varied and alt
+    # scenes, with the patch and 36-way terms; then "scratch-surgery-gpu" continues it with the surgery term too.
+    "scratch-gpu": ToyTrainConfig(steps=6000, batch_size=256, noise_captions=128, lr=5e-4, arch=FINE4,
+                                  dense_weight=1.0, warmup=200, eval_every=500, freeze_text=True, fresh_vision=True,
+                                  style="blend", max_scale=0.45, class_weight=1.0),
+    "scratch-surgery-gpu": ToyTrainConfig(steps=1000, batch_size=256, noise_captions=128, lr=2e-4, arch=FINE4,
+                                          dense_weight=1.0, warmup=50, eval_every=250, surgery_weight=1.0,
+                                          surgery_depth=3, freeze_text=True, style="blend", max_scale=0.45,
+                                          class_weight=1.0),
 }
 
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
@@ -376,6 +387,8 @@ def train_toy_clip(
     on_step: Callable[[int, float, dict | None], None] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    time_limit: float | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the toy CLIP.
 
@@ -386,6 +399,9 @@ def train_toy_clip(
         checkpoint: where to write a resumable checkpoint every ``cfg.checkpoint_every`` steps.
         resume: continue from ``checkpoint`` when it exists; its recipe must equal ``cfg``
             except for ``workers``.
+        time_limit: stop after the step that passes this many seconds of this session (a checkpoint is written
+            then), so a run on borrowed time ends with a usable model; the card says where it stopped.
+        checkpoint_seconds: also write the checkpoint whenever this many seconds have passed since the last.
 
     Returns:
         The fp16 state dict in OpenAI's key layout, and a card with the recipe,
@@ -399,6 +415,8 @@ def train_toy_clip(
     teacher = _load_teacher(cfg, model, device)
     if cfg.start_from is not None:
         _load_start(cfg, model)
+    if cfg.fresh_vision:  # the architecture's fresh vision tower (the seed's), whatever ``start_from`` held
+        model.visual.load_state_dict(build_toy_model(arch).visual.state_dict())
     if cfg.freeze_text:
         for n, p in model.named_parameters():
             if n.startswith(TEXT_TOWER):
@@ -430,7 +448,8 @@ def train_toy_clip(
     dense_text = (tokenize(dense_captions()[0], arch.context_length)
                   if cfg.dense_weight or cfg.surgery_weight or cfg.class_weight else None)
     word_caption = len(COLOURS) * len(SHAPES)  # the one-word captions follow the 36 pairs in dense_captions
-    start = time.time()
+    start = saved_at = time.time()
+    stopped_at = None
     for step, (images, tokens, captions, noise, dense, words, classes) in enumerate(loader, start=first):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
@@ -483,10 +502,23 @@ def train_toy_clip(
                 metrics = zero_shot_accuracy(model, held_out_single_objects(200), device)
             model.train()
             history.append({"step": step + 1, "loss": round(loss.item(), 4), **metrics})
-        if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            _save_checkpoint(checkpoint, model, opt, null, step + 1, history, before + time.time() - start, cfg)
+        now = time.time()
+        out_of_time = time_limit is not None and now - start >= time_limit and step + 1 < cfg.steps
+        if out_of_time and not metrics and cfg.eval_every:  # the curve ends where the model does
+            model.eval()
+            with torch.no_grad():
+                metrics = zero_shot_accuracy(model, held_out_single_objects(200), device)
+            model.train()
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), **metrics})
+        if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time
+                                       or (checkpoint_seconds is not None and now - saved_at >= checkpoint_seconds)):
+            _save_checkpoint(checkpoint, model, opt, null, step + 1, history, before + now - start, cfg)
+            saved_at = now
         if on_step:
             on_step(step, loss.item(), metrics)
+        if out_of_time:
+            stopped_at = step + 1
+            break
     seconds = before + time.time() - start
     model.eval()
     card = {
@@ -497,6 +529,7 @@ def train_toy_clip(
         "steps": cfg.steps,
         "train_seconds": round(seconds, 1),
         "resumed_at": first or None,
+        "stopped_at": stopped_at,  # the step a time limit ended it at, before the recipe's ``steps``
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "history": history,

@@ -17,7 +17,10 @@ Two renderers share one vocabulary:
   shape's proportions (ring and cross widths, diamond and triangle aspect), colour
   values jittered and desaturated within each name, blur, noise and JPEG artefacts;
 * ``style="mixed"``: each scene drawn by ``train`` or ``varied``, half each, so a
-  model learns the varied looks without losing the training style's.
+  model learns the varied looks without losing the training style's;
+* ``style="blend"``: ``train``, ``varied`` or ``alt``, a third each: the training
+  mix of a vision tower trained from scratch (``scratch-gpu``), so ``alt`` is no
+  longer unseen for that model (the held-out renderer still is).
 
 The benchmarks' held-out renderer (``tests/benchmarks/heldout.py``) is a separate
 implementation that training never sees.
@@ -45,7 +48,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
 }
 BACKGROUNDS: tuple[str, ...] = ("flat", "noise", "gradient", "stripes")
-Style = Literal["train", "alt", "varied", "mixed"]
+Style = Literal["train", "alt", "varied", "mixed", "blend"]
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,11 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec = SceneSpec()) -> Scene
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     placed = _place_objects(rng, spec, n)
     background = str(rng.choice(spec.backgrounds))
-    style = spec.style if spec.style != "mixed" else ("train" if rng.random() < 0.5 else "varied")
+    style = spec.style
+    if style == "mixed":
+        style = "train" if rng.random() < 0.5 else "varied"
+    elif style == "blend":
+        style = ("train", "varied", "alt")[int(rng.integers(3))]
     if style == "train":
         image, masks = _render_train(rng, spec.size, background, placed)
     elif style == "alt":

@@ -1,7 +1,7 @@
 """Whole-pipeline throughput: one ``runall.py`` run over generated images, in a fresh process; prints JSON.
 
     python tests/benchmarks/throughput.py [--images 1024] [--side 512] [--model random:ViT-B/16]
-                                        [--set KEY=VALUE ...] [--out FILE]
+                                        [--config configs/overnight.yaml] [--set KEY=VALUE ...] [--out FILE]
 
 Reports images per hour (wall time of the whole command, model load included), each
 stage's seconds and share of that time, the time outside the stages (model load, start-up,
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--side", type=int, default=512, help="side of the generated input images")
     ap.add_argument("--model", default="random:ViT-B/16")
+    ap.add_argument("--config", type=Path, default=None, help="a config file, as runall.py --config")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override, as runall.py --set")
     ap.add_argument("--keep", type=Path, default=None, help="write the images and the run here instead of a temporary folder")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -86,6 +87,8 @@ def main() -> None:
         (imgs / "truth.json").unlink()
         generate = time.time() - t
         sets = [x for s in args.sets for x in ("--set", s)]
+        if args.config is not None:
+            sets = ["--config", str(args.config.resolve()), *sets]
         t = time.time()
         proc = subprocess.run([sys.executable, "-c", WRAPPER, "--input", str(imgs), "--output", str(run),
                                "--model", args.model, "--quiet", "--json", *sets],
@@ -107,7 +110,7 @@ def main() -> None:
 
         out = {
             "model": args.model, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "images": args.images, "side": args.side, "sets": args.sets, "exit_code": summary["exit_code"],
+            "images": args.images, "side": args.side, "config": args.config and args.config.name, "sets": args.sets, "exit_code": summary["exit_code"],
             "wall_seconds": round(wall, 1), "images_per_hour": round(args.images / wall * 3600),
             "stages": stages,
             "outside_stages_seconds": round(wall - sum(s["seconds"] for s in summary["stages"]), 1),

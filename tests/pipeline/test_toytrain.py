@@ -9,6 +9,7 @@ import torch
 
 from pipeline.toy.train import (
     RECIPES,
+    build_toy_model,
     class_prompts,
     class_targets,
     dense_captions,
@@ -188,3 +189,34 @@ def test_a_start_checkpoint_must_have_the_recipes_architecture(tmp_path):
     _, card = train_toy_clip(dataclasses.replace(cfg, start_from=str(start)), torch.device("cpu"))
     assert card["recipe"]["start_from"]["file"] == "start.pt" and card["recipe"]["start_from"]["card"]["recipe"]["name"] == "first"
     assert str(tmp_path) not in json.dumps(card)
+
+
+def test_scratch_recipe_keeps_the_text_tower_and_starts_the_vision_tower_afresh():
+    from pipeline.model.load import TOY_CHECKPOINT
+    from pipeline.toy.train import TEXT_TOWER, resolve_recipe
+
+    _, cfg = resolve_recipe("scratch-gpu", torch.device("cpu"), start_from=str(TOY_CHECKPOINT), steps=1, batch_size=4)
+    cfg = dataclasses.replace(cfg, noise_captions=4, warmup=1, eval_every=0, lr=0.0)  # lr 0: the start, unchanged
+    state, _ = train_toy_clip(cfg, torch.device("cpu"))
+    shipped = torch.load(TOY_CHECKPOINT, map_location="cpu")
+    text = [k for k in state if k.startswith(TEXT_TOWER)]
+    vision = [k for k in state if k.startswith("visual.") and state[k].is_floating_point() and state[k].numel() > 64]
+    assert text and all(torch.equal(state[k], shipped[k]) for k in text)
+    assert vision and not any(torch.equal(state[k], shipped[k]) for k in vision)  # no trained vision weight survives
+    fresh = build_toy_model(cfg.arch).state_dict()
+    assert all(state[k].shape == fresh[k].shape for k in vision)
+
+
+def test_a_time_limit_stops_training_with_a_checkpoint_and_its_last_score(tmp_path):
+    cfg = dataclasses.replace(RECIPES["fine-cpu"], steps=50, batch_size=4, noise_captions=4, warmup=2, eval_every=1000,
+                              checkpoint_every=1000)
+    ckpt = tmp_path / "t.ckpt"
+    state, card = train_toy_clip(cfg, torch.device("cpu"), checkpoint=ckpt, time_limit=0.0)
+    assert card["stopped_at"] == 1  # the first step passes a limit of 0 s
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"] == 1 and [h["step"] for h in card["history"]] == [1] and "joint36" in card["history"][0]
+    for key in state:
+        assert torch.equal(saved["model"][key].half() if saved["model"][key].is_floating_point() else saved["model"][key],
+                           state[key]), key
+    _, whole = train_toy_clip(dataclasses.replace(cfg, steps=2), torch.device("cpu"))
+    assert whole["stopped_at"] is None

@@ -26,7 +26,7 @@ def test_vocabulary_and_variety():
     assert centers.std(0).min() > 8  # anywhere in the frame, not a grid
 
 
-@pytest.mark.parametrize("style, spill", [("train", 0.35), ("alt", 0.35), ("varied", 1.0), ("mixed", 1.0)])  # varied blurs up to 1.2 px
+@pytest.mark.parametrize("style, spill", [("train", 0.35), ("alt", 0.35), ("varied", 1.0), ("mixed", 1.0), ("blend", 1.0)])  # varied blurs up to 1.2 px
 def test_masks_match_drawn_pixels(style, spill):
     near_all = []
     for scene in make_scenes(1, 40, SceneSpec(style=style)):
@@ -103,3 +103,19 @@ def test_mixed_scenes_are_drawn_by_both_training_renderers(monkeypatch):
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert len(used) == 60 and "_render_alt" not in used
     assert 18 <= used.count("_render_train") <= 42, used.count("_render_train")
+
+
+def test_blend_scenes_are_drawn_by_all_three_renderers(monkeypatch):
+    """``blend`` draws each scene with ``train``'s, ``varied``'s or ``alt``'s renderer, about a third each, and
+    stays a pure function of its seed."""
+    import pipeline.toy.world as tw
+
+    first = [s.image for s in make_scenes(2, 90, SceneSpec(style="blend"))]
+    used = []
+    for name in ("_render_train", "_render_varied", "_render_alt"):
+        real = getattr(tw, name)
+        monkeypatch.setattr(tw, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    again = [s.image for s in make_scenes(2, 90, SceneSpec(style="blend"))]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    counts = [used.count(n) for n in ("_render_train", "_render_varied", "_render_alt")]
+    assert len(used) == 90 and all(15 <= c <= 45 for c in counts), counts
