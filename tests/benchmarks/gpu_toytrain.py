@@ -9,7 +9,9 @@ Two phases, as the shipped toy was made: ``scratch-gpu`` (a fresh vision tower a
 processes; never the benchmarks' held-out renderer), then ``scratch-surgery-gpu`` (the same, continued with the
 surgery-map term). The phases share ``--minutes`` of training: the first gets all but ``--surgery-share`` of it,
 the second that share (start-up and the held-out evaluations come on top). Each phase stops at its limit after the step it is on, and writes a resumable checkpoint every
-``--checkpoint-seconds`` and at its end, so a call cut off still leaves a model: ``DIR/scratch.pt`` after the
+``--checkpoint-seconds`` and at its end, so a call cut off still leaves a model. Without ``--steps`` (and
+``--surgery-steps``), a phase takes the recipe's steps or as many as the workers can draw scenes for in 85% of its
+time, whichever is fewer (one batch is timed first), so its learning-rate schedule runs to its end: ``DIR/scratch.pt`` after the
 first phase, ``DIR/toy-clip-scratch.pt`` (and its card, ``.json``) after the second. ``DIR/toytrain.json``,
 rewritten after each phase, holds each phase's recipe, steps, where a limit stopped it, seconds and held-out
 curve (zero-shot on the stream ``toy train`` evaluates on), and the device. Scoring the model on all four renderers
@@ -25,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +47,21 @@ def commit() -> str | None:
                               check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+FEED_SHARE = 0.85  # of a phase's time, what the steps are sized to take when drawing scenes is what bounds them
+
+
+def batch_seconds(cfg) -> float:
+    """Seconds one process takes to draw a batch of the recipe's scenes (the mean of two)."""
+    from pipeline.toy.train import _batch
+    from pipeline.toy.world import SceneSpec
+
+    spec = SceneSpec(size=cfg.arch.image_resolution, max_scale=cfg.max_scale, style=cfg.style)
+    t = time.perf_counter()
+    for k in range(2):
+        _batch(cfg.seed, k, cfg, spec, cfg.arch.context_length)
+    return (time.perf_counter() - t) / 2
 
 
 def main() -> None:
@@ -75,6 +93,10 @@ def main() -> None:
         steps = args.steps if k == 0 else args.surgery_steps
         _, cfg = resolve_recipe(recipe, dev, steps=steps, batch_size=args.batch_size, workers=args.workers,
                                 start_from=str(start_from))
+        sized = None
+        if steps is None:  # as many steps as the scene-drawing workers can feed in the time, so the schedule ends
+            sized = batch_seconds(cfg)
+            cfg = replace(cfg, steps=max(1, min(cfg.steps, int(FEED_SHARE * limit * max(1, args.workers) / sized))))
         ckpt = args.out / f"{Path(name).stem}.ckpt"
 
         def progress(step: int, loss: float, metrics: dict | None, recipe: str = recipe) -> None:
@@ -85,6 +107,7 @@ def main() -> None:
                                      checkpoint_seconds=args.checkpoint_seconds)
         save_toy_checkpoint(args.out / name, state, {**card, "recipe": {**card["recipe"], "name": recipe}})
         report["phases"][recipe] = {"limit_seconds": round(limit, 1), "steps": cfg.steps,
+                                    "batch_seconds_one_worker": sized and round(sized, 3),
                                     "stopped_at": card["stopped_at"], "batch_size": cfg.batch_size,
                                     "train_seconds": card["train_seconds"], "history": card["history"],
                                     "checkpoint": name}
