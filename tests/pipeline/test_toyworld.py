@@ -89,33 +89,34 @@ def test_heldout_renderer_is_its_own_and_its_masks_match():
         assert np.abs(inside - outside).max() > 20, scene.caption  # the object stands out from its background
 
 
-def test_mixed_scenes_are_drawn_by_both_training_renderers(monkeypatch):
-    """``mixed`` draws each scene with ``train``'s renderer or ``varied``'s, about half each, and stays a
-    pure function of its seed."""
+RENDERERS = ("_render_train", "_render_varied", "_render_alt")
+
+
+def _renderers_used(style: str, count: int, monkeypatch) -> list[str]:
+    """The renderer of each of ``count`` scenes of ``style``, after checking that drawing them again gives the
+    same pictures (a scene is a pure function of its seed)."""
     import pipeline.toy.world as tw
 
-    first = [s.image for s in make_scenes(2, 60, SceneSpec(style="mixed"))]
-    used = []
-    for name in ("_render_train", "_render_varied", "_render_alt"):
+    first = [s.image for s in make_scenes(2, count, SceneSpec(style=style))]
+    used: list[str] = []
+    for name in RENDERERS:
         real = getattr(tw, name)
         monkeypatch.setattr(tw, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
-    again = [s.image for s in make_scenes(2, 60, SceneSpec(style="mixed"))]
+    again = [s.image for s in make_scenes(2, count, SceneSpec(style=style))]
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    assert len(used) == 60 and "_render_alt" not in used
+    assert len(used) == count
+    return used
+
+
+def test_mixed_scenes_are_drawn_by_both_training_renderers(monkeypatch):
+    """``mixed`` draws each scene with ``train``'s renderer or ``varied``'s, about half each."""
+    used = _renderers_used("mixed", 60, monkeypatch)
+    assert "_render_alt" not in used
     assert 18 <= used.count("_render_train") <= 42, used.count("_render_train")
 
 
 def test_blend_scenes_are_drawn_by_all_three_renderers(monkeypatch):
-    """``blend`` draws each scene with ``train``'s, ``varied``'s or ``alt``'s renderer, about a third each, and
-    stays a pure function of its seed."""
-    import pipeline.toy.world as tw
-
-    first = [s.image for s in make_scenes(2, 90, SceneSpec(style="blend"))]
-    used = []
-    for name in ("_render_train", "_render_varied", "_render_alt"):
-        real = getattr(tw, name)
-        monkeypatch.setattr(tw, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
-    again = [s.image for s in make_scenes(2, 90, SceneSpec(style="blend"))]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    counts = [used.count(n) for n in ("_render_train", "_render_varied", "_render_alt")]
-    assert len(used) == 90 and all(15 <= c <= 45 for c in counts), counts
+    """``blend`` draws each scene with ``train``'s, ``varied``'s or ``alt``'s renderer, about a third each."""
+    used = _renderers_used("blend", 90, monkeypatch)
+    counts = [used.count(n) for n in RENDERERS]
+    assert all(15 <= c <= 45 for c in counts), counts
