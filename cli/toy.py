@@ -45,7 +45,7 @@ def toy_scenes(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     min_objects: Annotated[int, typer.Option(help="Fewest objects per scene.")] = 1,
     max_objects: Annotated[int, typer.Option(help="Most objects per scene (up to 3).")] = 3,
-    style: Annotated[SceneStyle, typer.Option(help="train (hard-edged), alt (anti-aliased, other backgrounds), varied (the training augmentation: new choices per scene) mixed (train or varied, half each) or blend (train, varied or alt, a third each).")] = SceneStyle.train,
+    style: Annotated[SceneStyle, typer.Option(help="train (hard-edged), alt (anti-aliased, other backgrounds), varied (the training augmentation: new choices per scene), mixed (train or varied, half each) or blend (train, varied or alt, a third each).")] = SceneStyle.train,
 ) -> None:
     """Write toy scenes (coloured shapes with known truth), truth.json and truth_coco.json (for eval)."""
     from pipeline.toy.world import SceneSpec, write_scenes

@@ -10,7 +10,7 @@ then one token per run of equal bytes, most significant bit first:
 
 padded with zeros to whole bytes (a whole zero byte when it already ends on one, as the SDK does). The SDK builds
 that stream as a Python string a token at a time; here every token's code is one integer, and the bits are laid
-out and packed by NumPy, which makes a 10-mask export's brushes some tens of times cheaper.
+out and packed by NumPy: about 8 times faster on a 640x480 mask of two discs (0.24 ms against 2.0 ms).
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def _tokens(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
     first = np.cumsum(pieces) - pieces
     last = np.arange(run.size) == (first + pieces - 1)[run]
     length = np.where(long[run] & ~last, LONGEST, lengths[run] - LONGEST * (pieces[run] - 1))
-    value = values[run]
-    kind = np.select([~long[run] & (length == 1), ~long[run] & (length <= 8), ~long[run] & (length <= 16),
-                      ~long[run]], [0, 1, 2, 3], 4)
-    # kind: prefix bits, count width, prefix width  (single 0 00 000; series 1 00, 1 01, 1 10, 1 11)
+    value, short = values[run], ~long[run]
+    # the token's kind: a single byte, or a series counted in 3, 4, 8 or 16 bits; then its 3 prefix bits
+    # (0 00 for a single, whose 3 count bits are 0; 1 00, 1 01, 1 10, 1 11 for the series) and its count's width
+    kind = np.select([short & (length == 1), short & (length <= 8), short & (length <= 16), short], [0, 1, 2, 3], 4)
     prefix = np.array([0b000, 0b100, 0b101, 0b110, 0b111])[kind]
     count = np.array([3, 3, 4, 8, 16])[kind]
     counted = np.where(kind == 0, 0, length - 1)

@@ -495,17 +495,11 @@ def train_toy_clip(
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        metrics = None
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            model.eval()
-            with torch.no_grad():
-                metrics = zero_shot_accuracy(model, held_out_single_objects(200), device)
-            model.train()
-            history.append({"step": step + 1, "loss": round(loss.item(), 4), **metrics})
         now = time.time()
         out_of_time = time_limit is not None and now - start >= time_limit and step + 1 < cfg.steps
-        if out_of_time and not metrics and cfg.eval_every:  # the curve ends where the model does
-            model.eval()
+        metrics = None
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or out_of_time):
+            model.eval()  # a time limit's stop is scored too: the curve ends where the model does
             with torch.no_grad():
                 metrics = zero_shot_accuracy(model, held_out_single_objects(200), device)
             model.train()
