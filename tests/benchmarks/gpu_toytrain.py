@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from jsonout import emit  # noqa: E402  (beside this script)
 from pipeline.model.load import TOY_CHECKPOINT, resolve_device  # noqa: E402
 from pipeline.toy.train import resolve_recipe, save_toy_checkpoint, train_toy_clip  # noqa: E402
@@ -85,7 +87,7 @@ def main() -> None:
     dev = resolve_device(args.device)
     begin = time.time()
     budget = 60 * args.minutes  # seconds of training, both phases
-    report: dict = {"device": "cpu" if dev.type != "cuda" else __import__("torch").cuda.get_device_name(dev),
+    report: dict = {"device": "cpu" if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                     "commit": commit(), "minutes": args.minutes, "workers": args.workers, "phases": {}}
     start_from, outputs = args.start_from.resolve(), ("scratch.pt", "toy-clip-scratch.pt")
     for k, (recipe, name) in enumerate(zip(PHASES, outputs)):
@@ -93,11 +95,13 @@ def main() -> None:
         steps = args.steps if k == 0 else args.surgery_steps
         _, cfg = resolve_recipe(recipe, dev, steps=steps, batch_size=args.batch_size, workers=args.workers,
                                 start_from=str(start_from))
+        ckpt = args.out / f"{Path(name).stem}.ckpt"
         sized = None
-        if steps is None:  # as many steps as the scene-drawing workers can feed in the time, so the schedule ends
+        if args.resume and ckpt.is_file():  # a resumed phase keeps the steps it was sized to
+            cfg = replace(cfg, steps=torch.load(ckpt, map_location="cpu", weights_only=False)["recipe"]["steps"])
+        elif steps is None:  # as many steps as the scene-drawing workers can feed in the time, so the schedule ends
             sized = batch_seconds(cfg)
             cfg = replace(cfg, steps=max(1, min(cfg.steps, int(FEED_SHARE * limit * max(1, args.workers) / sized))))
-        ckpt = args.out / f"{Path(name).stem}.ckpt"
 
         def progress(step: int, loss: float, metrics: dict | None, recipe: str = recipe) -> None:
             if metrics or step % 100 == 0:
