@@ -8,7 +8,8 @@ then one token per run of equal bytes, most significant bit first:
     run of 9..16:   1 01 len-1(4) value(8)    run of 17..256: 1 10 len-1(8)  value(8)
     longer:         1 11 len-1(16) value(8), in pieces of 65,536 while more than that is left
 
-padded with zeros to whole bytes (a whole zero byte when it already ends on one, as the SDK does). The SDK builds
+padded with zeros to whole bytes (a whole zero byte when it already ends on one, as the SDK does). A mask's
+runs are whole pixels of four bytes, so the single-byte token never occurs here. The SDK builds
 that stream as a Python string a token at a time; here every token's code is one integer, and the bits are laid
 out and packed by NumPy: about 8 times faster on a 640x480 mask of two discs (0.24 ms against 2.0 ms).
 """
@@ -58,13 +59,12 @@ def _tokens(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
     last = np.arange(run.size) == (first + pieces - 1)[run]
     length = np.where(long[run] & ~last, LONGEST, lengths[run] - LONGEST * (pieces[run] - 1))
     value, short = values[run], ~long[run]
-    # the token's kind: a single byte, or a series counted in 3, 4, 8 or 16 bits; then its 3 prefix bits
-    # (0 00 for a single, whose 3 count bits are 0; 1 00, 1 01, 1 10, 1 11 for the series) and its count's width
-    kind = np.select([short & (length == 1), short & (length <= 8), short & (length <= 16), short], [0, 1, 2, 3], 4)
-    prefix = np.array([0b000, 0b100, 0b101, 0b110, 0b111])[kind]
-    count = np.array([3, 3, 4, 8, 16])[kind]
-    counted = np.where(kind == 0, 0, length - 1)
-    codes = (((prefix << count) | counted) << WORD) | value
+    # every run is a series (a pixel is four equal bytes, so no run is a single one), counted in 3, 4, 8 or 16
+    # bits: its prefix bits 1 00, 1 01, 1 10 or 1 11, and its count's width
+    kind = np.select([short & (length <= 8), short & (length <= 16), short], [0, 1, 2], 3)
+    prefix = np.array([0b100, 0b101, 0b110, 0b111])[kind]
+    count = np.array([3, 4, 8, 16])[kind]
+    codes = (((prefix << count) | (length - 1)) << WORD) | value
     return codes.astype(np.uint64), 3 + count + WORD
 
 

@@ -11,7 +11,7 @@
 #
 # WHEELS, when given, is a folder of wheels for what such a machine may lack (openai-clip, ftfy, wcwidth, kornia,
 # kornia_rs), installed first without an index. Every step has its own time limit, so one that hangs leaves the
-# others' figures; the limits add up to under 6 minutes a part.
+# others' figures; they add up to under 6 minutes for toy and for throughput, 7 for throughput-only.
 set -u
 out=${1:?usage: gpu_session.sh OUT toy|throughput|throughput-only [WHEELS]}
 part=${2:?usage: gpu_session.sh OUT toy|throughput|throughput-only [WHEELS]}
@@ -33,14 +33,18 @@ step() {  # step NAME SECONDS COMMAND...: one benchmark under its own limit, its
   echo "$name: exit $? after at most ${limit}s" >> "$out/steps.txt"
 }
 
+overnight() {  # overnight SECONDS IMAGES: the whole pipeline with the overnight config, on ViT-B/16's shape
+  step throughput "$1" python tests/benchmarks/throughput.py --images "$2" --config configs/overnight.yaml \
+    --model random:ViT-B/16 --out "$out/throughput-overnight.json"
+}
+
 case "$part" in
   toy)
     step toytrain 340 python tests/benchmarks/gpu_toytrain.py --out "$out/toy" --minutes "${TOY_MINUTES:-5}" \
       --workers "$(( $(nproc) - 1 ))"
     ;;
   throughput-only)
-    step throughput "${THROUGHPUT_LIMIT:-420}" python tests/benchmarks/throughput.py --images "${IMAGES:-1000}" \
-      --config configs/overnight.yaml --model random:ViT-B/16 --out "$out/throughput-overnight.json"
+    overnight "${THROUGHPUT_LIMIT:-420}" "${IMAGES:-1000}"
     ;;
   throughput)
     step gpu_checks 80 python tests/benchmarks/gpu_checks.py --scenes 16 --out "$out/gpu_checks.json"
@@ -48,8 +52,7 @@ case "$part" in
       --faithful-images 0 --methods gumbel --out "$out/ascent-b16.json"
     step ascent-l14 40 python tests/benchmarks/ascent.py --model random:ViT-L/14 --images 64 --iterations 100 \
       --faithful-images 0 --methods gumbel --out "$out/ascent-l14.json"
-    step throughput 180 python tests/benchmarks/throughput.py --images "${IMAGES:-256}" --config configs/overnight.yaml \
-      --model random:ViT-B/16 --out "$out/throughput-overnight.json"
+    overnight 180 "${IMAGES:-256}"
     ;;
   *)
     echo "gpu_session: PART must be toy, throughput or throughput-only, got $part" >&2

@@ -14,7 +14,7 @@ def _masks() -> list[np.ndarray]:
     for _ in range(60):
         h, w = rng.integers(1, 50, 2)
         out.append((rng.random((h, w)) < rng.random()).astype(np.uint8) * 255)
-        out.append(rng.integers(0, 256, (h, w)).astype(np.uint8))  # runs of 1 to 8 bytes, any value
+        out.append(rng.integers(0, 256, (h, w)).astype(np.uint8))  # short runs (4 bytes a pixel), any value
     return out
 
 
