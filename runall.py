@@ -62,7 +62,7 @@ def main(
         fail("--input is required (a folder, an image, or a list file)")
     from pipeline.run.images import InputError, discover_images, slugify
     from pipeline.run.rundir import RunDir
-    from pipeline.run.runner import select_stages
+    from pipeline.run.stage import select_stages
 
     sections: dict = {"decode": {"words": list(vocabulary)}} if (vocabulary := read_words(words)) else {}
     if no_ascent:

@@ -174,7 +174,7 @@ def open_run(path: Path) -> RunDir:
 
 def state_of(rd, cfg):
     """The status of a run's outputs under ``cfg`` (``(image id, stage, latest records) -> Status``), as ``status`` shows it."""
-    from pipeline.run.runner import stage_provenance
+    from pipeline.run.stage import stage_provenance
     from stages import RESULT_KEYS, STAGES
 
     prov = stage_provenance(cfg, STAGES, RESULT_KEYS)

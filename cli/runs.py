@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -200,7 +201,7 @@ def status_command(
     """Show, per stage, which images are done, stale (made with other settings), damaged, failed, blocked or pending, and why."""
     from pipeline.run.provenance import verify_and_record
     from pipeline.run.rundir import RunLocked
-    from pipeline.run.runner import stage_status
+    from pipeline.run.stage import stage_status
     from pipeline.views import status_table, verify_views
     from stages import RESULT_KEYS, STAGES
 
@@ -212,11 +213,12 @@ def status_command(
             report = verify_and_record(rd)
         except RunLocked as err:
             fail(f"{err}; the damage was found but not recorded: rerun --verify when it is free")
-    status = stage_status(cfg, rd, STAGES, RESULT_KEYS)
-    human = sum(1 for (_, stage), rec in rd.latest().items() if stage == "decode" and rec.get("human"))
+    status, human = stage_status(cfg, rd, STAGES, RESULT_KEYS)
     if as_json:
-        print(json.dumps({"run": str(run), "verify": report or None, "human": human,
-                          "stages": {s: {k: [list(x) for x in v] for k, v in by.items()} for s, by in status.items()}}, indent=1))
+        doc = {"run": str(run), "verify": report or None, "human": human, "stages": status}  # (rel, reason) pairs as lists
+        for chunk in json.JSONEncoder(indent=1).iterencode(doc):  # written as encoded: 100,000 images make 10 MB
+            sys.stdout.write(chunk)
+        sys.stdout.write("\n")
     else:
         for line in [*(verify_views(report) if verify else []), *status_table(run, status)]:
             out.print(line, highlight=False)
@@ -236,7 +238,7 @@ def import_command(
 
     from pipeline.labels.review import config_labels, read_review, write_reviews
     from pipeline.run.rundir import RunLocked
-    from pipeline.run.runner import stage_provenance
+    from pipeline.run.stage import stage_provenance
     from stages import RESULT_KEYS, STAGES
 
     rd = open_run(run)

@@ -17,7 +17,8 @@ from pipeline.doctor import Check
 from pipeline.run.images import ImageRef
 from pipeline.run.provenance import failure_lines
 from pipeline.run.rundir import RunDir
-from pipeline.run.runner import RunOutcome, stage_provenance
+from pipeline.run.runner import RunOutcome
+from pipeline.run.stage import stage_provenance
 from pipeline.run.stage import PerImageStage, WholeRunStage
 
 

@@ -21,7 +21,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -35,6 +35,7 @@ from pipeline.labels.exports import (FORMATS, YOLO_IMAGES, coco_documents, local
                               write_yolo)
 from pipeline.heatmaps import names
 from pipeline.run.images import ImageRef
+from pipeline.run.provenance import states_digest
 from pipeline.run.rundir import (EXPORT, EXPORT_REGIONS as REGIONS, EXPORT_STAMP as STAMP, RunDir, atomic_write_json,
                              atomic_write_text, read_json)
 from pipeline.run.stage import StageContext, WholeRunStage
@@ -106,12 +107,13 @@ def regions_document(images: list[ExportImage], stamp: str) -> dict:
         for im in images}, "size": {im.id: [im.width, im.height] for im in images}}
 
 
-def inputs_stamp(settings: Mapping, label_map: LabelMap, records: list[Any]) -> str:
+def inputs_stamp(settings: Mapping, label_map: LabelMap, digest: str) -> str:
     """A hash of what an export is made from: its settings, the label map's and categories' text, and the
-    manifest records of the labels and maps it read (a redone image changes its record)."""
+    digest of the manifest records of the labels and maps it read (``plan_exports``' ids, ``states_digest``:
+    a redone image changes its record)."""
     categories = label_map.categories.source if label_map.categories else None
     blob = json.dumps({"settings": settings, "label_map": label_map.source, "categories": categories,
-                       "records": records},
+                       "records": digest},
                       sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
@@ -245,17 +247,19 @@ class ExportStage(WholeRunStage[ExportConfig]):
         warnings = [w for w in (prefix_warning(cfg),) if w]
         for warning in warnings:
             ctx.log.warning(warning)
-        jobs, left_out, records = plan_exports(run, ctx.status)
+        plan = cache(lambda: plan_exports(run, ctx.status))  # read once something needs it
+        digest = ctx.read_digest(self.name, lambda: states_digest(plan()[2]))
         stamp = inputs_stamp({"export": ctx.provenance.settings.get("export"), "model": ctx.settings.model,
                               "region_method": cfg.region_method, "local_root": local_root(cfg.path_prefix),
                               "folder": str(run.root.resolve())},  # data.yaml holds it: a moved run exports anew
-                             label_map, records)
+                             label_map, digest)
         old = read_json(run.file(STAMP)) or {}
         outputs = [REGIONS, *[p for f in cfg.formats for p in old.get("files", {}).get(f, [])]]
         if (old.get("stamp") == stamp and set(cfg.formats) <= set(old.get("files", {}))
                 and all(run.file(p).is_file() for p in outputs)):
-            ctx.log.info("export: up to date (%d images)", len(jobs))
+            ctx.log.info("export: up to date (%d images)", old.get("images", 0))
             return [STAMP, *outputs]
+        jobs, left_out, _ = plan()
         images, unreadable = build_exports(run, jobs, cfg, label_map)
         left_out += unreadable
         key = run_key(run.root.name, stamp)

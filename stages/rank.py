@@ -13,15 +13,17 @@ that many images produce score low. ``rank.sort_by`` picks the ranking column.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Mapping
 
 from pipeline.run.config import require
 from pipeline.run.images import ImageRef
-from pipeline.run.provenance import mark_damaged, read_state, reads_stamp, root_line, set_stamp, stamp_of
+from pipeline.run.provenance import (mark_damaged, output_states, reads_stamp, root_line, set_stamp, stamp_of,
+                                     states_digest)
 from pipeline.run.shards import caption_of
 from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
 from pipeline.run.stage import StageContext, WholeRunStage
@@ -217,14 +219,18 @@ class RankStage(WholeRunStage[RankConfig]):
     needs = ("ascend", "decode")
 
     def run_all(self, ctx: StageContext[RankConfig]) -> list[str]:
-        latest, refs = ctx.run.latest(), ctx.run.load_images()
-        statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in PER_IMAGE} for r in refs}
-        stamp = reads_stamp(ctx.provenance.settings.get("rank"), (
-            (i, {stage: read_state(st, latest.get((i, stage))) for stage, st in by.items()}) for i, by in statuses.items()))
+        @functools.cache  # the run's latest records, images and their statuses, read once something needs them
+        def states() -> tuple[Mapping, list[ImageRef], dict]:
+            latest, refs = ctx.run.latest(), ctx.run.load_images()
+            return latest, refs, {r.id: {stage: ctx.status(r.id, stage, latest) for stage in PER_IMAGE} for r in refs}
+
+        digest = ctx.read_digest(self.name, lambda: states_digest(output_states(states()[2], states()[0])))
+        stamp = reads_stamp(ctx.provenance.settings.get("rank"), digest)
         outputs = [RECORDS, RECORDS_MD, LONGEST, IMAGES_CSV]
         if not ctx.force and stamp_of(ctx.run, self.name) == stamp and all(ctx.run.file(p).is_file() for p in outputs):
-            ctx.log.info("rank: up to date (%d images)", len(refs))  # nothing it reads has changed
+            ctx.log.info("rank: up to date")  # nothing it reads has changed
             return outputs
+        latest, refs, statuses = states()
         set_stamp(ctx.run, self.name, None)
         unreadable: dict[tuple[str, str], str] = {}
         opinions, labels = read_run(ctx.run, keep=lambda i, stage: statuses[i][stage].state == "done",

@@ -18,6 +18,7 @@ stage never holds every image's outputs or cards.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -36,7 +37,8 @@ from pipeline.run.config import require
 from pipeline.heatmaps import titles
 from pipeline.model.discovery import BOXED
 from pipeline.run.images import ImageError, ImageRef, load_image
-from pipeline.run.provenance import Status, read_state, reads_stamp, root_line, set_stamp, stamp_of
+from pipeline.run.provenance import (Status, output_states, reads_stamp, root_line, set_stamp, stamp_of,
+                                     states_digest)
 from pipeline.run.shards import caption_of
 from pipeline.run.rundir import (EXPORT_REGIONS, EXPORT_STAMP, LEADERBOARD, REPORT, RunDir, atomic_path, atomic_write_text,
                                 read_json, read_output)
@@ -394,18 +396,23 @@ class ReportStage(WholeRunStage[ReportConfig]):
     def run_all(self, ctx: StageContext[ReportConfig]) -> list[str]:
         side, run = ctx.config.thumbnail_side, ctx.run
         config = run.load_config() if run.has_config() else ctx.settings.config  # what the results were made with
-        latest = run.latest()
-        statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in self.needs} for r in run.load_images()}
+        @functools.cache  # the run's latest records and each image's statuses, read once something needs them
+        def states() -> tuple[Mapping, dict]:
+            latest = run.latest()
+            return latest, {r.id: {stage: ctx.status(r.id, stage, latest) for stage in self.needs}
+                            for r in run.load_images()}
+
+        digest = ctx.read_digest(self.name, lambda: states_digest(output_states(states()[1], states()[0])))
         stamp = reads_stamp({"report": ctx.provenance.settings.get("report"), "config": config,
                              "export": (read_json(run.file(EXPORT_STAMP)) or {}).get("stamp"),
-                             "rank": stamp_of(run, "rank")},
-                            ((i, {s: read_state(st, latest.get((i, s))) for s, st in by.items()}) for i, by in statuses.items()))
+                             "rank": stamp_of(run, "rank")}, digest)
         if not ctx.force and stamp_of(run, self.name) == stamp and run.file(REPORT).is_file():
-            ctx.log.info("report: up to date (%d images)", len(statuses))  # nothing it shows has changed
+            ctx.log.info("report: up to date")  # nothing it shows has changed
             folder = run.root / PAGES
             return [REPORT, *sorted(f"{PAGES}/{p.name}" for p in folder.glob("*.js"))] if folder.is_dir() else [REPORT]
         set_stamp(run, self.name, None)
         thumbnail = (lambda ref: write_thumbnail(run, ref, side, ctx.settings.max_side)) if side else (lambda ref: None)
+        statuses = states()[1]
         inputs = read_report_inputs(run, config, lambda image, stage, _: statuses[image][stage], thumbnail)
         pages = ReportPages(run.root, ctx.config.page_size)  # cards written a page at a time, not all held
         written = pages.finish(build_report_data(inputs, ctx.config, pages))

@@ -25,13 +25,15 @@ no setting and no redone upstream output makes it stale.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
+from pipeline.run.clean import latest_done
 from pipeline.run.rundir import STAMPS, RunDir, atomic_write_json, read_json
 
 PROVENANCE = "provenance.json"
@@ -209,23 +211,34 @@ class Provenance:
         return None
 
 
-def reads_stamp(settings: Mapping, states: Iterable[tuple[str, Mapping[str, tuple]]]) -> str:
-    """A hash of what a whole-run stage reads: its ``settings`` and, per image and stage, the state of the output it
-    reads (``(image id, {stage: (state, record id or reason)})`` in the run's image order); a redone output has a
-    new record id, so it changes the stamp, and an unchanged run gives the same one. The states are hashed as they
-    come, not held. The installed clipsight's version is part of it: an upgrade rebuilds the leaderboard and the
-    report in its own form."""
+def reads_stamp(settings: Mapping, digest: str) -> str:
+    """A hash of what a whole-run stage reads: its ``settings`` and the ``digest`` of the per-image outputs it reads
+    (``states_digest``). The installed clipsight's version is part of it: an upgrade rebuilds the leaderboard and
+    the report in its own form."""
     try:
         code = package_version("clipsight")
     except PackageNotFoundError:
         code = "unknown"
-    h = hashlib.sha1(json.dumps({"settings": settings, "code": code}, sort_keys=True, ensure_ascii=False,
-                                default=str).encode("utf-8"))
+    return hashlib.sha1(json.dumps({"settings": settings, "code": code, "reads": digest}, sort_keys=True,
+                                   ensure_ascii=False, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def states_digest(states: Iterable[Any]) -> str:
+    """A hash of what a whole-run stage reads of the per-image outputs, hashed as it comes, not held: e.g., per image
+    and stage, the state of the output it reads (``(image id, {stage: read_state(...)})`` in the run's image order).
+    A redone output has a new record id, so it changes the digest, and an unchanged run gives the same one."""
+    h = hashlib.sha1()
     encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
-    for image, by_stage in states:
-        h.update(encode([image, by_stage]).encode("utf-8"))
+    for item in states:
+        h.update(encode(item).encode("utf-8"))
         h.update(b"\n")
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def output_states(statuses: Mapping[str, Mapping[str, Status]], latest: Mapping) -> Iterator[tuple[str, dict]]:
+    """``(image id, {stage: read_state(...)})`` for each image's ``{stage: status}``, for ``states_digest``."""
+    for image, by_stage in statuses.items():
+        yield image, {stage: read_state(st, latest.get((image, stage))) for stage, st in by_stage.items()}
 
 
 def read_state(status: Status, rec: Mapping | None) -> tuple[str, str]:
@@ -289,22 +302,27 @@ class Verification:
     damaged: list[dict] = field(default_factory=list)  # {"image", "path", "stage", "reason"}
 
 
-def verify_outputs(run: RunDir, workers: int = 8) -> Verification:
+def verify_outputs(run: RunDir, workers: int = 8, chunk: int = 4096) -> Verification:
     """Re-read every output of every done record (the latest per image and stage) and check its size and checksum.
 
-    The files are read on ``workers`` threads (hashing releases the GIL). A record written before
-    outputs carried checksums is checked for the existence of its outputs only, and counted.
+    The files are read on ``workers`` threads (hashing releases the GIL), ``chunk`` records at a time; a run as its
+    last clean finish left it is streamed from its manifest (``clean.latest_done``), so no record is held. A record
+    written before outputs carried checksums is checked for the existence of its outputs only, and counted.
     """
-    latest = [r for r in run.latest().values() if r["status"] == "done"]
-    out = Verification(records=len(latest))
-    out.files = sum(len(r.get("outputs", [])) for r in latest)
-    out.existence_only = sum(1 for r in latest if r.get("outputs") and not r.get("sums"))
-    out.bytes = sum(v[0] for r in latest for v in (r.get("sums") or {}).values())
+    records = latest_done(run)
+    if records is None:
+        records = (r for r in run.latest().values() if r["status"] == "done")
+    out = Verification()
     with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
-        reasons = list(pool.map(lambda r: run.damage(r, hashes=True), latest))
-    for rec, reason in zip(latest, reasons):
-        if reason is not None:
-            out.damaged.append({"image": rec.get("image"), "path": rec.get("path"), "stage": rec["stage"], "reason": reason})
+        while batch := list(itertools.islice(records, chunk)):
+            out.records += len(batch)
+            out.files += sum(len(r.get("outputs", [])) for r in batch)
+            out.existence_only += sum(1 for r in batch if r.get("outputs") and not r.get("sums"))
+            out.bytes += sum(v[0] for r in batch for v in (r.get("sums") or {}).values())
+            for rec, reason in zip(batch, pool.map(lambda r: run.damage(r, hashes=True), batch)):
+                if reason is not None:
+                    out.damaged.append({"image": rec.get("image"), "path": rec.get("path"), "stage": rec["stage"],
+                                        "reason": reason})
     return out
 
 

@@ -134,6 +134,13 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def _image_blocks(refs: list[ImageRef], size: int = 2000) -> Iterator[bytes]:
+    """``images.jsonl``'s bytes, ``size`` images at a time."""
+    for at in range(0, len(refs), size):
+        yield "".join(json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root, **({"meta": r.meta} if r.meta else {})},
+                                 ensure_ascii=False) + "\n" for r in refs[at:at + size]).encode("utf-8")
+
+
 class RunDir:
     """One run's folder under ``outputs/``.
 
@@ -257,17 +264,21 @@ class RunDir:
 
     def save_images(self, refs: list[ImageRef]) -> None:
         """The run's image list: each image's id, absolute path, input root and path relative to the root.
-        An unchanged list is left as it is (a rerun of 100,000 images would rewrite 15 MB)."""
-        lines = [json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root, **({"meta": r.meta} if r.meta else {})},
-                            ensure_ascii=False) for r in refs]
-        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        An unchanged list is left as it is (a rerun of 100,000 images would rewrite 15 MB); the list is compared
+        and written a block at a time, never held whole."""
         path = self.file(IMAGES)
         try:
-            if path.stat().st_size == len(data) and path.read_bytes() == data:
-                return
+            with open(path, "rb") as f:
+                if all(f.read(len(block)) == block for block in _image_blocks(refs)) and not f.read(1):
+                    return
         except OSError:
             pass
-        atomic_write_bytes(path, data)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                for block in _image_blocks(refs):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
 
     def load_images(self) -> list[ImageRef]:
         """The saved image list, each path resolved against the recorded input root (read once while unchanged)."""

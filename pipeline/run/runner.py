@@ -26,11 +26,12 @@ from typing import Any, Callable, Mapping
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipeline.run import clean
 from pipeline.run.config import ConfigError, to_dict
 from pipeline.run.distributed import DistInfo, agree, from_main, init_distributed, shutdown
 from pipeline.run.images import ImageRef
 from pipeline.model.load import LoadedModel, ModelError, load_model, resolve_device
-from pipeline.run.provenance import Provenance, run_status
+from pipeline.run.provenance import Provenance
 from pipeline.run.rundir import LOG, REPORT, RunDir
 from pipeline.run.shards import shard_group
 from pipeline.run.batching import BatchSizer
@@ -264,34 +265,6 @@ def run_whole(stage: WholeRunStage, ctx: StageContext) -> StageSummary:
     return summary
 
 
-def stage_provenance(config: Any, stages: Mapping[str, PerImageStage | WholeRunStage],
-                     result_keys: Mapping[str, tuple[str, ...]]) -> Provenance:
-    """The stages' fingerprints under ``config``, to judge a run's outputs by (``Provenance.status``)."""
-    return Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
-
-
-def stage_status(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | WholeRunStage],
-                 result_keys: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, list[tuple[str, str]]]]:
-    """Each per-image stage's images by state (done, stale, failed, blocked, pending), with reasons."""
-    prov = stage_provenance(config, stages, result_keys)
-    return run_status(run, prov, [n for n, s in stages.items() if isinstance(s, PerImageStage)])
-
-
-def select_stages(spec: str | None, order: tuple[str, ...]) -> list[str]:
-    """The stages named in a comma-separated ``spec`` (all when empty), in run order.
-
-    Raises:
-        ConfigError: an unknown stage name, with the valid ones.
-    """
-    if not spec:
-        return list(order)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    for s in names:
-        if s not in order:
-            raise ConfigError(f"unknown stage {s!r}; valid stages: {', '.join(order)}")
-    return [s for s in order if s in names]
-
-
 def run_logger(run: RunDir) -> logging.Logger:
     """The run's ``run.log``, one handler per run directory however often it is asked for."""
     log = logging.getLogger(f"clipsight.{run.root}")
@@ -389,10 +362,13 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
     provenance.check_once()  # the lock is held: each output is checked on disk once, not once per stage that reads it
 
     session = from_main(info, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # one id for all ranks
+    # as the last clean finish left it: no image has anything to do, and no manifest is held to find that out
+    unchanged = None if force or info.enabled else clean.unchanged(run, settings.config, names, log)
+    reads: dict[str, str] = {}
 
     def context(name: str, where: RunDir) -> StageContext:
         return StageContext(getattr(config, name), settings, where, log, models, batches, provenance, session=session,
-                            force=force)
+                            force=force, reads=reads, unchanged=unchanged["reads"] if unchanged else None)
 
     saved = False
 
@@ -403,8 +379,9 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
             provenance.record(run)
             saved = True
 
-    refs = info.shard(run.load_images(), group=lambda ref: shard_group(ref.path))
-    log.info("run %s: %d images%s, stages %s", run.root, len(refs),
+    refs = [] if unchanged else info.shard(run.load_images(), group=lambda ref: shard_group(ref.path))
+    count = unchanged["images"] if unchanged else len(refs)
+    log.info("run %s: %d images%s%s, stages %s", run.root, count, " (unchanged since its last clean finish)" if unchanged else "",
              f" (rank {info.rank} of {info.world_size})" if info.enabled else "", ",".join(names))
     error: Exception | None = None
     try:
@@ -422,14 +399,17 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
     try:
         for name in names:
             stage = stages[name]
-            if isinstance(stage, PerImageStage):
+            if unchanged and isinstance(stage, PerImageStage):
+                summaries.append(StageSummary(name, skipped=count))
+            elif isinstance(stage, PerImageStage):
                 summaries.append(run_per_image(stage, context(name, shard), refs, force, console, quiet, produced))
         info.barrier()
         if not info.is_main:
             return RunOutcome(run, [], [], [], None, 0, info)
         run.merge_manifest_shards()
-        if any(r.get("provenance") in provenance.expected.values() for r in run.latest().values()):
-            produced()  # another rank's results
+        if unchanged.get("produced") if unchanged else any(r.get("provenance") in provenance.expected.values()
+                                                           for r in run.latest().values()):
+            produced()  # another rank's results, or the clean finish's
         for name in names:
             stage = stages[name]
             if isinstance(stage, WholeRunStage):
@@ -440,11 +420,24 @@ def _execute(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | Whol
     except KeyboardInterrupt:
         log.warning("interrupted: finished images are kept; rerun the same command to resume")
         raise
-    latest = run.latest()
-    failures = [r for r in latest.values() if r["status"] in ("failed", "blocked")]
+    failed = any(s.failed or s.blocked for s in summaries)
+    kept = bool(unchanged) and not failed and not clean.appended_per_image(run, unchanged["key"]["manifest"][0])
+    if kept:  # still as the clean finish left it
+        failures = []
+    else:
+        latest = run.latest()
+        failures = [r for r in latest.values() if r["status"] in ("failed", "blocked")]
+    if not info.enabled:
+        per_image = [n for n in names if isinstance(stages[n], PerImageStage)]
+        if kept:
+            clean.record_clean(run, settings.config, names, count, reads, saved, unchanged["lines"])
+        elif not failed and not failures and clean.all_done(latest, (r.id for r in refs or run.load_images()), per_image):
+            clean.record_clean(run, settings.config, names, count, reads, saved, clean.latest_lines(run, latest))
+        else:
+            clean.forget_clean(run)
     if info.enabled:  # rank 0 cannot see the other ranks' summaries: the merged manifest speaks for them
         code = 1 if failures else 0
     else:
-        code = 1 if any(s.failed or s.blocked for s in summaries) else 0
+        code = 1 if failed else 0
     report = run.file(REPORT)
     return RunOutcome(run, summaries, failures, run.records(), str(report) if report.is_file() else None, code, info)

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, TypeVar
 
 from pipeline.run.batching import BatchSizer
+from pipeline.run.clean import clean_status
+from pipeline.run.config import ConfigError, to_dict
 from pipeline.run.images import ImageRef
 from pipeline.model.load import LoadedModel
 from pipeline.model.prompts import TextFeatureStore
-from pipeline.run.provenance import Provenance, Status
+from pipeline.run.provenance import Provenance, Status, run_status
 from pipeline.run.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -101,10 +103,22 @@ class StageContext(Generic[C]):
     progress: Callable[[float], None] = field(default=lambda fraction: None)
     session: str = ""  # when this command started (UTC, ISO 8601): every manifest record it writes carries it
     force: bool = False  # --force (and `rank --run`): a whole-run stage rebuilds even when its stamp is unchanged
+    # what each whole-run stage read of the per-image outputs, as ``read_digest`` found it (shared by a run's
+    # contexts, for its clean finish's record); and, when the run is as its last clean finish left it
+    # (``pipeline.run.clean``), the digests that finish recorded
+    reads: dict[str, str] = field(default_factory=dict)
+    unchanged: Mapping[str, str] | None = None
 
     def status(self, image: str, stage: str, latest: Mapping | None = None) -> Status:
         """Whether an image's output of ``stage`` is done with today's settings (see ``pipeline.run.provenance``)."""
         return self.provenance.status(self.run, self.run.latest() if latest is None else latest, image, stage)
+
+    def read_digest(self, stage: str, compute: Callable[[], str]) -> str:
+        """The digest of what whole-run ``stage`` reads of the per-image outputs (``provenance.states_digest``): the
+        last clean finish's when the run is unchanged since, so nothing is read, else ``compute()``'s."""
+        digest = (self.unchanged or {}).get(stage)
+        self.reads[stage] = digest = digest if digest is not None else compute()
+        return digest
 
 
 Finish = Callable[[], "list[ItemResult]"]  # a batch's remaining CPU work (drawing, encoding, writing) and its results
@@ -153,3 +167,37 @@ class WholeRunStage(Generic[C]):
 
     def run_all(self, ctx: StageContext[C]) -> list[str]:
         raise NotImplementedError
+
+
+def stage_provenance(config: Any, stages: Mapping[str, PerImageStage | WholeRunStage],
+                     result_keys: Mapping[str, tuple[str, ...]]) -> Provenance:
+    """The stages' fingerprints under ``config``, to judge a run's outputs by (``Provenance.status``)."""
+    return Provenance(to_dict(config), result_keys, {n: s.needs for n, s in stages.items()})
+
+
+def stage_status(config: Any, run: RunDir, stages: Mapping[str, PerImageStage | WholeRunStage],
+                 result_keys: Mapping[str, tuple[str, ...]]) -> tuple[dict[str, dict[str, list[tuple[str, str]]]], int]:
+    """Each per-image stage's images by state (done, stale, failed, blocked, pending), with reasons; and how many
+    images have a reviewer's labels. A run as its last clean finish left it is answered without holding its
+    manifest (``pipeline.run.clean``)."""
+    per_image = [n for n, s in stages.items() if isinstance(s, PerImageStage)]
+    known = clean_status(run, to_dict(config), per_image)
+    if known is not None:
+        return known
+    human = sum(1 for (_, stage), rec in run.latest().items() if stage == "decode" and rec.get("human"))
+    return run_status(run, stage_provenance(config, stages, result_keys), per_image), human
+
+
+def select_stages(spec: str | None, order: tuple[str, ...]) -> list[str]:
+    """The stages named in a comma-separated ``spec`` (all when empty), in run order.
+
+    Raises:
+        ConfigError: an unknown stage name, with the valid ones.
+    """
+    if not spec:
+        return list(order)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for s in names:
+        if s not in order:
+            raise ConfigError(f"unknown stage {s!r}; valid stages: {', '.join(order)}")
+    return [s for s in order if s in names]

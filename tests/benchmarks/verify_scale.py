@@ -11,7 +11,8 @@ runner writes them; the inputs are hard links to one small PNG. Then, each as it
 
 1. ``first``: `rank`, `export` and `report` run over the whole run (what the run's end
    would have done); per-image stages skip every image;
-2. ``rerun``: the same again, with nothing to do (the figure the README quotes);
+2. ``rerun``: the same again, with nothing to do (the figure the README quotes), and whether it found the run as
+   the first command's clean finish left it (``unchanged_path``, ``pipeline.run.clean``);
 3. ``status``: `status --json`, every image's state per stage (each output checked to exist at its size);
 4. ``verify``: `status --verify`, re-reading every output's bytes.
 """
@@ -150,6 +151,9 @@ def main() -> None:
                                "--set", "surgery.overlays=false", "--set", "surgery.contact_sheet=false",
                                "--set", "report.thumbnail_side=0", "--model", "random:tiny"])
             out[name]["stages"] = stage_seconds(run, n)
+            # whether it took the clean finish's path (pipeline.run.clean): the log's line for this command says so
+            starts = [x for x in (run / "run.log").read_text().splitlines() if " INFO run " in x]
+            out[name]["unchanged_path"] = "unchanged since its last clean finish" in starts[-1]
         out["status"] = timed(["status", "--run", str(run), "--json"])
         out["verify"] = timed(["status", "--run", str(run), "--verify", "--json"])
         emit(out, args.out)
