@@ -16,16 +16,18 @@ import csv
 import functools
 import io
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Callable, Iterable, Iterator, Literal, Mapping
 
 from pipeline.run.config import require
 from pipeline.run.images import ImageRef
 from pipeline.run.provenance import (mark_damaged, output_states, reads_stamp, root_line, set_stamp, stamp_of,
                                      states_digest)
 from pipeline.run.shards import caption_of
-from pipeline.run.rundir import IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_write_text, read_output
+from pipeline.run.rundir import (IMAGES_CSV, LONGEST, RECORDS, RECORDS_MD, RunDir, atomic_path, atomic_write_text,
+                                 read_output)
 from pipeline.run.stage import StageContext, WholeRunStage
 from pipeline.model.tokens import BYTE_MARK, vocab
 
@@ -72,6 +74,81 @@ def is_broken(word: str) -> bool:
     return "\ufffd" in word or BYTE_MARK.search(word) is not None
 
 
+class Tally:
+    """What the leaderboard and ``images.csv`` need of a run's opinions and labels, gathered one output at a time, so
+    a run of any size is ranked without holding its files: per word, how many images hold it and the first of them,
+    and its best label score with where; per image, its words and its labels' summary (``top_labels`` of them)."""
+
+    def __init__(self, top_labels: int = 5) -> None:
+        self.top_labels = top_labels
+        self.images: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+        self.best: dict[str, tuple[float, str]] = {}
+        self.words: dict[str, tuple[str, ...]] = {}  # per image; each word one shared string
+        self.summary: dict[str, tuple[str, float | None, tuple]] = {}  # per image: best prompt, its score, labels
+
+    @classmethod
+    def of(cls, opinions: dict[str, dict], labels: dict[str, dict], top_labels: int = 5) -> "Tally":
+        """A tally of outputs already read: ``{image_id: ascend json}`` and ``{image_id: labels json}``."""
+        tally = cls(top_labels)
+        for image, doc in opinions.items():
+            tally.opinion(image, doc)
+        for image, doc in labels.items():
+            tally.labels(image, doc)
+        return tally
+
+    def opinion(self, image: str, doc: dict) -> None:
+        words = self.words[image] = tuple(map(sys.intern, doc["words"]))
+        for word in words:
+            self.images[word] = self.images.get(word, 0) + 1
+            if word not in self.first or image < self.first[word]:
+                self.first[word] = image
+
+    def labels(self, image: str, doc: dict) -> None:
+        for d in doc["labels"]:
+            if "score" in d and (d["word"] not in self.best or d["score"] > self.best[d["word"]][0]):
+                self.best[d["word"]] = (d["score"], image)
+        prompt = (doc.get("prompts") or [{}])[0]
+        self.summary[image] = (prompt.get("text", ""), prompt.get("score"),
+                               tuple((d["word"], d["score"]) for d in doc.get("labels", [])[:self.top_labels]))
+
+    def records(self, cfg: RankConfig) -> list[WordRecord]:
+        """Records for every word, best first."""
+        v = vocab()
+        records = []
+        for word, images in self.images.items():
+            if len(word) < cfg.min_length:
+                continue
+            pieces = len(v.encode(word))
+            known = pieces == 1
+            score, where = self.best.get(word, (None, None))
+            records.append(WordRecord(word, len(word), pieces, known, images, score, where or self.first[word],
+                                      round(unusualness(len(word), pieces, known, images), 4), is_broken(word)))
+
+        def order(r: WordRecord) -> tuple:
+            value = getattr(r, cfg.sort_by)
+            return r.broken and not cfg.keep_broken, -(value if value is not None else float("-inf")), r.word
+
+        return sorted(records, key=order)
+
+    def rows(self, refs: Iterable[ImageRef], states: dict[str, tuple[str, str]],
+             records: list[WordRecord]) -> Iterator[dict]:
+        """One summary row per image (the columns of ``images.csv``), as ``image_rows`` describes."""
+        rank_of = {r.word: (i, r) for i, r in enumerate(records)}
+        for ref in refs:
+            state, reason = states.get(ref.id, ("pending", ""))
+            prompt, score, labels = self.summary.get(ref.id, ("", None, ()))
+            words = [rank_of[w] for w in self.words.get(ref.id, ()) if w in rank_of]
+            unusual = min(words, key=lambda t: t[0])[1] if words else None
+            yield {
+                "file": ref.rel, "id": ref.id, "status": state, "reason": reason, "best_prompt": prompt,
+                "best_prompt_score": "" if score is None else f"{score:.4f}",
+                "labels": "; ".join(f"{word} {s:.3f}" for word, s in labels),
+                "unusual_word": unusual.word if unusual else "", "unusualness": unusual.unusualness if unusual else "",
+                "caption": caption_of(ref),
+            }
+
+
 def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: RankConfig) -> list[WordRecord]:
     """Records for every word of a run, best first.
 
@@ -80,52 +157,28 @@ def rank_unusual_words(opinions: dict[str, dict], labels: dict[str, dict], cfg: 
         labels: ``{image_id: labels json}`` (may miss images).
         cfg: ranking settings.
     """
-    v = vocab()
-    seen: dict[str, set[str]] = {}
-    for image, op in opinions.items():
-        for word in op["words"]:
-            seen.setdefault(word, set()).add(image)
-    best: dict[str, tuple[float, str]] = {}
-    for image, lab in labels.items():
-        for d in lab["labels"]:
-            if "score" in d and (d["word"] not in best or d["score"] > best[d["word"]][0]):
-                best[d["word"]] = (d["score"], image)
-    records = []
-    for word, images in seen.items():
-        if len(word) < cfg.min_length:
-            continue
-        pieces = len(v.encode(word))
-        known = pieces == 1
-        score, where = best.get(word, (None, None))
-        records.append(WordRecord(word, len(word), pieces, known, len(images), score, where or sorted(images)[0],
-                                  round(unusualness(len(word), pieces, known, len(images)), 4), is_broken(word)))
-
-    def order(r: WordRecord) -> tuple:
-        value = getattr(r, cfg.sort_by)
-        return r.broken and not cfg.keep_broken, -(value if value is not None else float("-inf")), r.word
-
-    return sorted(records, key=order)
+    return Tally.of(opinions, labels).records(cfg)
 
 
-def read_run(run: RunDir, prefix: str = "", keep: Callable[[str, str], bool] | None = None,
-             unreadable: dict[tuple[str, str], str] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
-    """A run's opinions and labels by image id (``prefix`` + id); unreadable files are left out.
+def tally_run(run: RunDir, tally: Tally, prefix: str = "", keep: Callable[[str, str], bool] | None = None,
+              unreadable: dict[tuple[str, str], str] | None = None) -> Tally:
+    """``tally`` with a run's opinions and labels by image id (``prefix`` + id), each file read and let go;
+    unreadable files are left out.
 
     ``keep(image_id, stage)`` chooses the outputs to read (e.g. only those made with today's settings).
     ``unreadable``, when given, receives each kept output that does not parse: ``(image_id, stage) -> reason``.
     """
-    opinions, labels = {}, {}
-    for stage, folder, path, into, key in (("ascend", "ascend", run.opinion, opinions, "words"),
-                                           ("decode", "labels", run.labels, labels, "labels")):
+    for stage, folder, path, add, key in (("ascend", "ascend", run.opinion, tally.opinion, "words"),
+                                          ("decode", "labels", run.labels, tally.labels, "labels")):
         for image_id in run.stage_ids(folder):
             if keep is not None and not keep(image_id, stage):
                 continue
             doc, why = read_output(path(image_id), run.root)
             if isinstance(doc, dict) and key in doc:
-                into[prefix + image_id] = doc
+                add(prefix + image_id, doc)
             elif unreadable is not None:
                 unreadable[(image_id, stage)] = why or f"{folder}/{image_id}.json: not a {stage} output"
-    return opinions, labels
+    return tally
 
 
 def write_records(folder: Path, records: list[WordRecord], cfg: RankConfig) -> list[str]:
@@ -152,12 +205,10 @@ def write_records(folder: Path, records: list[WordRecord], cfg: RankConfig) -> l
 
 def merge_runs(roots: list[Path], out: Path, cfg: RankConfig) -> list[WordRecord]:
     """One leaderboard over several runs, written to ``out``. Images are named ``<run>/<id>``."""
-    opinions, labels = {}, {}
+    tally = Tally()
     for root in roots:
-        ops, labs = read_run(RunDir(root), prefix=f"{root.name}/")
-        opinions.update(ops)
-        labels.update(labs)
-    records = rank_unusual_words(opinions, labels, cfg)
+        tally_run(RunDir(root), tally, prefix=f"{root.name}/")
+    records = tally.records(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_records(out, records, cfg)
     return records
@@ -170,7 +221,7 @@ IMAGE_COLUMNS = ("file", "id", "status", "reason", "best_prompt", "best_prompt_s
 
 def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinions: dict[str, dict],
                labels: dict[str, dict], records: list[WordRecord], top_labels: int = 5) -> list[dict]:
-    """One summary row per image (the columns of ``images.csv``).
+    """One summary row per image (the columns of ``images.csv``; ``Tally.rows``, over files already read).
 
     Args:
         refs: the run's images, in order.
@@ -180,27 +231,16 @@ def image_rows(refs: list[ImageRef], states: dict[str, tuple[str, str]], opinion
         opinions, labels: the done outputs by image id.
         records: the leaderboard, best first; an image's unusual word is its best-ranked word.
     """
-    rank_of = {r.word: (i, r) for i, r in enumerate(records)}
-    rows = []
-    for ref in refs:
-        state, reason = states.get(ref.id, ("pending", ""))
-        lab = labels.get(ref.id) or {}
-        prompt = (lab.get("prompts") or [{}])[0]
-        words = [rank_of[w] for w in (opinions.get(ref.id) or {}).get("words", {}) if w in rank_of]
-        unusual = min(words, key=lambda t: t[0])[1] if words else None
-        rows.append({
-            "file": ref.rel, "id": ref.id, "status": state, "reason": reason,
-            "best_prompt": prompt.get("text", ""),
-            "best_prompt_score": "" if prompt.get("score") is None else f"{prompt['score']:.4f}",
-            "labels": "; ".join(f"{d['word']} {d['score']:.3f}" for d in lab.get("labels", [])[:top_labels]),
-            "unusual_word": unusual.word if unusual else "", "unusualness": unusual.unusualness if unusual else "",
-            "caption": caption_of(ref),
-        })
-    return rows
+    return list(Tally.of(opinions, labels, top_labels).rows(refs, states, records))
 
 
-def write_image_rows(folder: Path, rows: list[dict]) -> str:
-    atomic_write_text(folder / IMAGES_CSV, _csv_text(IMAGE_COLUMNS, rows))
+def write_image_rows(folder: Path, rows: Iterable[dict]) -> str:
+    """``images.csv``, written a row at a time."""
+    with atomic_path(folder / IMAGES_CSV) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=IMAGE_COLUMNS, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
     return IMAGES_CSV
 
 
@@ -233,8 +273,8 @@ class RankStage(WholeRunStage[RankConfig]):
         latest, refs, statuses = states()
         set_stamp(ctx.run, self.name, None)
         unreadable: dict[tuple[str, str], str] = {}
-        opinions, labels = read_run(ctx.run, keep=lambda i, stage: statuses[i][stage].state == "done",
-                                    unreadable=unreadable)
+        tally = tally_run(ctx.run, Tally(), keep=lambda i, stage: statuses[i][stage].state == "done",
+                          unreadable=unreadable)
         if unreadable:  # done by its record, but it does not parse: damaged, so the next run redoes it
             paths = {r.id: r.path for r in refs}
             mark_damaged(ctx.run, [{"image": i, "path": paths.get(i), "stage": st, "reason": why}
@@ -243,7 +283,7 @@ class RankStage(WholeRunStage[RankConfig]):
                 ctx.log.warning("rank: %s output of %s is damaged: %s", st, i, why)
             latest = ctx.run.latest()
             statuses = {r.id: {stage: ctx.status(r.id, stage, latest) for stage in PER_IMAGE} for r in refs}
-        records = rank_unusual_words(opinions, labels, ctx.config)
+        records = tally.records(ctx.config)
         states = {}
         for ref in refs:
             per_stage = list(statuses[ref.id].items())
@@ -255,8 +295,8 @@ class RankStage(WholeRunStage[RankConfig]):
                 if st.state != "done":
                     states[ref.id] = (st.state, f"{stage}: {st.reason}" if st.reason else stage)
                     break
-        rows = image_rows(refs, states, opinions, labels, records)
-        written = [*write_records(ctx.run.root, records, ctx.config), write_image_rows(ctx.run.root, rows)]
+        written = [*write_records(ctx.run.root, records, ctx.config),
+                   write_image_rows(ctx.run.root, tally.rows(refs, states, records))]
         if not unreadable:  # else the next run, which redoes the damaged outputs, ranks again
             set_stamp(ctx.run, self.name, stamp)
         return written

@@ -37,6 +37,20 @@ def _no_global_patches_leak():
     assert (PIL.Image.open, torch.save) == before, "a test left PIL.Image.open or torch.save patched"
 
 
+def copy_run(images, run, dest):
+    """A copy of a finished run and its input folder under ``dest`` (``dest/imgs``, ``dest/<run's name>``), its
+    image list pointing at the copied images; returns the copied run."""
+    import json
+
+    shutil.copytree(images, dest / "imgs")
+    shutil.copytree(run, dest / run.name)
+    listed = dest / run.name / "images.jsonl"
+    lines = [json.loads(x) for x in listed.read_text().splitlines()]
+    listed.write_text("".join(json.dumps({**d, "root": str(dest / "imgs"), "path": str(dest / "imgs" / d["rel"])}) + "\n"
+                              for d in lines))
+    return dest / run.name
+
+
 def fast_args(**overrides) -> list[str]:
     """``--set KEY=VALUE`` arguments for ``FAST`` with ``overrides`` (``ascend__iterations=20`` is ``ascend.iterations``)."""
     merged = {**FAST, **{k.replace("__", "."): v for k, v in overrides.items()}}

@@ -142,14 +142,15 @@ def latest_records(run: RunDir, lines: bytes, whole: dict | None = None) -> Iter
 
 def latest_done(run: RunDir) -> Iterator[dict] | None:
     """Every latest done record, each image's and then each whole-run stage's, streamed, when the manifest is the one
-    the last clean finish described (``status --verify`` then holds none); else ``None``."""
+    the last clean finish described (``status --verify`` then holds none); else ``None``. (A marked line that is not
+    a record would mean another manifest, which its identity rules out; it is passed over.)"""
     got = _saved(run)
     if got is None:
         return None
 
     def records() -> Iterator[dict]:
         whole: dict[str, dict] = {}
-        yield from latest_records(run, got[1], whole)
+        yield from (rec for rec in latest_records(run, got[1], whole) if rec.get("stage"))
         yield from (rec for rec in whole.values() if rec["status"] == "done")
 
     return records()

@@ -3,14 +3,13 @@ remembered (``pipeline.run.clean``)."""
 
 import base64
 import json
-import shutil
 import zlib
 
 import pytest
 from typer.testing import CliRunner
 
 from runall import app
-from tests.conftest import fast_args
+from tests.conftest import copy_run, fast_args
 
 FAST = fast_args()
 
@@ -32,14 +31,9 @@ def finished(tmp_path_factory):
 @pytest.fixture
 def run(finished, tmp_path):
     """A copy of the finished run: copying gives its files new identities, so one rerun makes it clean again."""
-    shutil.copytree(finished / "imgs", tmp_path / "imgs")
-    shutil.copytree(finished / "out" / "r", tmp_path / "r")
-    lines = [json.loads(x) for x in (tmp_path / "r" / "images.jsonl").read_text().splitlines()]
-    (tmp_path / "r" / "images.jsonl").write_text("".join(json.dumps({**d, "root": str(tmp_path / "imgs"),
-                                                                      "path": str(tmp_path / "imgs" / d["rel"])}) + "\n"
-                                                         for d in lines))
-    assert _rerun(tmp_path / "r").exit_code == 0
-    return tmp_path / "r"
+    copied = copy_run(finished / "imgs", finished / "out" / "r", tmp_path)
+    assert _rerun(copied).exit_code == 0
+    return copied
 
 
 def _rerun(run, images=None, *extra):

@@ -1,13 +1,12 @@
 """Outputs damaged outside the program: checksums in the manifest, `status --verify`, and exactly the right work redone."""
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from runall import app
-from tests.conftest import fast_args
+from tests.conftest import copy_run, fast_args
 
 FAST = fast_args()
 
@@ -34,14 +33,7 @@ def finished(tmp_path_factory, request):
 
 @pytest.fixture
 def run(finished, tmp_path):
-    shutil.copytree(finished / "imgs", tmp_path / "imgs")
-    shutil.copytree(finished / "out" / "r", tmp_path / "r")
-    # the copied run reads its images from the copy
-    lines = [json.loads(x) for x in (tmp_path / "r" / "images.jsonl").read_text().splitlines()]
-    (tmp_path / "r" / "images.jsonl").write_text("".join(json.dumps({**d, "root": str(tmp_path / "imgs"),
-                                                                      "path": str(tmp_path / "imgs" / d["rel"])}) + "\n"
-                                                         for d in lines))
-    return tmp_path / "r"
+    return copy_run(finished / "imgs", finished / "out" / "r", tmp_path)  # it reads its images from the copy
 
 
 def _ids(run):

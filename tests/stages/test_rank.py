@@ -4,7 +4,7 @@ import csv
 
 from pipeline.run.rundir import RunDir, atomic_write_json
 from pipeline.model.tokens import vocab
-from stages.rank import RankConfig, rank_unusual_words, read_run, unusualness, write_records
+from stages.rank import RankConfig, Tally, rank_unusual_words, tally_run, unusualness, write_records
 
 
 def _opinions():
@@ -46,9 +46,11 @@ def test_files_written_and_read_back_through_the_run_directory(tmp_path):
         atomic_write_json(run.opinion(image), doc)
     for image, doc in _labels().items():
         atomic_write_json(run.labels(image), doc)
-    opinions, labels = read_run(run)
-    assert opinions == _opinions() and labels == _labels()
-    records = rank_unusual_words(opinions, labels, RankConfig())
+    tally = tally_run(run, Tally())
+    assert tally.words == {"img1": ("sprinkorange", "red", "circle"), "img2": ("red", "bluering")}
+    assert tally.summary == {"img1": ("", None, (("red", 0.21), ("sprinkorange", 0.3))), "img2": ("", None, (("red", 0.25),))}
+    records = tally.records(RankConfig())
+    assert records == rank_unusual_words(_opinions(), _labels(), RankConfig())  # read from files, the same
     names = write_records(tmp_path, records, RankConfig(longest_over=10))
     assert names == ["records.csv", "records.md", "longest_clip_word_records.txt"]
     with open(tmp_path / "records.csv", encoding="utf-8") as f:
