@@ -22,7 +22,7 @@ import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -70,10 +70,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """``data`` (bytes, or blocks of them written as they come) to ``path``, synced, then renamed into place."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for block in [data] if isinstance(data, bytes) else data:
+                f.write(block)
             f.flush()
             os.fsync(f.fileno())
 
@@ -136,9 +138,10 @@ def read_json(path: Path) -> Any | None:
 
 def _image_blocks(refs: list[ImageRef], size: int = 2000) -> Iterator[bytes]:
     """``images.jsonl``'s bytes, ``size`` images at a time."""
+    encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps's output, without an encoder made per line
     for at in range(0, len(refs), size):
-        yield "".join(json.dumps({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root, **({"meta": r.meta} if r.meta else {})},
-                                 ensure_ascii=False) + "\n" for r in refs[at:at + size]).encode("utf-8")
+        yield "".join(encode({"id": r.id, "path": r.path, "rel": r.rel, "root": r.root, **({"meta": r.meta} if r.meta else {})})
+                      + "\n" for r in refs[at:at + size]).encode("utf-8")
 
 
 class RunDir:
@@ -273,12 +276,7 @@ class RunDir:
                     return
         except OSError:
             pass
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                for block in _image_blocks(refs):
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
+        atomic_write_bytes(path, _image_blocks(refs))
 
     def load_images(self) -> list[ImageRef]:
         """The saved image list, each path resolved against the recorded input root (read once while unchanged)."""
