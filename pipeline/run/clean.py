@@ -109,15 +109,19 @@ def clean_status(run: RunDir, config: Mapping, per_image: list[str]) -> tuple[di
     return {stage: {"done": done} for stage in per_image}, saved["human"]
 
 
+def _record(line: bytes) -> dict | None:
+    """A manifest line's record, or ``None`` when it does not parse or is not one."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return rec if is_record(rec) else None
+
+
 def _records(run: RunDir) -> Iterator[tuple[int, dict | None]]:
-    """Each manifest line's number and its record (``None`` when it does not parse or is not one), a line at a time."""
+    """Each manifest line's number and its record (``_record``), a line at a time."""
     with open(run.file(MANIFEST), "rb") as f:
-        for i, line in enumerate(f):
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None
-            yield i, rec if is_record(rec) else None
+        yield from enumerate(map(_record, f))
 
 
 def latest_records(run: RunDir, lines: bytes, whole: dict | None = None) -> Iterator[dict]:
@@ -129,15 +133,12 @@ def latest_records(run: RunDir, lines: bytes, whole: dict | None = None) -> Iter
             marked = i >> 3 < len(lines) and lines[i >> 3] & (1 << (i & 7))
             if not marked and (whole is None or b'"image": null' not in line):
                 continue
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None
+            rec = _record(line)
             if not marked:
-                if is_record(rec) and rec.get("image") is None:
+                if rec is not None and rec.get("image") is None:
                     whole[rec["stage"]] = rec
                 continue
-            yield rec if is_record(rec) else {"error": f"manifest line {i + 1} is not a record"}
+            yield rec if rec is not None else {"error": f"manifest line {i + 1} is not a record"}
 
 
 def latest_done(run: RunDir) -> Iterator[dict] | None:
@@ -175,14 +176,7 @@ def appended_per_image(run: RunDir, since: int) -> bool:
     ``since`` bytes."""
     with open(run.file(MANIFEST), "rb") as f:
         f.seek(since)
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return True
-            if not is_record(rec) or rec.get("image") is not None:
-                return True
-    return False
+        return any((rec := _record(line)) is None or rec.get("image") is not None for line in f)
 
 
 def all_done(latest: Mapping, images: Iterable[str], stages: list[str]) -> bool:
